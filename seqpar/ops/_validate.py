@@ -1,0 +1,108 @@
+"""Input checks shared by every op.
+
+Each check raises ``ValueError`` whose message names the argument, what was expected
+and what came, so a wrong call fails before any work and never gives a silent wrong
+answer.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+BACKENDS = ("auto", "torch", "triton")
+
+
+def fail(name: str, expected: str, got) -> None:
+    raise ValueError(f"{name}: expected {expected}, got {got}")
+
+
+def check_tensor(name: str, x, *, ndim: int | None = None, shape: Sequence | None = None,
+                 dtypes: Sequence[torch.dtype] | None = FLOAT_DTYPES,
+                 device: torch.device | None = None) -> torch.Tensor:
+    """Check type, rank, shape (``None`` entries match anything), dtype and device."""
+    if not isinstance(x, torch.Tensor):
+        fail(name, "a torch.Tensor", type(x).__name__)
+    if ndim is not None and x.dim() != ndim:
+        fail(name, f"a {ndim}-D tensor", f"shape {tuple(x.shape)} ({x.dim()}-D)")
+    if shape is not None:
+        if x.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, x.shape)):
+            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+            fail(name, f"shape {want}", f"shape {tuple(x.shape)}")
+    if dtypes is not None and x.dtype not in dtypes:
+        fail(name, "dtype in " + "/".join(str(d).replace("torch.", "") for d in dtypes), str(x.dtype).replace("torch.", ""))
+    if device is not None and x.device != device:
+        fail(name, f"a tensor on {device} (the device of q)", f"a tensor on {x.device}")
+    return x
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        fail("backend", "one of " + ", ".join(repr(b) for b in BACKENDS), repr(backend))
+    return backend
+
+
+def check_chunk_size(chunk_size) -> int:
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        fail("chunk_size", "a positive int", repr(chunk_size))
+    return chunk_size
+
+
+def check_cu_seqlens(cu_seqlens, batch: int, length: int, device: torch.device) -> list[int] | None:
+    """Validate packed-sequence offsets and return them as a Python list.
+
+    ``cu_seqlens`` is int32 (int64 is accepted) of shape ``(N + 1,)``: it starts at 0,
+    strictly increases (no empty document) and ends at the packed length ``T``; it
+    requires ``B == 1``.
+    """
+    if cu_seqlens is None:
+        return None
+    check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32, torch.int64), device=device)
+    if batch != 1:
+        fail("cu_seqlens", "batch size B == 1 with packed sequences (concatenate documents along T)", f"B = {batch}")
+    if cu_seqlens.numel() < 2:
+        fail("cu_seqlens", "at least two offsets [0, ..., T]", f"{cu_seqlens.numel()} offset(s)")
+    offsets = [int(x) for x in cu_seqlens.tolist()]
+    if offsets[0] != 0:
+        fail("cu_seqlens", "first offset 0", f"first offset {offsets[0]}")
+    if offsets[-1] != length:
+        fail("cu_seqlens", f"last offset equal to the sequence length T = {length}", f"last offset {offsets[-1]}")
+    for a, b in zip(offsets, offsets[1:]):
+        if b <= a:
+            fail("cu_seqlens", "strictly increasing offsets (no empty documents)", f"{a} followed by {b}")
+    return offsets
+
+
+def check_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return head_dim ** -0.5
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        fail("scale", "a float or None", type(scale).__name__)
+    return float(scale)
+
+
+def check_qkv(q, k, v):
+    """Check the (B, T, H, K) / (B, T, H, V) layout shared by the linear family.
+
+    Returns ``(B, T, H, K, V)``.
+    """
+    check_tensor("q", q, ndim=4)
+    B, T, H, K = q.shape
+    if T == 0:
+        fail("q", "at least one token (T >= 1)", f"shape {tuple(q.shape)}")
+    check_tensor("k", k, shape=(B, T, H, K), dtypes=(q.dtype,), device=q.device)
+    check_tensor("v", v, ndim=4, dtypes=(q.dtype,), device=q.device)
+    check_tensor("v", v, shape=(B, T, H, None))
+    return B, T, H, K, v.shape[-1]
+
+
+def check_gate(name: str, g, shape: Sequence, device: torch.device) -> torch.Tensor:
+    """Gates may be any float dtype; they are computed in float32."""
+    return check_tensor(name, g, shape=shape, device=device)
+
+
+def check_state(name: str, state, shape: Sequence, device: torch.device):
+    if state is None:
+        return None
+    return check_tensor(name, state, shape=shape, device=device)

@@ -1,0 +1,84 @@
+"""mLSTM (xLSTM's matrix memory) with a sigmoid input gate.
+
+``f_t = sigmoid(f~_t)``, ``i_t = sigmoid(i~_t)``, ``C_t = f_t C_{t-1} + i_t k_t^T v_t``,
+``n_t = f_t n_{t-1} + i_t k_t``, ``o_t = scale q_t C_t / max(|scale q_t n_t^T|, 1)``.
+
+The pair (C, n) is one diagonal-transition state: simple GLA with ``g = log f_t``, keys
+``i_t k_t`` and values ``[v_t, 1]`` carries ``[C_t, n_t^T]`` in a (K, V + 1) state, so
+mLSTM runs on the ``diag`` engine (and its kernels and sequence parallelism) and only
+the final division is its own.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .._validate import check_gate, check_qkv, check_scale, check_tensor
+from ._family import reference_scan
+from ._run import linear_call
+
+
+def mlstm_step(q, k, v, i, f, state, scale=None):
+    """One-token step. q, k: (B, H, K); v: (B, H, V); i, f: (B, H) gate
+    pre-activations; state: the pair (C (B, H, K, V), n (B, H, K)), float32.
+    Returns o (B, H, V) in v's dtype and the new pair."""
+    scale = check_scale(scale, q.shape[-1])
+    C, n = state
+    out_dtype = v.dtype
+    q, k, v, i, f = (x.to(C.dtype) for x in (q, k, v, i, f))
+    fg, ig = torch.sigmoid(f), torch.sigmoid(i)
+    C = fg[..., None, None] * C + ig[..., None, None] * k[..., :, None] * v[..., None, :]
+    n = fg[..., None] * n + ig[..., None] * k
+    num = scale * torch.einsum("bhk,bhkv->bhv", q, C)
+    den = scale * (q * n).sum(-1, keepdim=True)
+    return (num / den.abs().clamp_min(1.0)).to(out_dtype), (C, n)
+
+
+def mlstm_reference(q, k, v, i, f, scale=None, initial_state=None, output_final_state=False,
+                    cu_seqlens=None):
+    """Float64 token-by-token reference of :func:`mlstm`; the state is the pair (C, n)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    offsets = None if cu_seqlens is None else cu_seqlens.tolist()
+
+    def zero(b):
+        return (torch.zeros(b, H, K, V, dtype=torch.float64, device=q.device),
+                torch.zeros(b, H, K, dtype=torch.float64, device=q.device))
+
+    def step(x, S):
+        return mlstm_step(*x, S, scale)
+
+    return reference_scan(step, (q, k, v, i, f), initial_state, zero, output_final_state, offsets)
+
+
+def mlstm(q, k, v, i, f, *, scale=None, initial_state=None, output_final_state=False,
+          cu_seqlens=None, chunk_size=64, backend="auto", sp=None):
+    """mLSTM with sigmoid input and forget gates and the max(|n q|, 1) normalizer.
+
+    Args:
+        q, k: (B, T, H, K); v: (B, T, H, V). i, f: (B, T, H) gate pre-activations
+        (any float dtype, used in float32). initial_state: the pair
+        (C (N, H, K, V), n (N, H, K)) or None. Other keywords as in :func:`seqpar.ops.gla`.
+    Returns:
+        o: (B, T, H, V) in v's dtype; the final pair (C, n) in float32, or None.
+    """
+    B, T, H, K, V = check_qkv(q, k, v)
+    i = check_gate("i", i, (B, T, H), q.device).float()
+    f = check_gate("f", f, (B, T, H), q.device).float()
+    scale = check_scale(scale, K)
+    state0 = None
+    if initial_state is not None:
+        if not (isinstance(initial_state, (tuple, list)) and len(initial_state) == 2):
+            raise ValueError("initial_state: expected the pair (C (N, H, K, V), n (N, H, K)) or None, "
+                             f"got {type(initial_state).__name__}")
+        C0, n0 = initial_state
+        check_tensor("initial_state[0] (C)", C0, shape=(None, H, K, V), device=q.device)
+        check_tensor("initial_state[1] (n)", n0, shape=(C0.shape[0], H, K), device=q.device)
+        state0 = torch.cat([C0.float(), n0.float()[..., None]], -1)
+    k_in = (k.float() * torch.sigmoid(i)[..., None]).to(k.dtype)
+    v_aug = torch.cat([v, torch.ones_like(v[..., :1])], -1)
+    h, S = linear_call("diag", q, k_in, v_aug, F.logsigmoid(f), gate="head", scale=scale,
+                       initial_state=state0, output_final_state=output_final_state,
+                       cu_seqlens=cu_seqlens, chunk_size=chunk_size, backend=backend, sp=sp)
+    o = (h[..., :V].float() / h[..., V:].float().abs().clamp_min(1.0)).to(v.dtype)
+    return o, (None if S is None else (S[..., :V], S[..., V]))
