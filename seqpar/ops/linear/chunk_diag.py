@@ -5,8 +5,10 @@ Within a chunk of C tokens with cumulative log decay ``G_i`` (from the chunk sta
 ``o_i = scale * (sum_{j<=i} (q_i * exp(G_i - G_j)) k_j^T v_j + (q_i * exp(G_i)) S_in)``:
 the first term is a masked (C, C) matmul, the second uses the state entering the
 chunk. States pass between chunks as ``S_out = exp(G_C) * S_in + sum_j (k_j *
-exp(G_C - G_j))^T v_j``. Every exponent is a difference ``G_i - G_j`` with ``j <= i``,
-so nothing overflows however strong the decay. Runs anywhere; backward by autograd.
+exp(G_C - G_j))^T v_j``. Every exponent ``G_i - G_j`` with ``j <= i`` is summed
+directly over the gates in between (:func:`_segsum`), so nothing overflows however
+strong the decay and the decay gradients carry no cancelling terms. Runs anywhere;
+backward by autograd.
 """
 from __future__ import annotations
 
@@ -22,6 +24,24 @@ def _chunks(x: torch.Tensor, n: int, c: int) -> torch.Tensor:
         x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
     x = x.reshape(x.shape[0], n, c, *x.shape[2:])
     return x.movedim(3, 1)
+
+
+def _segsum(g: torch.Tensor) -> torch.Tensor:
+    """Within-chunk decay exponents: (B, H, n, c, D) log gates -> (B, H, n, c, c, D)
+    with entry ``[i, j] = sum_{j < s <= i} g_s`` for ``j <= i`` and ``-inf`` above the
+    diagonal.
+
+    Summing the gates in between, rather than differencing cumulative sums, keeps the
+    diagonal (``exp(0) = 1``) free of ``g``: a difference ``G_i - G_j`` sends equal and
+    opposite gradients to ``G_i`` and ``G_j`` that cancel only up to rounding, an error
+    of the size of the undecayed terms, large against the true gradient when decays are
+    strong.
+    """
+    c = g.shape[3]
+    ones = torch.ones(c, c, dtype=torch.bool, device=g.device)
+    x = g.unsqueeze(4).expand(*g.shape[:4], c, g.shape[4])  # x[..., s, j, :] = g_s
+    x = x.masked_fill(~ones.tril(-1)[..., None], 0.0).cumsum(3)
+    return x.masked_fill(~ones.tril()[..., None], float("-inf"))
 
 
 def chunk_diag(q, k, v, g, *, scale: float, initial_state=None, output_final_state=False,
@@ -49,19 +69,18 @@ def chunk_diag(q, k, v, g, *, scale: float, initial_state=None, output_final_sta
         q_dec, k_dec = qc, kc
         chunk_decay = torch.ones(B, H, n, 1, 1, device=q.device)
     else:
-        G = _chunks(g, n, C).cumsum(3)
-        if g.dim() == 3:  # one decay per head: a (C, C) decay matrix
-            diff = (G[..., :, None] - G[..., None, :]).masked_fill(~causal, float("-inf"))
-            attn = (qc @ kc.transpose(-1, -2)) * diff.exp()
-            G = G[..., None]
-        else:  # one decay per key channel: the decay varies along K, so (C, C, K)
-            diff = G[..., :, None, :] - G[..., None, :, :]
-            diff = diff.masked_fill(~causal[..., None], float("-inf"))
-            attn = torch.einsum("bhnik,bhnjk,bhnijk->bhnij", qc, kc, diff.exp())
-        G_last = G[..., -1:, :]
+        gc = _chunks(g, n, C)
+        if g.dim() == 3:  # one decay per head: a unit key axis makes it broadcast like GLA's
+            gc = gc[..., None]
+        decay = _segsum(gc).exp()  # (B, H, n, C, C, K or 1)
+        if g.dim() == 3:
+            attn = (qc @ kc.transpose(-1, -2)) * decay[..., 0]
+        else:  # the decay varies along K, so no plain matmul
+            attn = torch.einsum("bhnik,bhnjk,bhnijk->bhnij", qc, kc, decay)
+        G = gc.cumsum(3)
         q_dec = qc * G.exp()
-        k_dec = kc * (G_last - G).exp()
-        chunk_decay = G_last.transpose(-1, -2).exp()  # (B, H, n, K or 1, 1)
+        k_dec = kc * decay[..., -1, :, :]  # exp(G_C - G_j): the last row of the decay
+        chunk_decay = G[..., -1:, :].transpose(-1, -2).exp()  # (B, H, n, K or 1, 1)
 
     o = attn @ vc
     local = k_dec.transpose(-1, -2) @ vc  # state each chunk builds from zero: (B, H, n, K, V)
