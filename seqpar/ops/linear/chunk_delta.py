@@ -1,0 +1,82 @@
+"""Chunkwise-parallel PyTorch path for the delta rule (DeltaNet, Gated DeltaNet).
+
+Within a chunk of C tokens with cumulative log decay ``G_t`` (from the chunk start) and
+incoming state ``S``, write the chunk's states as ``S_t = exp(G_t) S + sum_{j<=t}
+exp(G_t - G_j) k_j^T u_j``. The recurrence fixes the pseudo-values ``u`` by a unit
+lower-triangular system (the WY/UT representation):
+``(I + A) u = beta V - (beta exp(G) K) S`` with ``A_tj = beta_t exp(G_t - G_j) k_t.k_j``
+for ``j < t``, so ``u = U - W S`` with ``W = (I + A)^{-1} (beta exp(G) K)`` and
+``U = (I + A)^{-1} (beta V)``. Then, with ``P = (q k^T) * exp(G_i - G_j)`` masked to
+``j <= i``,
+
+* ``o = scale * (P U + (q exp(G) - P W) S)``,
+* ``S_out = (exp(G_C) I - (k exp(G_C - G_j))^T W) S + (k exp(G_C - G_j))^T U``.
+
+Everything but the terms in ``S`` is independent of the incoming state and runs for all
+chunks at once; passing the state is the affine recurrence ``S <- M S + L`` of DESIGN.md
+with a (K, K) ``M`` per chunk. Every exponent ``G_i - G_j`` with ``j <= i`` is summed
+directly over the gates in between (``chunk_diag._segsum``), so nothing overflows however
+strong the decay and the gate gradients carry no cancelling terms. Backward by autograd.
+"""
+from __future__ import annotations
+
+import torch
+
+from .chunk_diag import _chunks, _segsum
+
+
+def chunk_delta(q, k, v, g, beta, *, scale: float, initial_state=None,
+                output_final_state=False, chunk_size: int = 64):
+    """Chunkwise (gated) delta rule on one device.
+
+    Args:
+        q, k: (B, T, H, K); v: (B, T, H, V), any float dtype (computed in float32).
+        g: None (DeltaNet) or (B, T, H) log decay in float32.
+        beta: (B, T, H), any float dtype.
+        initial_state: (B, H, K, V) or None.
+    Returns:
+        o: (B, T, H, V) in v's dtype; final state (B, H, K, V) float32 or None.
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = min(chunk_size, T)
+    n = -(-T // C)
+    # Zero padding is inert: beta = 0 writes nothing, k = 0 reads nothing, g = 0 decays nothing.
+    qc, kc, vc = _chunks(q, n, C), _chunks(k, n, C), _chunks(v, n, C)
+    bc = _chunks(beta, n, C)[..., None]
+    qc = qc * scale
+    eye = torch.eye(C, device=q.device)
+
+    if g is None:
+        decay = torch.ones(C, C, device=q.device).tril()
+        q_dec, k_dec, kb_dec = qc, kc, kc * bc
+        chunk_decay = torch.ones(B, H, n, 1, 1, device=q.device)
+    else:
+        gc = _chunks(g, n, C)[..., None]
+        decay_full = _segsum(gc).exp()  # (B, H, n, C, C, 1)
+        decay = decay_full[..., 0]
+        G = gc.cumsum(3)
+        q_dec = qc * G.exp()
+        k_dec = kc * decay_full[..., -1, :, :]  # exp(G_C - G_j): the last row of the decay
+        kb_dec = kc * bc * G.exp()
+        chunk_decay = G[..., -1:, :].exp()  # (B, H, n, 1, 1)
+
+    A = ((kc * bc) @ kc.transpose(-1, -2)) * decay
+    IA = A.tril(-1) + eye
+    W = torch.linalg.solve_triangular(IA, kb_dec, upper=False, unitriangular=True)
+    U = torch.linalg.solve_triangular(IA, vc * bc, upper=False, unitriangular=True)
+    P = (qc @ kc.transpose(-1, -2)) * decay
+
+    o = P @ U
+    q_eff = q_dec - P @ W  # (B, H, n, C, K): how each output reads the incoming state
+    k_dec_t = k_dec.transpose(-1, -2)
+    M = chunk_decay * torch.eye(K, device=q.device) - k_dec_t @ W  # (B, H, n, K, K)
+    local = k_dec_t @ U  # state each chunk builds from zero: (B, H, n, K, V)
+    S = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
+    inter = []
+    for i in range(n):
+        inter.append(q_eff[:, :, i] @ S)
+        S = M[:, :, i] @ S + local[:, :, i]
+    o = o + torch.stack(inter, 2)
+    o = o.movedim(1, 3).reshape(B, n * C, H, V)[:, :T]
+    return o.to(v.dtype), (S if output_final_state else None)
