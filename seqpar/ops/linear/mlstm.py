@@ -75,10 +75,14 @@ def mlstm(q, k, v, i, f, *, scale=None, initial_state=None, output_final_state=F
         check_tensor("initial_state[0] (C)", C0, shape=(None, H, K, V), device=q.device)
         check_tensor("initial_state[1] (n)", n0, shape=(C0.shape[0], H, K), device=q.device)
         state0 = torch.cat([C0.float(), n0.float()[..., None]], -1)
-    k_in = (k.float() * torch.sigmoid(i)[..., None]).to(k.dtype)
-    v_aug = torch.cat([v, torch.ones_like(v[..., :1])], -1)
-    h, S = linear_call("diag", q, k_in, v_aug, F.logsigmoid(f), gate="head", scale=scale,
+    # The engine runs on float32 copies and returns h in float32: o = h_C / |h_n| is
+    # invariant to the scale of q, so the gradients through numerator and denominator
+    # nearly cancel, and rounding h or its gradient to bf16 (as an engine on bf16 inputs
+    # does) left gradient errors of ~10%.
+    k_in = k.float() * torch.sigmoid(i)[..., None]
+    v_aug = torch.cat([v.float(), torch.ones_like(v[..., :1], dtype=torch.float32)], -1)
+    h, S = linear_call("diag", q.float(), k_in, v_aug, F.logsigmoid(f), gate="head", scale=scale,
                        initial_state=state0, output_final_state=output_final_state,
                        cu_seqlens=cu_seqlens, chunk_size=chunk_size, backend=backend, sp=sp)
-    o = (h[..., :V].float() / h[..., V:].float().abs().clamp_min(1.0)).to(v.dtype)
+    o = (h[..., :V] / h[..., V:].abs().clamp_min(1.0)).to(v.dtype)
     return o, (None if S is None else (S[..., :V], S[..., V]))
