@@ -1,0 +1,88 @@
+"""Long causal convolution (Hyena / H3 style), computed by FFT in O(T log T).
+
+``y_t = sum_{u <= t} kernel[:, u] * x_{t-u}`` with a per-channel kernel of length
+``L <= T`` (zero past L). A circular convolution of length ``n >= T + L - 1`` equals the
+linear one on the first T outputs (nothing wraps around into them); ``n`` is rounded up
+to a 2^a 3^b 5^c size, which FFT libraries handle fastest.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._validate import check_tensor, fail
+
+
+def next_fast_len(m: int) -> int:
+    """Smallest ``2^a 3^b 5^c >= m`` (``m >= 1``)."""
+    best = 1 << (m - 1).bit_length()
+    p5 = 1
+    while p5 < best:
+        p35 = p5
+        while p35 < best:
+            p = p35
+            while p < m:
+                p *= 2
+            best = min(best, p)
+            p35 *= 3
+        p5 *= 5
+    return best
+
+
+def _check(x, kernel):
+    """Validate ``x`` (B, T, C) and ``kernel`` (C, L); returns ``(B, T, C, L)``."""
+    check_tensor("x", x, ndim=3)
+    B, T, C = x.shape
+    if T == 0:
+        fail("x", "at least one token (T >= 1)", f"shape {tuple(x.shape)}")
+    check_tensor("kernel", kernel, ndim=2, device=x.device)
+    check_tensor("kernel", kernel, shape=(C, None))
+    L = kernel.shape[1]
+    if L < 1:
+        fail("kernel", "a length L >= 1 (shape (C, L))", f"shape {tuple(kernel.shape)}")
+    return B, T, C, L
+
+
+def _check_length(L: int, T: int) -> None:
+    if L > T:
+        fail("kernel", f"a length L <= T = {T} (shape (C, L))", f"L = {L}")
+
+
+def long_conv(x, kernel, sp=None):
+    """Causal per-channel long convolution by FFT.
+
+    Args:
+        x: (B, T, C) float16/bfloat16/float32/float64.
+        kernel: (C, L), 1 <= L <= T, any float dtype.
+        sp: a ``seqpar.parallel.SequenceParallel``; each rank passes its own shard of x
+            and the whole kernel (L is then checked against the global length by sp).
+    Returns:
+        y: (B, T, C) in x's dtype. Computed in float32 (float64 if x or the kernel is
+        float64).
+    """
+    B, T, C, L = _check(x, kernel)
+    if sp is not None:
+        return sp.long_conv(x, kernel)
+    _check_length(L, T)
+    cd = torch.promote_types(torch.promote_types(x.dtype, kernel.dtype), torch.float32)
+    n = next_fast_len(T + L - 1)
+    xf = torch.fft.rfft(x.to(cd), n=n, dim=1)  # (B, n//2+1, C)
+    kf = torch.fft.rfft(kernel.to(cd), n=n, dim=1).t()  # (n//2+1, C)
+    y = torch.fft.irfft(xf * kf, n=n, dim=1)[:, :T]
+    return y.to(x.dtype)
+
+
+def long_conv_reference(x, kernel, lags: int = 256):
+    """Float64 reference of :func:`long_conv`: the direct sum over lags, ``lags`` at a
+    time (each block of lags is one product with sliding windows of the zero-padded x)."""
+    B, T, C, L = _check(x, kernel)
+    _check_length(L, T)
+    xd, kd = x.to(torch.float64), kernel.to(torch.float64)
+    xp = F.pad(xd, (0, 0, L - 1, 0))  # xp[t + L - 1 - u] = x_{t-u}, zero for t < u
+    y = torch.zeros_like(xd)
+    for u0 in range(0, L, lags):
+        U = min(lags, L - u0)
+        # window m of output t holds x_{t-u} for lag u = u0 + U - 1 - m
+        win = xp[:, L - u0 - U:L - u0 - U + T + U - 1].unfold(1, U, 1)  # (B, T, C, U)
+        y = y + torch.einsum("btcm,cm->btc", win, kd[:, u0:u0 + U].flip(-1))
+    return y
