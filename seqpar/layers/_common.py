@@ -1,0 +1,73 @@
+"""What every mixer layer shares: the input checks and the cache/step contract.
+
+A mixer maps ``x (B, T, D)`` to ``(y (B, T, D), cache)``. ``cache`` is ``None`` unless
+``output_state=True``; then it is the mixer's generation cache after the last token
+(recurrent + short-conv state for linear layers, keys/values for attention, the input
+history for Hyena). ``state=`` continues from such a cache, so
+``forward(x[:, :s], output_state=True)`` followed by ``forward(x[:, s:], state=...)``
+(or one :meth:`Mixer.step` per token) equals ``forward(x)``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops._validate import check_tensor, fail
+
+
+def check_hidden(x, d_model: int) -> tuple[int, int]:
+    """Check a mixer input ``(B, T, D)`` with ``T >= 1``; return ``(B, T)``."""
+    check_tensor("x", x, ndim=3)
+    if x.shape[-1] != d_model:
+        fail("x", f"last dimension d_model = {d_model}", f"shape {tuple(x.shape)}")
+    if x.shape[1] == 0:
+        fail("x", "at least one token (T >= 1)", f"shape {tuple(x.shape)}")
+    return x.shape[0], x.shape[1]
+
+
+def check_cache_args(state, output_state, cu_seqlens, sp) -> None:
+    """Generation caches are per batch row on one device: refuse them with packed
+    sequences or sequence parallelism rather than return a cache of unclear meaning."""
+    if not isinstance(output_state, bool):
+        fail("output_state", "a bool", type(output_state).__name__)
+    if state is None and not output_state:
+        return
+    if cu_seqlens is not None:
+        fail("cu_seqlens", "None when a generation cache is passed or requested (state=/output_state=)",
+             "packed offsets")
+    if sp is not None:
+        fail("sp", "None when a generation cache is passed or requested (state=/output_state=)",
+             type(sp).__name__)
+
+
+def check_positive_int(name: str, value, minimum: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        fail(name, f"an int >= {minimum}", repr(value))
+    return value
+
+
+class Mixer(nn.Module):
+    """Base of every sequence-mixer layer.
+
+    Subclasses implement ``forward(x, *, cu_seqlens=None, position_ids=None, sp=None,
+    state=None, output_state=False) -> (y, cache)``, ``reset_parameters(std, out_std)``
+    and ``flops_per_token(seq_len)``. ``d_model`` is set by the subclass.
+    """
+
+    d_model: int
+
+    def step(self, x: torch.Tensor, cache):
+        """One generation step: ``x (B, 1, D)`` and the cache from the previous call (a
+        prefill ``forward(..., output_state=True)`` or ``step``). Returns ``(y (B, 1, D),
+        cache)``. The default runs :meth:`forward` on the one token with the cache."""
+        if cache is None:
+            fail("cache", "the cache returned by forward(..., output_state=True) or step()", "None")
+        B, T = check_hidden(x, self.d_model)
+        if T != 1:
+            fail("x", "one token per step, shape (B, 1, D)", f"shape {tuple(x.shape)}")
+        return self.forward(x, state=cache, output_state=True)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward) of the sequence-mixing work
+        that the model's ``6 N`` count of projection weights leaves out."""
+        raise NotImplementedError

@@ -1,0 +1,243 @@
+"""Mixer layers and the hybrid LM: packed sequences, incremental decoding, RoPE
+positions, parameter / FLOP counts and configuration errors.
+
+Budget: about 30 s on two CPU cores. Small widths, float32, tolerances from DESIGN.md
+(relative L2 error; 1e-4 for different algorithms, 1e-5 where the same ops only see the
+sequence cut differently).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import rel_err
+from seqpar.layers import MIXERS, Attention, apply_rope, build_mixer, default_positions
+from seqpar.models import PRESETS, HybridLM, ModelConfig, preset
+
+ALL = list(MIXERS)
+D, H, DH = 32, 2, 16
+
+
+def _seeded(seed: int):
+    """Fork the global RNG (module init draws from it) and seed it for this test."""
+    ctx = torch.random.fork_rng()
+    ctx.__enter__()
+    torch.manual_seed(seed)
+    return ctx
+
+
+@pytest.fixture
+def rng(request):
+    ctx = _seeded(hash(request.node.name) % 2**31)
+    yield
+    ctx.__exit__(None, None, None)
+
+
+def _mixer(name, **kw):
+    args = dict(d_model=D, n_heads=H, head_dim=DH, chunk_size=4, time_scale=64)
+    args.update(kw)
+    return build_mixer(name, **args)
+
+
+def _grads(module, x):
+    return [x.grad] + [p.grad for p in module.parameters()]
+
+
+def _zero(module, x):
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_packed_equals_documents(name, rng):
+    """A packed batch (documents of 7, 1 and 15 tokens) gives each document's own
+    output, and its gradients (input and every parameter) equal the sum of the
+    documents' gradients: state, convolutions, attention and RoPE restart at every
+    document start. Every parameter receives a finite, non-zero gradient."""
+    m = _mixer(name, **({"n_kv_heads": 1} if name == "attn" else {}))
+    lengths = [7, 1, 15]
+    cu = torch.tensor([0, 7, 8, 23], dtype=torch.int32)
+    x = torch.randn(1, sum(lengths), D, requires_grad=True)
+    w = torch.randn(1, sum(lengths), D)
+
+    y, cache = m(x, cu_seqlens=cu)
+    assert cache is None and y.shape == x.shape
+    (y * w).sum().backward()
+    packed = _grads(m, x)
+    for p, g in zip(m.parameters(), packed[1:]):
+        assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, name
+
+    _zero(m, x)
+    outs = []
+    for a, b in zip(cu.tolist(), cu.tolist()[1:]):
+        yd, _ = m(x[:, a:b])
+        (yd * w[:, a:b]).sum().backward()
+        outs.append(yd)
+    assert rel_err(y, torch.cat(outs, 1)) < 1e-5
+    for gp, gd in zip(packed, _grads(m, x)):
+        assert rel_err(gp, gd) < 1e-5
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_cache_continues_forward(name, rng):
+    """Prefill + one step per token, and a prefill split in two, equal the full forward
+    (B = 2; the split falls inside a chunk of the linear ops)."""
+    m = _mixer(name)
+    x = torch.randn(2, 11, D)
+    with torch.no_grad():
+        y, _ = m(x)
+        parts, cache = m(x[:, :5], output_state=True)
+        parts = [parts]
+        for t in range(5, 11):
+            yt, cache = m.step(x[:, t:t + 1], cache)
+            parts.append(yt)
+        assert rel_err(torch.cat(parts, 1), y) < 1e-4
+        ya, cache = m(x[:, :6], output_state=True)
+        yb, _ = m(x[:, 6:], state=cache)
+        assert rel_err(torch.cat([ya, yb], 1), y) < 1e-4
+
+
+def _hybrid(**kw):
+    args = dict(vocab_size=64, d_model=D, n_layers=len(ALL), n_heads=H, head_dim=DH,
+                n_kv_heads=1, pattern=ALL, chunk_size=4, max_seq_len=64, mlp_multiple_of=16)
+    args.update(kw)
+    return HybridLM(ModelConfig(**args))
+
+
+def test_generate_matches_parallel_forward(rng):
+    """A model with every mixer kind: the logits of prefill + steps equal the parallel
+    forward's, and greedy generate() picks the argmax of the parallel forward's logits
+    at every new position."""
+    model = _hybrid()
+    ids = torch.randint(0, 64, (2, 13))
+    with torch.no_grad():
+        full = model(ids)
+        logits, caches = model.prefill(ids[:, :6])
+        steps = [logits]
+        for t in range(6, 13):
+            lt, caches = model.step(ids[:, t:t + 1], caches)
+            steps.append(lt)
+    assert rel_err(torch.cat(steps, 1), full) < 1e-4
+
+    out = model.generate(ids[:, :5], 9, temperature=0)
+    assert out.shape == (2, 14) and torch.equal(out[:, :5], ids[:, :5])
+    with torch.no_grad():
+        pred = model(out[:, :-1]).argmax(-1)
+    assert torch.equal(pred[:, 4:], out[:, 5:])
+    assert torch.equal(model.generate(ids[:, :5], 4, top_k=1), out[:, :9])
+    g1, g2 = (torch.Generator().manual_seed(3) for _ in range(2))
+    assert torch.equal(model.generate(ids[:, :5], 4, generator=g1),
+                       model.generate(ids[:, :5], 4, generator=g2))
+
+
+def test_model_packed_equals_documents(rng):
+    model = _hybrid()
+    ids = torch.randint(0, 64, (1, 17))
+    cu = torch.tensor([0, 9, 10, 17], dtype=torch.int32)
+    with torch.no_grad():
+        packed = model(ids, cu_seqlens=cu)
+        docs = torch.cat([model(ids[:, a:b]) for a, b in [(0, 9), (9, 10), (10, 17)]], 1)
+    assert rel_err(packed, docs) < 1e-5
+
+
+def test_rope_matches_complex_rotation_at_large_offsets(rng):
+    """RoPE pairs (i, i + Dh/2) rotate by ``pos * theta^(-2i/Dh)``: compare with complex
+    multiplication in float64 at positions near 10^6 and per-row positions."""
+    x = torch.randn(2, 5, 3, 8, dtype=torch.float64)
+    pos = torch.stack([torch.arange(5) + 10**6, torch.arange(5) * 7 + 3])
+    got = apply_rope(x, pos, 10000.0)
+    z = torch.complex(x[..., :4], x[..., 4:])
+    ang = pos[..., None].double() * 10000.0 ** (-torch.arange(0, 8, 2).double() / 8)
+    ref = z * torch.polar(torch.ones_like(ang), ang)[:, :, None]
+    assert rel_err(got, torch.cat([ref.real, ref.imag], -1)) < 1e-6
+
+
+def test_attention_positions_offsets(rng):
+    """Scores depend on relative positions only: a common offset changes nothing, a
+    different spacing changes the output. Default positions restart at documents."""
+    m = Attention(D, H, DH, n_kv_heads=1)
+    x = torch.randn(2, 9, D)
+    ref, _ = m(x)
+    shifted, _ = m(x, position_ids=torch.arange(9) + 1000)
+    per_row, _ = m(x, position_ids=torch.stack([torch.arange(9) + 5, torch.arange(9) + 77]))
+    spaced, _ = m(x, position_ids=torch.arange(9) * 2)
+    assert rel_err(shifted, ref) < 1e-5 and rel_err(per_row, ref) < 1e-5
+    assert rel_err(spaced, ref) > 1e-3
+    cu = torch.tensor([0, 3, 4, 8], dtype=torch.int32)
+    assert default_positions(8, x.device, cu).tolist() == [0, 1, 2, 0, 0, 1, 2, 3]
+
+
+def test_param_and_flop_counts(rng):
+    """Counts against hand formulas for an all-attention model (untied, GQA)."""
+    V, L, Hkv, F = 50, 2, 1, 96
+    cfg = ModelConfig(vocab_size=V, d_model=D, n_layers=L, n_heads=H, head_dim=DH, n_kv_heads=Hkv,
+                      pattern="attn", tie_embeddings=False, mlp_ratio=3.0, mlp_multiple_of=32)
+    model = HybridLM(cfg)
+    per_layer_mm = D * H * DH + 2 * D * Hkv * DH + H * DH * D + 3 * D * F
+    assert model.num_params() == 2 * V * D + L * (per_layer_mm + 2 * D) + D
+    assert model.num_params(exclude_embeddings=True) == model.num_params() - V * D
+    assert model.matmul_params() == V * D + L * per_layer_mm
+    assert model.flops_per_token(100) == 6 * (V * D + L * per_layer_mm) + L * 6 * H * DH * 100
+    tied = HybridLM(ModelConfig(**{**cfg.to_dict(), "tie_embeddings": True}))
+    assert tied.num_params() == model.num_params() - V * D
+
+
+@pytest.mark.parametrize("name,nominal", [("125m", 125e6), ("350m", 350e6), ("1b", 1e9)])
+def test_preset_sizes(name, nominal):
+    with torch.device("meta"):
+        model = HybridLM(PRESETS[name])
+    assert abs(model.num_params() / nominal - 1) < 0.1
+
+
+def test_tiny_preset_runs(rng):
+    model = HybridLM(preset("tiny"))
+    assert model.num_params() < 2e6
+    ids = torch.randint(0, 256, (1, 40))
+    model(ids).float().logsumexp(-1).mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(pattern="gdn,mamba"), "pattern: expected mixer names among 'linear_attn', 'retention', "
+     "'simple_gla', 'gla', 'deltanet', 'gdn', 'mlstm', 'hyena', 'attn', got 'mamba'"),
+    (dict(pattern=""), "pattern: expected at least one mixer name"),
+    (dict(pattern=["gdn"] * 5), "pattern: expected at most n_layers = 4"),
+    (dict(n_kv_heads=3), "n_kv_heads: expected a divisor of n_heads = 4"),
+    (dict(head_dim=15), "head_dim: expected an even number"),
+    (dict(d_model=0), "d_model: expected a positive int"),
+    (dict(mlp_ratio=-1.0), "mlp_ratio: expected a positive"),
+    (dict(backend="cuda"), "backend: expected one of"),
+    (dict(tie_embeddings="yes"), "tie_embeddings: expected a bool"),
+])
+def test_config_errors(kw, match):
+    with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)")):
+        ModelConfig(**kw)
+
+
+def test_call_errors(rng):
+    with pytest.raises(ValueError, match="preset: expected one of 'tiny'"):
+        preset("huge")
+    model = _hybrid(n_layers=2, pattern="gdn,attn")
+    with pytest.raises(ValueError, match=r"input_ids: expected token ids in \[0, 64\), got ids in"):
+        model(torch.tensor([[1, 64]]))
+    with pytest.raises(ValueError, match="input_ids: expected dtype in int64/int32"):
+        model(torch.zeros(1, 3))
+    with pytest.raises(ValueError, match=r"position_ids: expected shape \(3,\) or \(1, 3\)"):
+        model(torch.tensor([[1, 2, 3]]), position_ids=torch.arange(4))
+    _, caches = model.prefill(torch.tensor([[1, 2]]))
+    with pytest.raises(ValueError, match="token_ids: expected one token per row"):
+        model.step(torch.tensor([[1, 2]]), caches)
+    with pytest.raises(ValueError, match="top_k: expected None or an int in"):
+        model.generate(torch.tensor([[1]]), 2, top_k=0)
+    m = _mixer("gdn")
+    x = torch.randn(1, 4, D)
+    with pytest.raises(ValueError, match="cu_seqlens: expected None when a generation cache"):
+        m(x, cu_seqlens=torch.tensor([0, 4], dtype=torch.int32), output_state=True)
+    with pytest.raises(ValueError, match="x: expected last dimension d_model = 32"):
+        m(torch.randn(1, 4, 8))
+    with pytest.raises(ValueError, match="state: expected a LinearCache"):
+        m(x, state=object())
+    with pytest.raises(ValueError, match="n_kv_heads: expected a divisor of n_heads = 2"):
+        Attention(D, 2, DH, n_kv_heads=3)
