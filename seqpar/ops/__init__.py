@@ -8,5 +8,10 @@ Softmax attention for hybrids: :func:`softmax_attn`. Convolutions: :func:`short_
 """
 from .linear import *  # noqa: F401,F403
 from .linear import __dict__ as _linear_ns
+from .long_conv import long_conv, long_conv_reference
+from .short_conv import short_conv, short_conv_reference, short_conv_step
+from .softmax_attn import softmax_attn, softmax_attn_reference
 
-__all__ = sorted(n for n in _linear_ns if not n.startswith("_") and callable(_linear_ns[n]))
+__all__ = sorted([n for n in _linear_ns if not n.startswith("_") and callable(_linear_ns[n])]
+                 + ["long_conv", "long_conv_reference", "short_conv", "short_conv_reference",
+                    "short_conv_step", "softmax_attn", "softmax_attn_reference"])
