@@ -1,0 +1,90 @@
+"""Bookkeeping shared by the linear family's Triton kernels: packed-document chunk plans
+and block sizes.
+
+Every kernel sees its input as one packed stream ``(1, TT, H, D)`` with document
+offsets; a batch of ``B`` equal-length rows is the packed stream with offsets
+``[0, T, 2T, ..., B T]`` (a free reshape), so one code path serves both layouts and no
+document is padded. Chunks never straddle a document boundary: chunk ``c`` of document
+``n`` covers ``[bos + c BT, min(bos + (c + 1) BT, eos))``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# Chunk length of every kernel: 64 rows fill a tensor-core tile and keep the (BT, BT)
+# intra-chunk matrices in registers.
+BT = 64
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """Document and chunk indices for a packed stream.
+
+    offsets: int32 (N + 1,) document offsets; chunk_index: int32 (NT, 2) rows
+    ``(document, chunk within document)``; chunk_offsets: int32 (N + 1,) index of each
+    document's first chunk in the global chunk order (per-chunk states are stored in
+    that order); n_docs N; n_chunks NT.
+    """
+    offsets: torch.Tensor
+    chunk_index: torch.Tensor
+    chunk_offsets: torch.Tensor
+    n_docs: int
+    n_chunks: int
+
+
+def chunk_plan(offsets: list[int], device: torch.device) -> ChunkPlan:
+    """Plan the chunks of the packed stream with document offsets ``offsets``."""
+    index, starts = [], [0]
+    for n, (s, e) in enumerate(zip(offsets, offsets[1:])):
+        nc = triton.cdiv(e - s, BT)
+        index.extend((n, c) for c in range(nc))
+        starts.append(starts[-1] + nc)
+    as_t = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
+    return ChunkPlan(as_t(offsets), as_t(index).reshape(-1, 2), as_t(starts),
+                     len(offsets) - 1, len(index))
+
+
+def block(d: int, cap: int = 64) -> int:
+    """Power-of-two block covering ``d`` (masked), at least 16 (tl.dot's minimum), at
+    most ``cap``."""
+    return max(16, min(cap, triton.next_power_of_2(d)))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """The ``PREC`` argument of :func:`mma` for inputs of ``dtype``.
+
+    float32 inputs use three tf32 products per dot (about float32 accuracy on tensor
+    cores); for 16-bit inputs the precision argument is ignored on GPU. Triton 3.6's
+    interpreter multiplies 16-bit floats as their integer bit patterns in ``tl.dot``, so
+    under ``TRITON_INTERPRET=1`` 16-bit operands are upcast first (exact: products of
+    16-bit floats are exact in float32, and the GPU accumulates in float32 too).
+    """
+    if dtype == torch.float32:
+        return "tf32x3"
+    return "upcast" if os.environ.get("TRITON_INTERPRET", "0") == "1" else "tf32"
+
+
+@triton.jit
+def mma(a, b, PREC: tl.constexpr):
+    """``tl.dot(a, b)`` with float32 accumulation; PREC from :func:`dot_precision`."""
+    if PREC == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+def as_packed(x: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, T, H, ...) -> contiguous (1, B T, H, ...)."""
+    if x is None:
+        return None
+    return x.reshape(1, x.shape[0] * x.shape[1], *x.shape[2:]).contiguous()
+
+
+def packed_offsets(B: int, T: int, offsets: list[int] | None) -> list[int]:
+    """Document offsets of the packed stream: the given ones, or one document per row."""
+    return list(offsets) if offsets is not None else [b * T for b in range(B + 1)]
