@@ -20,14 +20,15 @@ from ._common import Mixer, check_cache_args, check_hidden, check_positive_int
 def default_positions(T: int, device: torch.device, cu_seqlens=None, sp=None) -> torch.Tensor:
     """RoPE positions of the T tokens a caller holds: int64 (T,).
 
-    Without ``sp``: ``0..T-1``. With ``sp``: this rank's tokens' global indices
-    (``seqpar.parallel.global_positions``). With ``cu_seqlens`` (global offsets):
-    each index minus the start of its document.
+    Without ``sp``: ``0..T-1``. With ``sp`` (T is the shard length): this rank's tokens'
+    global indices under ``sp.layout`` (``seqpar.parallel.position_ids``). With
+    ``cu_seqlens`` (global offsets under ``sp``): each index minus the start of its
+    document.
     """
     if sp is not None:
-        from ..parallel import global_positions
+        from ..parallel import position_ids
 
-        return global_positions(T, sp, cu_seqlens=cu_seqlens, device=device)
+        return position_ids(sp, T * sp.world, cu_seqlens, device=device)
     pos = torch.arange(T, device=device)
     if cu_seqlens is None:
         return pos

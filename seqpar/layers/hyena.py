@@ -126,13 +126,17 @@ class Hyena(Mixer):
                 state: HyenaCache | None = None, output_state: bool = False):
         """Mix ``x (B, T, D)``; returns ``(y (B, T, D), HyenaCache or None)``.
 
-        cu_seqlens: packed documents (B == 1); each is convolved on its own.
+        cu_seqlens: packed documents (B == 1); each is convolved on its own. Not
+            supported together with ``sp`` (ValueError).
         position_ids: unused (the filter is a function of the lag). sp: both
         convolutions run sequence-parallel on this rank's shard. state: the input
         history to continue from (recomputed, see the module docstring).
         """
         B, T = check_hidden(x, self.d_model)
         check_cache_args(state, output_state, cu_seqlens, sp)
+        if sp is not None and cu_seqlens is not None:
+            fail("cu_seqlens", "None for a Hyena layer under sp (ops.long_conv has no "
+                 "sequence-parallel path for packed documents)", "packed offsets")
         if state is not None:
             if not isinstance(state, HyenaCache):
                 fail("state", "a HyenaCache or None", type(state).__name__)
@@ -152,10 +156,7 @@ class Hyena(Mixer):
     def _long_conv(self, z, cu_seqlens, sp):
         T = z.shape[1]
         if sp is not None:
-            if cu_seqlens is not None:
-                fail("cu_seqlens", "None for a Hyena layer under sp (ops.long_conv has no "
-                     "sequence-parallel path for packed documents)", "packed offsets")
-            return ops.long_conv(z, self.filter(sp.global_length(T)), sp=sp)
+            return ops.long_conv(z, self.filter(T * sp.world), sp=sp)
         kernel = self.filter(T)
         if cu_seqlens is None:
             return ops.long_conv(z, kernel)
