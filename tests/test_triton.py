@@ -1,0 +1,180 @@
+"""The Triton kernels of the linear family against the float64 token-loop references.
+
+How the kernels run here: on a machine with CUDA they run compiled on the GPU; without
+one, under Triton's CPU interpreter. Triton decides interpreted versus compiled when a
+``@triton.jit`` function is *defined* (it reads ``TRITON_INTERPRET`` at decoration), so
+the variable must be set before the kernel modules are imported. seqpar imports them
+lazily (only when a call dispatches to ``backend='triton'``), and no other test module
+runs that backend, so setting ``TRITON_INTERPRET=1`` at import of this module (pytest
+imports every test module at collection, before any test runs) is early enough; a guard
+below fails loudly if a kernel module was nevertheless already imported in compiled mode
+on a machine without CUDA. The variable stays set for the whole session; it only allows
+``backend='triton'`` on CPU tensors (see ``_family.pick_backend``), which no other test
+relies on being refused except under its own ``monkeypatch``.
+
+What is checked: outputs, final states and the gradients of every input (q, k, v, gate,
+initial state; mLSTM's i, f and state pair) within the precision contract (float32
+1e-4, bf16 inputs 2e-2 against the reference on the same bf16 values), over ragged T
+(1, not a multiple of the 64-token chunk), B > 1, packed documents, initial states,
+mild and strong decays, K != V and V not a power of two; plus a ``torch.compile
+(fullgraph=True)`` trace through the custom op and its autograd registration.
+
+Budget: the interpreter is slow; shapes stay small (T <= 150, K <= 32) and this file
+runs in about a minute on 2 cores.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    _compiled = [m for m in ("seqpar.ops.linear.triton_diag", "seqpar.ops.linear.triton_common")
+                 if m in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"]
+    if _compiled:
+        raise RuntimeError(f"{_compiled} imported before TRITON_INTERPRET=1 was set: its kernels "
+                           "would not run on CPU; import nothing from them before this module")
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from conftest import rel_err  # noqa: E402
+from hypothesis import example, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from seqpar import ops  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+# Ops whose backend='triton' path runs the Triton kernels (GLA and the delta rules still
+# run the PyTorch chunk path there, which test_linear_ops covers).
+OPS = {
+    "linear_attn": (),
+    "simple_gla": ("g",),
+    "mlstm": ("i", "f"),
+}
+
+
+def _inputs(op, B, T, H, K, V, N, strong, initial, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(B, T, H, K, generator=gen) for _ in range(2))
+    v = torch.randn(B, T, H, V, generator=gen)
+    xs = [q.to(dtype), k.to(dtype), v.to(dtype)]
+    if op == "simple_gla":
+        x = torch.randn(B, T, H, generator=gen)
+        xs.append(F.logsigmoid(x * 3 - 6 if strong else x + 2))  # strong: a_t down to ~e^-15
+    elif op == "mlstm":
+        xs.append(torch.randn(B, T, H, generator=gen))
+        xs.append(torch.randn(B, T, H, generator=gen) * (3 if strong else 1) - (6 if strong else -2))
+    state = None
+    if initial:
+        state = torch.randn(N, H, K, V, generator=gen)
+        if op == "mlstm":
+            state = (state, torch.randn(N, H, K, generator=gen))
+    return xs, state
+
+
+def _flat(s):
+    return [] if s is None else (list(s) if isinstance(s, tuple) else [s])
+
+
+def _leaves(xs, state, dtype=None, device=DEVICE):
+    def leaf(x):
+        x = x.to(device) if dtype is None else x.to(device=device, dtype=dtype)
+        return x.detach().requires_grad_()
+
+    xs = [leaf(x) for x in xs]
+    if state is None:
+        return xs, None
+    return xs, (tuple(leaf(s) for s in state) if isinstance(state, tuple) else leaf(state))
+
+
+def errors(op, B, T, H, K, V, cuts, strong, initial, dtype, seed):
+    """Relative errors of backend='triton' against the float64 reference: o, final
+    state(s), and the gradient of every input under a random linear loss."""
+    N = len(cuts) + 1 if cuts else B
+    xs, state = _inputs(op, B, T, H, K, V, N, strong, initial, dtype, seed)
+    cu = None if not cuts else torch.tensor((0, *cuts, T), dtype=torch.int32)
+    fn, ref = getattr(ops, op), getattr(ops, op + "_reference")
+    xk, sk = _leaves(xs, state)
+    o, S = fn(*xk, initial_state=sk, output_final_state=True,
+              cu_seqlens=None if cu is None else cu.to(DEVICE), backend="triton")
+    xr, sr = _leaves(xs, state, torch.float64, "cpu")
+    o_ref, S_ref = ref(*xr, initial_state=sr, output_final_state=True, cu_seqlens=cu)
+    assert o.dtype == dtype and o.shape == o_ref.shape
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    w = torch.randn(o.shape, generator=gen).to(dtype).double()  # representable in o's dtype
+    ws = [torch.randn(s.shape, generator=gen, dtype=torch.float64) for s in _flat(S_ref)]
+
+    def grads(o, S, leaves):
+        loss = (o.double() * w.to(o.device)).sum()
+        for s, x in zip(_flat(S), ws):
+            loss = loss + (s.double() * x.to(s.device)).sum()
+        return torch.autograd.grad(loss, leaves)
+
+    names = ["q", "k", "v", *OPS[op]] + [f"state[{i}]" for i in range(len(_flat(state)))]
+    errs = {"o": rel_err(o.cpu(), o_ref)}
+    for i, (a, b) in enumerate(zip(_flat(S), _flat(S_ref))):
+        errs[f"S[{i}]"] = rel_err(a.cpu(), b)
+    for n, a, b in zip(names, grads(o, S, xk + _flat(sk)), grads(o_ref, S_ref, xr + _flat(sr))):
+        errs["d" + n] = rel_err(a.cpu(), b)
+    return errs
+
+
+def _check(op, **case):
+    tol = TOL[case["dtype"]]
+    errs = errors(op, **case)
+    bad = {n: e for n, e in errs.items() if not e < tol}
+    assert not bad, f"{op} {case}: errors over {tol}: {bad}"
+
+
+@st.composite
+def cases(draw):
+    T = draw(st.integers(1, 150))
+    cuts = ()
+    if T > 1 and draw(st.booleans()):
+        cuts = tuple(sorted(draw(st.sets(st.integers(1, T - 1), min_size=1, max_size=3))))
+    return dict(B=1 if cuts else draw(st.integers(1, 2)), T=T, H=draw(st.integers(1, 2)),
+                K=draw(st.sampled_from([16, 32])), V=draw(st.sampled_from([16, 24, 33])),
+                cuts=cuts, strong=draw(st.booleans()), initial=draw(st.booleans()),
+                dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])),
+                seed=draw(st.integers(0, 2**31 - 1)))
+
+
+FIXED = [  # every run covers these, whatever hypothesis draws
+    dict(B=2, T=1, H=2, K=16, V=24, cuts=(), strong=False, initial=True, dtype=torch.float32, seed=1),
+    dict(B=1, T=150, H=2, K=32, V=33, cuts=(1, 64, 100), strong=True, initial=True,
+         dtype=torch.float32, seed=2),
+    dict(B=2, T=130, H=1, K=32, V=16, cuts=(), strong=True, initial=False, dtype=torch.bfloat16, seed=3),
+]
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@settings(max_examples=4)
+@given(case=cases())
+@example(case=FIXED[0])
+@example(case=FIXED[1])
+@example(case=FIXED[2])
+def test_triton_matches_reference(op, case):
+    _check(op, **case)
+
+
+def test_compile_fullgraph_traces_custom_op():
+    """The kernels are one custom op to torch.compile: fullgraph tracing succeeds and the
+    compiled forward and backward equal eager."""
+    torch._dynamo.reset()
+    xs, state = _inputs("simple_gla", 1, 70, 2, 16, 24, 1, False, True, torch.float32, 7)
+    xs, state = _leaves(xs, state)
+
+    def f(q, k, v, g, s):
+        o, S = ops.simple_gla(q, k, v, g, initial_state=s, output_final_state=True,
+                              backend="triton")
+        return (o * o).sum() + S.sum()
+
+    eager = torch.autograd.grad(f(*xs, state), xs + [state])
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(*xs, state), xs + [state])
+    for a, b in zip(got, eager):
+        assert rel_err(a, b) < 1e-6
