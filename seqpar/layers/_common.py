@@ -49,22 +49,35 @@ def check_positive_int(name: str, value, minimum: int = 1) -> int:
 class Mixer(nn.Module):
     """Base of every sequence-mixer layer.
 
-    Subclasses implement ``forward(x, *, cu_seqlens=None, position_ids=None, sp=None,
+    Subclasses set ``d_model`` and ``cache_type`` (the dataclass of their generation
+    cache) and implement ``forward(x, *, cu_seqlens=None, position_ids=None, sp=None,
     state=None, output_state=False) -> (y, cache)``, ``reset_parameters(std, out_std)``
-    and ``flops_per_token(seq_len)``. ``d_model`` is set by the subclass.
+    and ``flops_per_token(seq_len)``.
     """
 
     d_model: int
+    cache_type: type
+
+    def check_state(self, state, cu_seqlens, sp, output_state) -> None:
+        """Validate forward's cache arguments (see :func:`check_cache_args`)."""
+        check_cache_args(state, output_state, cu_seqlens, sp)
+        if state is not None and not isinstance(state, self.cache_type):
+            fail("state", f"a {self.cache_type.__name__} or None", type(state).__name__)
+
+    def check_step(self, x, cache) -> None:
+        """Validate a step's one token ``x (B, 1, D)`` and its cache."""
+        if not isinstance(cache, self.cache_type):
+            fail("cache", f"a {self.cache_type.__name__} (from forward(..., output_state=True) "
+                 "or step())", type(cache).__name__)
+        B, T = check_hidden(x, self.d_model)
+        if T != 1:
+            fail("x", "one token per step, shape (B, 1, D)", f"shape {tuple(x.shape)}")
 
     def step(self, x: torch.Tensor, cache):
         """One generation step: ``x (B, 1, D)`` and the cache from the previous call (a
         prefill ``forward(..., output_state=True)`` or ``step``). Returns ``(y (B, 1, D),
         cache)``. The default runs :meth:`forward` on the one token with the cache."""
-        if cache is None:
-            fail("cache", "the cache returned by forward(..., output_state=True) or step()", "None")
-        B, T = check_hidden(x, self.d_model)
-        if T != 1:
-            fail("x", "one token per step, shape (B, 1, D)", f"shape {tuple(x.shape)}")
+        self.check_step(x, cache)
         return self.forward(x, state=cache, output_state=True)
 
     def flops_per_token(self, seq_len: int) -> float:

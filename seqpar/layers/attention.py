@@ -14,7 +14,7 @@ from torch import nn
 
 from .. import ops
 from ..ops._validate import check_tensor, fail
-from ._common import Mixer, check_cache_args, check_hidden, check_positive_int
+from ._common import Mixer, check_hidden, check_positive_int
 
 
 def default_positions(T: int, device: torch.device, cu_seqlens=None, sp=None) -> torch.Tensor:
@@ -78,6 +78,8 @@ class Attention(Mixer):
         rope_theta: RoPE base.
     """
 
+    cache_type = KVCache
+
     def __init__(self, d_model: int, n_heads: int, head_dim: int, *, n_kv_heads: int | None = None,
                  rope_theta: float = 10000.0):
         super().__init__()
@@ -111,10 +113,8 @@ class Attention(Mixer):
         tokens take positions after it (position_ids must then be None).
         """
         B, T = check_hidden(x, self.d_model)
-        check_cache_args(state, output_state, cu_seqlens, sp)
+        self.check_state(state, cu_seqlens, sp, output_state)
         if state is not None:
-            if not isinstance(state, KVCache):
-                fail("state", "a KVCache or None", type(state).__name__)
             if position_ids is not None:
                 fail("position_ids", "None with a KV cache (positions continue from the cache)",
                      "a tensor")

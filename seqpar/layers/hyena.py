@@ -25,7 +25,7 @@ from torch import nn
 
 from .. import ops
 from ..ops._validate import fail
-from ._common import Mixer, check_cache_args, check_hidden, check_positive_int
+from ._common import Mixer, check_hidden, check_positive_int
 
 
 class _Sin(nn.Module):
@@ -102,6 +102,8 @@ class Hyena(Mixer):
         filter_hidden: the filter MLP's width.
     """
 
+    cache_type = HyenaCache
+
     def __init__(self, d_model: int, *, conv_size: int = 4, time_scale: int = 2048,
                  filter_hidden: int = 64):
         super().__init__()
@@ -133,13 +135,11 @@ class Hyena(Mixer):
         history to continue from (recomputed, see the module docstring).
         """
         B, T = check_hidden(x, self.d_model)
-        check_cache_args(state, output_state, cu_seqlens, sp)
+        self.check_state(state, cu_seqlens, sp, output_state)
         if sp is not None and cu_seqlens is not None:
             fail("cu_seqlens", "None for a Hyena layer under sp (ops.long_conv has no "
                  "sequence-parallel path for packed documents)", "packed offsets")
         if state is not None:
-            if not isinstance(state, HyenaCache):
-                fail("state", "a HyenaCache or None", type(state).__name__)
             x = torch.cat([state.x, x], 1)
         y = self._mix(x, cu_seqlens, sp)[:, -T:]
         return y, (HyenaCache(x) if output_state else None)

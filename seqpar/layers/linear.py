@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..ops._validate import fail
-from ._common import Mixer, check_cache_args, check_hidden, check_positive_int
+from ._common import Mixer, check_hidden, check_positive_int
 
 # flash-linear-attention's normalizer for logsigmoid gates: keeps initial decays mild
 # (exp(logsigmoid(0) / 16) ~ 0.96) so early training sees long memories.
@@ -59,6 +58,7 @@ class LinearMixer(Mixer):
     """
 
     op_name: str
+    cache_type = LinearCache
     normalize_qk = False
     state_flops = 4  # k^T v write and q S read, one multiply-add each
 
@@ -132,9 +132,7 @@ class LinearMixer(Mixer):
         cache to continue from / to return (one device, no packing).
         """
         check_hidden(x, self.d_model)
-        check_cache_args(state, output_state, cu_seqlens, sp)
-        if state is not None and not isinstance(state, LinearCache):
-            fail("state", "a LinearCache or None", type(state).__name__)
+        self.check_state(state, cu_seqlens, sp, output_state)
         q, k, v, conv = self._qkv(x, None if state is None else state.conv, output_state,
                                   cu_seqlens, sp)
         o, S = getattr(ops, self.op_name)(
@@ -146,12 +144,7 @@ class LinearMixer(Mixer):
     def step(self, x: torch.Tensor, cache: LinearCache):
         """One token ``x (B, 1, D)`` through ``ops.short_conv_step`` and the op's
         recurrent ``*_step`` (not the chunk path); returns ``(y (B, 1, D), cache)``."""
-        if not isinstance(cache, LinearCache):
-            fail("cache", "a LinearCache (from forward(..., output_state=True) or step())",
-                 type(cache).__name__)
-        B, T = check_hidden(x, self.d_model)
-        if T != 1:
-            fail("x", "one token per step, shape (B, 1, D)", f"shape {tuple(x.shape)}")
+        self.check_step(x, cache)
         h, conv = ops.short_conv_step(self.qkv_proj(x[:, 0]), self.conv_weight, activation="silu",
                                       state=cache.conv)
         q, k, v = self._split(h[:, None])
