@@ -109,10 +109,7 @@ def linear_case(sp, op, packed, seed, T=24, chunk_size=4):
     """SP vs single-process run of one linear op; returns the error table."""
     gen = torch.Generator().manual_seed(seed)
     B, H, K, V = (1, 2, 4, 6) if packed else (2, 2, 4, 6)
-    cu = None
-    if packed:
-        # Documents of 1, 9, 2, 10 and 2 tokens: boundaries inside and on chunk edges.
-        cu = torch.tensor([0, 1, 10, 12, 22, 24], dtype=torch.int32)
+    cu = _packed_offsets(sp) if packed else None
     N = len(cu) - 1 if packed else B
     xs, state = _linear_inputs(op, gen, B, T, H, K, V, N)
     fn = getattr(ops, op)
@@ -158,6 +155,61 @@ def linear_case(sp, op, packed, seed, T=24, chunk_size=4):
     return chk.errs
 
 
+def _packed_offsets(sp):
+    """Packed documents of a 24-token stream: some cross chunk edges, and (except with
+    2 contiguous ranks, whose only edge must be crossed) one starts exactly on an edge
+    (12), after a document ending there."""
+    if sp.layout == "contiguous" and sp.world == 2:
+        return torch.tensor([0, 1, 10, 14, 22, 24], dtype=torch.int32)
+    return torch.tensor([0, 1, 10, 12, 13, 22, 24], dtype=torch.int32)
+
+
+def compare(sp, fn, inputs, sharded, weights, seq_dims, replicated=()):
+    """Run ``fn(*inputs, sp=None)`` on the full inputs and ``fn(*shards, sp=sp)`` on this
+    rank's shards; compare every output (sharded along ``seq_dims[i]``) and the gradient
+    of every input under the loss ``sum_i (out_i * weights[i]).sum()``.
+
+    ``sharded[j]``: input j is split along T (dim 1); otherwise it is replicated and its
+    gradient is summed over ranks. ``replicated``: names of outputs that each rank
+    returns in part (summed over ranks before comparing).
+    """
+    full = [_leaf(x) for x in inputs]
+    outs_ref = fn(*full, sp=None)
+    grads_ref = _grads(sum((o * w).sum() for o, w in zip(outs_ref, weights)), full)
+    mine = [_leaf(shard(x, sp) if s else x) for x, s in zip(inputs, sharded)]
+    outs = fn(*mine, sp=sp)
+    loss = 0
+    for o, w, d in zip(outs, weights, seq_dims):
+        loss = loss + (o * (w if d is None else shard(w, sp, d))).sum()
+    grads = _grads(loss, mine)
+    chk = Checker(sp)
+    for i, (o, o_ref, d) in enumerate(zip(outs, outs_ref, seq_dims)):
+        if d is None:
+            (chk.add_summed if i in replicated else chk.add)(f"out{i}", o.detach(), o_ref.detach())
+        else:
+            chk.add(f"out{i}", o, shard(o_ref.detach(), sp, d))
+    for j, (g, g_ref, s) in enumerate(zip(grads, grads_ref, sharded)):
+        if s:
+            chk.add(f"d{j}", g, shard(g_ref, sp))
+        else:
+            chk.add_summed(f"d{j}", g, g_ref)
+    return chk.errs
+
+
+def attn_case(sp, packed, causal, seed, T=24):
+    gen = torch.Generator().manual_seed(seed)
+    B, H, Hkv, D = (1, 8, 4, 8) if packed else (2, 8, 4, 8)
+    q, k = torch.randn(B, T, H, D, generator=gen), torch.randn(B, T, Hkv, D, generator=gen)
+    v = torch.randn(B, T, Hkv, D, generator=gen)
+    cu = _packed_offsets(sp) if packed else None
+    w = [torch.randn(B, T, H, D, generator=gen), torch.randn(B, H, T, generator=gen)]
+
+    def fn(q, k, v, sp):
+        return ops.softmax_attn(q, k, v, causal=causal, cu_seqlens=cu, sp=sp)
+
+    return compare(sp, fn, [q, k, v], [True] * 3, w, [1, 2])
+
+
 # ---------------------------------------------------------------- workers
 
 def _cases(world):
@@ -170,6 +222,11 @@ def _cases(world):
                     name = f"linear/{op}/{strategy}/{layout}/{'packed' if packed else 'batch'}"
                     out.append((name, dict(layout=layout, strategy=strategy),
                                 lambda sp, op=op, packed=packed: linear_case(sp, op, packed, seed=world)))
+        for strategy in ("ring", "allgather", "alltoall"):
+            for packed, causal in ((False, True), (True, True), (False, False)):
+                name = f"attn/{strategy}/{layout}/{'packed' if packed else 'batch'}/causal={causal}"
+                out.append((name, dict(layout=layout, strategy=strategy),
+                            lambda sp, p=packed, c=causal: attn_case(sp, p, c, seed=world)))
     return out
 
 

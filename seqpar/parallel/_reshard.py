@@ -1,0 +1,56 @@
+"""All-to-all between sequence shards and channel (or head) shards, differentiable.
+
+``seq_to_channels``: every rank holds all T/P tokens of all channels -> every rank holds
+all T tokens (in global order, whatever the layout) of channels ``[r C/P, (r+1) C/P)``.
+``channels_to_seq`` is its inverse, and each one's backward is the other.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._geometry import Geometry
+
+
+def _rank_order(geo: Geometry, device) -> torch.Tensor:
+    """Global position of each row of the rank-order concatenation of all shards."""
+    return torch.tensor([t for r in range(geo.world) for t in geo.global_positions(r)],
+                        dtype=torch.long, device=device)
+
+
+def _to_channels(sp, geo: Geometry, x: torch.Tensor, dim: int, op: str) -> torch.Tensor:
+    parts = list(x.chunk(sp.world, dim))
+    got = sp._all_to_all(parts, [parts[sp.rank].shape] * sp.world, op)
+    y = torch.cat(got, 1)  # rank order
+    order = _rank_order(geo, x.device)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=x.device)
+    return y.index_select(1, inverse)
+
+
+def _to_seq(sp, geo: Geometry, y: torch.Tensor, dim: int, op: str) -> torch.Tensor:
+    y = y.index_select(1, _rank_order(geo, y.device))
+    parts = list(y.chunk(sp.world, 1))
+    got = sp._all_to_all(parts, [parts[sp.rank].shape] * sp.world, op)
+    return torch.cat(got, dim)
+
+
+class _Reshard(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, sp, geo, x, dim, to_channels, op):
+        ctx.sp, ctx.geo, ctx.dim, ctx.to_channels, ctx.op = sp, geo, dim, to_channels, op
+        return (_to_channels if to_channels else _to_seq)(sp, geo, x, dim, op)
+
+    @staticmethod
+    def backward(ctx, g):
+        back = _to_seq if ctx.to_channels else _to_channels
+        return None, None, back(ctx.sp, ctx.geo, g.contiguous(), ctx.dim, ctx.op + ".backward"), None, None, None
+
+
+def seq_to_channels(sp, geo: Geometry, x: torch.Tensor, dim: int, op: str) -> torch.Tensor:
+    """(B, T/P, ..., C, ...) shard -> (B, T, ..., C/P, ...) with C at ``dim``; C % P == 0."""
+    return _Reshard.apply(sp, geo, x, dim, True, op)
+
+
+def channels_to_seq(sp, geo: Geometry, y: torch.Tensor, dim: int, op: str) -> torch.Tensor:
+    """Inverse of :func:`seq_to_channels`."""
+    return _Reshard.apply(sp, geo, y, dim, False, op)
