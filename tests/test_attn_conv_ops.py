@@ -14,7 +14,9 @@ reference on the same bf16 values in float64).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+from unittest import mock
 
 import pytest
 import torch
@@ -28,7 +30,10 @@ from seqpar.ops.softmax_attn import attn_block, attn_block_backward, merge_attn
 
 # The module, not the function ``ops.softmax_attn`` that shadows it as an attribute.
 attn_mod = importlib.import_module("seqpar.ops.softmax_attn")
-TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+# The CUDA paths (flash kernels through torch.ops.aten) run only where a GPU is.
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])
 DTYPES = st.sampled_from([torch.float32, torch.float32, torch.bfloat16])
 
 
@@ -50,8 +55,11 @@ def compare(fn, ref, xs, names, out_names, seed):
     xc, xr = _leaves(xs), _leaves(xs, torch.float64)
     outs, outs_ref = fn(*xc), ref(*xr)
     gen = torch.Generator().manual_seed(seed)
-    cots = [None if o is None else torch.randn(o.shape, generator=gen, dtype=torch.float64)
-            for o in outs_ref]
+    # The gradient reaching a bf16 output is bf16: the reference gets the same rounded
+    # values (else a sum with cancellation, e.g. dbias over few tokens, is ill-conditioned).
+    cots = [None if o is None else
+            torch.randn(o.shape, generator=gen).to(o.dtype).to(torch.float64).to(o.device)
+            for o in outs]
     errs = {}
     for n, o, r in zip(out_names, outs, outs_ref):
         assert (o is None) == (r is None), n
@@ -79,6 +87,17 @@ def _offsets(T, cuts):
     return torch.tensor((0, *cuts, T), dtype=torch.int32)
 
 
+ENGINES = ["fused", "math"]
+
+
+def engine(name):
+    """Run softmax attention on one engine: ``fused`` (flash kernels, the default wherever
+    they apply) or ``math`` (what CUDA float32 uses), forced here so CPU tests cover both."""
+    if name == "fused":
+        return contextlib.nullcontext()
+    return mock.patch.object(attn_mod, "_fused_dim", lambda q, v: None)
+
+
 # ---------------------------------------------------------------- softmax attention
 
 @st.composite
@@ -92,7 +111,7 @@ def attn_cases(draw):
     Hkv = draw(st.integers(1, 2))
     H = Hkv * draw(st.sampled_from([1, 2, 3]))
     D = draw(st.sampled_from([4, 8, 16]))
-    Dv = draw(st.sampled_from([D, D, 4, 12]))  # Dv == D: flash kernel; else math engine
+    Dv = draw(st.sampled_from([D, D, 4, 12]))  # the flash kernel pads Dv != D
     scale = draw(st.sampled_from([None, 0.7]))
     return dict(B=B, T=T, S=S, H=H, Hkv=Hkv, D=D, Dv=Dv, causal=causal, packed=packed,
                 cuts=cuts, scale=scale, dtype=draw(DTYPES), seed=draw(st.integers(0, 2**31 - 1)))
@@ -119,7 +138,8 @@ def _attn_inputs(c):
 @example(c=_case(B=1, T=40, H=3, Hkv=1, D=8, Dv=4, causal=False, packed=True, cuts=(39,),
                  dtype=torch.bfloat16, seed=4, scale=0.7))
 @example(c=_case(B=2, T=7, S=30, H=2, Hkv=2, D=8, Dv=8, causal=False, dtype=torch.float32, seed=5))
-def test_softmax_attn_matches_reference(c):
+@pytest.mark.parametrize("eng", ENGINES)
+def test_softmax_attn_matches_reference(c, eng):
     cu = _offsets(c["T"], c["cuts"]) if c["packed"] else None
     kw = dict(causal=c["causal"], scale=c["scale"], cu_seqlens=cu)
 
@@ -128,8 +148,9 @@ def test_softmax_attn_matches_reference(c):
         assert o.dtype == c["dtype"] and lse.dtype == torch.float32
         return o, lse
 
-    errs = compare(fn, lambda q, k, v: ops.softmax_attn_reference(q, k, v, **kw),
-                   _attn_inputs(c), ["q", "k", "v"], ["o", "lse"], c["seed"] + 1)
+    with engine(eng):
+        errs = compare(fn, lambda q, k, v: ops.softmax_attn_reference(q, k, v, **kw),
+                       _attn_inputs(c), ["q", "k", "v"], ["o", "lse"], c["seed"] + 1)
     assert_within(errs, c["dtype"], c)
 
 
@@ -139,16 +160,18 @@ def test_math_engine_over_many_tiles(monkeypatch):
     monkeypatch.setattr(attn_mod, "_MATH_TILE", 2 * 3 * 40 * 5)
     c = _case(B=2, T=40, H=3, Hkv=1, D=8, Dv=6, causal=True, dtype=torch.float32, seed=7)
     kw = dict(causal=True)
-    errs = compare(lambda *x: ops.softmax_attn(*x, **kw),
-                   lambda *x: ops.softmax_attn_reference(*x, **kw),
-                   _attn_inputs(c), ["q", "k", "v"], ["o", "lse"], 8)
+    with engine("math"):
+        errs = compare(lambda *x: ops.softmax_attn(*x, **kw),
+                       lambda *x: ops.softmax_attn_reference(*x, **kw),
+                       _attn_inputs(c), ["q", "k", "v"], ["o", "lse"], 8)
     assert_within(errs, torch.float32, c)
 
 
 @settings(max_examples=15)
 @given(c=attn_cases(), frac=st.floats(0.05, 0.95))
 @example(c=_case(B=1, T=2, H=2, Hkv=1, D=8, Dv=8, causal=True, dtype=torch.float32, seed=9), frac=0.5)
-def test_merge_of_two_key_blocks_is_full_attention(c, frac):
+@pytest.mark.parametrize("eng", ENGINES)
+def test_merge_of_two_key_blocks_is_full_attention(c, frac, eng):
     """Non-causal: q against keys split in two. Causal: the later half of the queries
     against the earlier keys (no mask) and against their own positions (causal), as on
     a ring. Gradients flow through merge_attn and both lse's."""
@@ -171,27 +194,46 @@ def test_merge_of_two_key_blocks_is_full_attention(c, frac):
         o, lse = ops.softmax_attn_reference(q, k, v, causal=causal, scale=scale)
         return (o[:, m:], lse[:, :, m:]) if causal else (o, lse)
 
-    errs = compare(fn, ref, _attn_inputs(c), ["q", "k", "v"], ["o", "lse"], c["seed"] + 2)
+    with engine(eng):
+        errs = compare(fn, ref, _attn_inputs(c), ["q", "k", "v"], ["o", "lse"], c["seed"] + 2)
     assert_within(errs, c["dtype"], (c, m))
 
 
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("Dv", [8, 4])
-def test_block_backward_with_final_result(dtype, Dv):
+@pytest.mark.parametrize("Dv", [16, 8])
+@pytest.mark.parametrize("eng", ENGINES)
+def test_block_backward_with_final_result(dtype, Dv, device, eng):
     """Ring backward without partial results: every block's gradient from the final
     (o, lse) sums to the full causal attention gradient."""
     gen = torch.Generator().manual_seed(11)
-    B, T, H, Hkv, D, P = 2, 24, 4, 2, 8, 3
-    q, k, v = (_randn(gen, B, T, h, d, dtype=dtype) for h, d in ((H, D), (Hkv, D), (Hkv, Dv)))
-    do = torch.randn(B, T, H, Dv, generator=gen, dtype=torch.float64)
+    B, T, H, Hkv, D, P = 2, 24, 4, 2, 16, 3
+    q, k, v = (_randn(gen, B, T, h, d, dtype=dtype).to(device)
+               for h, d in ((H, D), (Hkv, D), (Hkv, Dv)))
+    do = torch.randn(B, T, H, Dv, generator=gen, dtype=torch.float64).to(device)
+    with engine(eng):
+        dq, dk, dv, o = _ring_backward(q, k, v, do, P)
+    xr = _leaves((q, k, v), torch.float64)
+    o_ref, _ = ops.softmax_attn_reference(*xr, causal=True)
+    g_ref = torch.autograd.grad((o_ref * do).sum(), xr)
+    errs = {n_: rel_err(a, b) for n_, a, b in zip(("dq", "dk", "dv"), (dq, dk, dv), g_ref)}
+    errs["o"] = rel_err(o, o_ref)
+    assert_within(errs, dtype, (dtype, Dv, device, eng))
+
+
+def _ring_backward(q, k, v, do, P):
+    """Causal attention over P equal blocks: forward by softmax_attn, backward block by
+    block from the final (o, lse); returns float64 dq, dk, dv and o."""
+    B, T, H, D = q.shape
+    Hkv, Dv, device = k.shape[2], v.shape[-1], q.device
     o, lse = ops.softmax_attn(q, k, v, causal=True)
     n = T // P
-    dq = torch.zeros(B, T, H, D, dtype=torch.float64)
+    dq = torch.zeros(B, T, H, D, dtype=torch.float64, device=device)
     dk, dv = [], []
     for j in range(P):  # key block j
         kj, vj = k[:, j * n:(j + 1) * n], v[:, j * n:(j + 1) * n]
-        dkj = torch.zeros(B, n, Hkv, D, dtype=torch.float64)
-        dvj = torch.zeros(B, n, Hkv, Dv, dtype=torch.float64)
+        dkj = torch.zeros(B, n, Hkv, D, dtype=torch.float64, device=device)
+        dvj = torch.zeros(B, n, Hkv, Dv, dtype=torch.float64, device=device)
         for i in range(j, P):  # query blocks that see it
             r = slice(i * n, (i + 1) * n)
             gq, gk, gv = attn_block_backward(do[:, r].float(), q[:, r], kj, vj, o[:, r], lse[:, :, r],
@@ -202,22 +244,37 @@ def test_block_backward_with_final_result(dtype, Dv):
             dvj += gv.double()
         dk.append(dkj)
         dv.append(dvj)
-    xr = _leaves((q, k, v), torch.float64)
-    o_ref, _ = ops.softmax_attn_reference(*xr, causal=True)
-    g_ref = torch.autograd.grad((o_ref * do).sum(), xr)
-    errs = {n_: rel_err(a, b) for n_, a, b in
-            zip(("dq", "dk", "dv"), (dq, torch.cat(dk, 1), torch.cat(dv, 1)), g_ref)}
-    assert_within(errs, dtype, (dtype, Dv))
+    return dq, torch.cat(dk, 1), torch.cat(dv, 1), o
 
 
-def test_lse_only_gradient():
+@pytest.mark.parametrize("eng", ENGINES)
+def test_lse_only_gradient(eng):
     """A loss on lse alone (no gradient reaches o) still differentiates q and k."""
     for Dv in (8, 5):
         c = _case(B=1, T=9, H=2, Hkv=1, D=8, Dv=Dv, causal=True, dtype=torch.float32, seed=13)
         xc, xr = _leaves(_attn_inputs(c)), _leaves(_attn_inputs(c), torch.float64)
-        g = torch.autograd.grad(ops.softmax_attn(*xc)[1].sum(), xc[:2])
+        with engine(eng):
+            g = torch.autograd.grad(ops.softmax_attn(*xc)[1].sum(), xc[:2])
         g_ref = torch.autograd.grad(ops.softmax_attn_reference(*xr)[1].sum(), xr[:2])
         assert_within({n: rel_err(a, b) for n, a, b in zip("qk", g, g_ref)}, torch.float32, Dv)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype,D,Dv", [(torch.bfloat16, 64, 64), (torch.float16, 128, 128),
+                                        (torch.bfloat16, 64, 32), (torch.bfloat16, 60, 60),
+                                        (torch.float32, 64, 64)])
+@pytest.mark.parametrize("packed", [False, True])
+def test_softmax_attn_cuda(dtype, D, Dv, packed):
+    """The CUDA engines (flash kernel for half precision, padded where Dv != D or D is
+    not a multiple of 8; the math engine for float32), GQA, gradients through o and lse."""
+    c = _case(B=1 if packed else 2, T=300, H=4, Hkv=2, D=D, Dv=Dv, causal=True, dtype=dtype,
+              seed=21)
+    kw = dict(causal=True, cu_seqlens=_offsets(300, (1, 129)).cuda() if packed else None)
+    errs = compare(lambda *x: ops.softmax_attn(*x, **kw),
+                   lambda *x: ops.softmax_attn_reference(*x, **kw),
+                   [x.cuda() for x in _attn_inputs(c)], ["q", "k", "v"], ["o", "lse"], 22)
+    assert_within(errs, dtype, c)
 
 
 # ---------------------------------------------------------------- short convolution
@@ -249,14 +306,17 @@ def _conv_inputs(c):
             _randn(gen, N, c["C"], c["w"] - 1, dtype=c["dtype"]) if c["initial"] else None)
 
 
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @settings(max_examples=40)
 @given(c=conv_cases())
 @example(c=_conv_case(T=1, w=4, initial=True))
 @example(c=_conv_case(T=1, B=1, w=1, packed=True, dtype=torch.bfloat16))
 @example(c=_conv_case(T=30, B=1, w=4, packed=True, cuts=(1, 2, 4, 17), activation=None))
 @example(c=_conv_case(T=3, B=3, w=5, initial=True, final=True, dtype=torch.bfloat16))
-def test_short_conv_matches_reference(c):
-    cu = _offsets(c["T"], c["cuts"]) if c["packed"] else None
+@example(c=_conv_case(T=6, B=1, C=1, w=1, activation=None, initial=False, final=False,
+                      dtype=torch.bfloat16, seed=2147483646))  # dbias: a sum with cancellation
+def test_short_conv_matches_reference(c, device):
+    cu = _offsets(c["T"], c["cuts"]).to(device) if c["packed"] else None
     kw = dict(activation=c["activation"], output_final_state=c["final"], cu_seqlens=cu)
 
     def fn(x, w, b, s0):
@@ -265,7 +325,8 @@ def test_short_conv_matches_reference(c):
         return y, S
 
     errs = compare(fn, lambda x, w, b, s0: ops.short_conv_reference(x, w, b, initial_state=s0, **kw),
-                   _conv_inputs(c), ["x", "weight", "bias", "initial_state"], ["y", "final_state"],
+                   [None if x is None else x.to(device) for x in _conv_inputs(c)],
+                   ["x", "weight", "bias", "initial_state"], ["y", "final_state"],
                    c["seed"] + 1)
     assert_within(errs, c["dtype"], c)
 
@@ -313,11 +374,12 @@ def test_long_conv_matches_reference(B, T, C, frac, dtype, seed):
     assert_within(errs, dtype, (B, T, C, L, dtype))
 
 
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("T,L", [(4096, 4096), (4095, 700)])
-def test_long_conv_long_sequence(T, L):
+def test_long_conv_long_sequence(T, L, device):
     gen = torch.Generator().manual_seed(T + L)
-    x = torch.randn(1, T, 3, generator=gen)
-    kernel = torch.randn(3, L, generator=gen) / L ** 0.5
+    x = torch.randn(1, T, 3, generator=gen).to(device)
+    kernel = (torch.randn(3, L, generator=gen) / L ** 0.5).to(device)
     errs = compare(lambda x, k: (ops.long_conv(x, k),), lambda x, k: (ops.long_conv_reference(x, k),),
                    (x, kernel), ["x", "kernel"], ["y"], 5)
     assert_within(errs, torch.float32, (T, L))

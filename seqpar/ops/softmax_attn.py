@@ -12,14 +12,15 @@ Public entry point: :func:`softmax_attn`. Building blocks for sequence paralleli
 
 Two engines compute a block. ``fused`` calls PyTorch's flash-attention kernels through
 ``torch.ops.aten`` (the CPU flash kernel; on CUDA the FA2 kernel for float16/bfloat16 with
-head dim a multiple of 8 up to 256), the same entry points ``torch.distributed``'s context
-parallelism uses, because public SDPA does not return the log-sum-exp. ``math`` is plain
-float32 (float64 for float64 input) PyTorch, chunked over queries to bound memory; it
-covers value head dims different from the query head dim and everything the kernels refuse.
+head dims up to 256), the same entry points ``torch.distributed``'s context parallelism
+uses, because public SDPA does not return the log-sum-exp; differing or odd head dims are
+zero-padded to one the kernel takes. ``math`` is plain float32 (float64 for float64 input)
+PyTorch, chunked over queries to bound memory, for everything else (float32 on CUDA).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ._validate import check_cu_seqlens, check_scale, check_tensor, fail
 
@@ -69,26 +70,35 @@ def _check_packed(cu_seqlens, B: int, T: int, S: int, device):
 
 # ---- engines: (B, H, T, D) layout, k/v with Hkv heads (GQA: query head h uses h // G) ----
 
-def _use_fused(q: torch.Tensor, v: torch.Tensor) -> bool:
-    D = q.shape[-1]
-    if v.shape[-1] != D:
-        return False
+def _fused_dim(q: torch.Tensor, v: torch.Tensor) -> int | None:
+    """Head dim at which the flash kernel runs this block, or None for the math engine.
+
+    The kernels want one head dim for q, k and v (on CUDA a multiple of 8, at most 256,
+    in float16/bfloat16), so q/k and v are zero-padded to a common size: zero columns
+    change neither the scores nor the real output columns.
+    """
+    P = max(q.shape[-1], v.shape[-1])
     if q.device.type == "cpu":
-        return True
-    if q.device.type == "cuda":
-        return q.dtype in (torch.float16, torch.bfloat16) and D % 8 == 0 and D <= 256
-    return False
+        return P
+    if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+        P = -(-P // 8) * 8
+        return P if P <= 256 else None
+    return None
 
 
-def _fused_fwd(q, k, v, scale: float, causal: bool):
-    """Flash kernel forward: o in q's dtype, lse (B, H, T) float32."""
+def _pad(x: torch.Tensor, P: int) -> torch.Tensor:
+    return x if x.shape[-1] == P else F.pad(x, (0, P - x.shape[-1]))
+
+
+def _flash_fwd(q, k, v, scale: float, causal: bool):
+    """Flash kernel forward (one head dim): o in q's dtype, lse (B, H, T) float32."""
     if q.device.type == "cpu":
         return _aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
     o, lse, *_ = _aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
     return o, lse
 
 
-def _fused_bwd(do, q, k, v, o, lse, scale: float, causal: bool):
+def _flash_bwd(do, q, k, v, o, lse, scale: float, causal: bool):
     """Flash kernel backward with a given output and log-sum-exp; grads in q's dtype."""
     # A strided lse (a slice of a longer one, as on a ring) is not read correctly by the
     # kernels (torch.distributed's context parallelism makes it contiguous for the same reason).
@@ -103,12 +113,24 @@ def _fused_bwd(do, q, k, v, o, lse, scale: float, causal: bool):
         scale=scale)
 
 
-def _fused_lse_grad(dlse, q, k, lse, scale: float, causal: bool):
+def _fused_fwd(q, k, v, scale: float, causal: bool, P: int):
+    o, lse = _flash_fwd(_pad(q, P), _pad(k, P), _pad(v, P), scale, causal)
+    return o[..., :v.shape[-1]], lse
+
+
+def _fused_bwd(do, q, k, v, o, lse, scale: float, causal: bool, P: int):
+    dq, dk, dv = _flash_bwd(_pad(do, P), _pad(q, P), _pad(k, P), _pad(v, P), _pad(o, P), lse,
+                            scale, causal)
+    D = q.shape[-1]
+    return dq[..., :D], dk[..., :D], dv[..., :v.shape[-1]]
+
+
+def _fused_lse_grad(dlse, q, k, lse, scale: float, causal: bool, P: int):
     """Gradient of ``sum(dlse * lse)``: ``dq_i = scale dlse_i sum_j P_ij k_j`` is attention
     with values k, and ``dk_j = scale sum_i P_ij dlse_i q_i`` is that attention's value
     gradient for the output gradient ``dlse * q``."""
-    o_k, _ = _fused_fwd(q, k, k, scale, causal)
-    _, _, dk = _fused_bwd(dlse[..., None] * q.to(dlse.dtype), q, k, k, o_k, lse, scale, causal)
+    o_k, _ = _fused_fwd(q, k, k, scale, causal, P)
+    _, _, dk = _fused_bwd(dlse[..., None] * q.to(dlse.dtype), q, k, k, o_k, lse, scale, causal, P)
     return scale * dlse[..., None] * o_k.to(dlse.dtype), scale * dk.to(dlse.dtype)
 
 
@@ -172,48 +194,55 @@ def _math_bwd(do, q, k, v, o, lse, scale: float, causal: bool, dlse=None):
 
 def _block_fwd(q, k, v, scale, causal):
     """(B, H, T, D) engine dispatch: o in the engine's dtype, lse (B, H, T) float."""
-    if _use_fused(q, v):
-        return _fused_fwd(q, k, v, scale, causal)
-    return _math_fwd(q, k, v, scale, causal)
+    P = _fused_dim(q, v)
+    if P is None:
+        return _math_fwd(q, k, v, scale, causal)
+    return _fused_fwd(q, k, v, scale, causal, P)
 
 
 def _block_bwd(do, q, k, v, o, lse, scale, causal, dlse=None):
     """(B, H, T, D) engine dispatch of the backward; ``do`` may be None (only lse used)."""
-    if not _use_fused(q, v):
+    P = _fused_dim(q, v)
+    if P is None:
         if do is None:
             do = torch.zeros_like(o, dtype=lse.dtype)
         return _math_bwd(do, q, k, v, o, lse, scale, causal, dlse)
     if do is None:
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     else:
-        dq, dk, dv = _fused_bwd(do, q, k, v, o, lse, scale, causal)
+        dq, dk, dv = _fused_bwd(do, q, k, v, o, lse, scale, causal, P)
     if dlse is not None:
-        dq_l, dk_l = _fused_lse_grad(dlse, q, k, lse, scale, causal)
+        dq_l, dk_l = _fused_lse_grad(dlse, q, k, lse, scale, causal, P)
         dq, dk = dq.to(dq_l.dtype) + dq_l, dk.to(dk_l.dtype) + dk_l
     return dq, dk, dv
 
 
+def _bhtd(x: torch.Tensor) -> torch.Tensor:
+    """(B, T, H, D) <-> (B, H, T, D), a view either way."""
+    return x.transpose(1, 2)
+
+
 class _AttnBlock(torch.autograd.Function):
-    """(B, H, T, D) block attention with gradients through both o and lse."""
+    """Block attention on (B, T, H, D) tensors with gradients through both o and lse."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale: float, causal: bool):
+        q, k, v = _bhtd(q), _bhtd(k), _bhtd(v)
         o, lse = _block_fwd(q, k, v, scale, causal)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.scale, ctx.causal = scale, causal
         ctx.set_materialize_grads(False)
         acc = _acc_dtype(q)
-        return o.to(acc), lse.to(acc)
+        # A fresh tensor, not a view of the kernel's buffer, so callers may modify it in place.
+        o = _bhtd(o).to(acc)
+        return (o.clone() if o._base is not None else o), lse.to(acc)
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _block_bwd(do, q, k, v, o, lse, ctx.scale, ctx.causal, dlse)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
-
-
-def _bhtd(x: torch.Tensor) -> torch.Tensor:
-    return x.transpose(1, 2)
+        dq, dk, dv = _block_bwd(None if do is None else _bhtd(do), q, k, v, o, lse, ctx.scale,
+                                ctx.causal, dlse)
+        return (_bhtd(dq).to(q.dtype), _bhtd(dk).to(k.dtype), _bhtd(dv).to(v.dtype), None, None)
 
 
 def attn_block(q, k, v, *, causal: bool, scale: float | None = None):
@@ -228,13 +257,12 @@ def attn_block(q, k, v, *, causal: bool, scale: float | None = None):
         scale: score scale, default ``D ** -0.5``.
     Returns:
         o: (B, T, H, Dv) float32; lse: (B, H, T) float32 (float64 for float64 input),
-        natural log of the softmax
-        denominator of the scaled scores. Both are differentiable with respect to q, k
-        and v, so :func:`merge_attn` chains can be differentiated by autograd.
+        natural log of the softmax denominator of the scaled scores. Both are
+        differentiable with respect to q, k and v, so chains of :func:`merge_attn` can be
+        differentiated by autograd.
     """
     _check_qkv(q, k, v, causal)
-    o, lse = _AttnBlock.apply(_bhtd(q), _bhtd(k), _bhtd(v), check_scale(scale, q.shape[-1]), causal)
-    return _bhtd(o), lse
+    return _AttnBlock.apply(q, k, v, check_scale(scale, q.shape[-1]), causal)
 
 
 def merge_attn(o1, lse1, o2, lse2):
