@@ -210,6 +210,40 @@ def attn_case(sp, packed, causal, seed, T=24):
     return compare(sp, fn, [q, k, v], [True] * 3, w, [1, 2])
 
 
+def short_conv_case(sp, packed, seed, T=24, w=4):
+    gen = torch.Generator().manual_seed(seed)
+    B, C = (1, 6) if packed else (2, 6)
+    cu = _packed_offsets(sp) if packed else None
+    N = len(cu) - 1 if packed else B
+    x = torch.randn(B, T, C, generator=gen)
+    weight, bias = torch.randn(C, w, generator=gen), torch.randn(C, generator=gen)
+    init = torch.randn(N, C, w - 1, generator=gen)
+    end = _prefix_ends(sp, T)[sp.rank]
+
+    def fn(x, weight, bias, init, sp):
+        y, S = ops.short_conv(x, weight, bias, "silu", init, True, cu, sp=sp)
+        if sp is None and not packed:
+            # This rank's final state is the state after its last token: a prefix run
+            # (it depends on this rank's tokens only, so its gradient is local too).
+            S = ops.short_conv(x[:, :end], weight, bias, "silu", init, True)[1]
+        return y, S
+
+    wts = [torch.randn(B, T, C, generator=gen), torch.randn(N, C, w - 1, generator=gen)]
+    return compare(sp, fn, [x, weight, bias, init], [True, False, False, False], wts, [1, None],
+                   replicated=(1,) if packed else ())
+
+
+def long_conv_case(sp, seed, T=24, L=17):
+    gen = torch.Generator().manual_seed(seed)
+    B, C = 2, 8
+    x, kernel = torch.randn(B, T, C, generator=gen), torch.randn(C, L, generator=gen)
+
+    def fn(x, kernel, sp):
+        return (ops.long_conv(x, kernel, sp=sp),)
+
+    return compare(sp, fn, [x, kernel], [True, False], [torch.randn(B, T, C, generator=gen)], [1])
+
+
 # ---------------------------------------------------------------- workers
 
 def _cases(world):
@@ -227,6 +261,10 @@ def _cases(world):
                 name = f"attn/{strategy}/{layout}/{'packed' if packed else 'batch'}/causal={causal}"
                 out.append((name, dict(layout=layout, strategy=strategy),
                             lambda sp, p=packed, c=causal: attn_case(sp, p, c, seed=world)))
+        for packed in (False, True):
+            out.append((f"short_conv/{layout}/{'packed' if packed else 'batch'}", dict(layout=layout),
+                        lambda sp, p=packed: short_conv_case(sp, p, seed=world)))
+        out.append((f"long_conv/{layout}", dict(layout=layout), lambda sp: long_conv_case(sp, seed=world)))
     return out
 
 
