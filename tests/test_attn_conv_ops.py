@@ -205,25 +205,27 @@ def test_merge_of_two_key_blocks_is_full_attention(c, frac, eng):
 @pytest.mark.parametrize("eng", ENGINES)
 def test_block_backward_with_final_result(dtype, Dv, device, eng):
     """Ring backward without partial results: every block's gradient from the final
-    (o, lse) sums to the full causal attention gradient."""
+    (o, lse) sums to the full causal attention gradient (loss on both o and lse)."""
     gen = torch.Generator().manual_seed(11)
     B, T, H, Hkv, D, P = 2, 24, 4, 2, 16, 3
     q, k, v = (_randn(gen, B, T, h, d, dtype=dtype).to(device)
                for h, d in ((H, D), (Hkv, D), (Hkv, Dv)))
-    do = torch.randn(B, T, H, Dv, generator=gen, dtype=torch.float64).to(device)
+    do = torch.randn(B, T, H, Dv, generator=gen).to(dtype).double().to(device)
+    dlse = torch.randn(B, H, T, generator=gen, dtype=torch.float64).to(device)
     with engine(eng):
-        dq, dk, dv, o = _ring_backward(q, k, v, do, P)
+        dq, dk, dv, o = _ring_backward(q, k, v, do, dlse, P)
     xr = _leaves((q, k, v), torch.float64)
-    o_ref, _ = ops.softmax_attn_reference(*xr, causal=True)
-    g_ref = torch.autograd.grad((o_ref * do).sum(), xr)
+    o_ref, lse_ref = ops.softmax_attn_reference(*xr, causal=True)
+    g_ref = torch.autograd.grad((o_ref * do).sum() + (lse_ref * dlse).sum(), xr)
     errs = {n_: rel_err(a, b) for n_, a, b in zip(("dq", "dk", "dv"), (dq, dk, dv), g_ref)}
     errs["o"] = rel_err(o, o_ref)
     assert_within(errs, dtype, (dtype, Dv, device, eng))
 
 
-def _ring_backward(q, k, v, do, P):
+def _ring_backward(q, k, v, do, dlse, P):
     """Causal attention over P equal blocks: forward by softmax_attn, backward block by
-    block from the final (o, lse); returns float64 dq, dk, dv and o."""
+    block from the final (o, lse) and the gradients of both; returns float64 dq, dk, dv
+    and o."""
     B, T, H, D = q.shape
     Hkv, Dv, device = k.shape[2], v.shape[-1], q.device
     o, lse = ops.softmax_attn(q, k, v, causal=True)
@@ -236,8 +238,9 @@ def _ring_backward(q, k, v, do, P):
         dvj = torch.zeros(B, n, Hkv, Dv, dtype=torch.float64, device=device)
         for i in range(j, P):  # query blocks that see it
             r = slice(i * n, (i + 1) * n)
-            gq, gk, gv = attn_block_backward(do[:, r].float(), q[:, r], kj, vj, o[:, r], lse[:, :, r],
-                                             causal=i == j)
+            gq, gk, gv = attn_block_backward(do[:, r].float(), q[:, r], kj, vj, o[:, r],
+                                             lse[:, :, r], causal=i == j,
+                                             dlse=dlse[:, :, r].float())
             assert gq.dtype == torch.float32
             dq[:, r] += gq.double()
             dkj += gk.double()
@@ -315,6 +318,8 @@ def _conv_inputs(c):
 @example(c=_conv_case(T=3, B=3, w=5, initial=True, final=True, dtype=torch.bfloat16))
 @example(c=_conv_case(T=6, B=1, C=1, w=1, activation=None, initial=False, final=False,
                       dtype=torch.bfloat16, seed=2147483646))  # dbias: a sum with cancellation
+@example(c=_conv_case(T=37, B=1, C=1, w=1, bias=False, initial=False, final=False,
+                      dtype=torch.bfloat16, seed=18))  # dweight: needs float32 compute
 def test_short_conv_matches_reference(c, device):
     cu = _offsets(c["T"], c["cuts"]).to(device) if c["packed"] else None
     kw = dict(activation=c["activation"], output_final_state=c["final"], cu_seqlens=cu)

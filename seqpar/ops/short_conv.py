@@ -8,6 +8,10 @@ Every sequence (batch row, or packed document) is laid out as ``[state, x]`` alo
 all sequences are concatenated and one grouped ``F.conv1d`` without padding runs over
 the whole stream; the outputs whose window would straddle two sequences are dropped.
 That keeps packed documents apart without a Python loop of kernel launches.
+
+Half-precision inputs are computed in float32: the weight and bias gradients are sums
+over every token, and rounding each term to bfloat16 on the way (in the activation's and
+the convolution's backward) ruins them when the terms cancel.
 """
 from __future__ import annotations
 
@@ -21,6 +25,10 @@ ACTIVATIONS = (None, "silu")
 
 def _act(y: torch.Tensor, activation) -> torch.Tensor:
     return F.silu(y) if activation == "silu" else y
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def _check_params(C: int, device, weight, bias, activation) -> int:
@@ -57,7 +65,7 @@ def short_conv(x, weight, bias=None, activation="silu", initial_state=None,
 
     Args:
         x: (B, T, C) float16/bfloat16/float32/float64.
-        weight: (C, w), w >= 1; bias: (C,) or None; any float dtype (used in x's dtype).
+        weight: (C, w), w >= 1; bias: (C,) or None; any float dtype.
         activation: None or 'silu'.
         initial_state: (N, C, w - 1): the last w - 1 inputs before each sequence (N = B,
             or the number of documents when packed); None means zeros.
@@ -67,6 +75,7 @@ def short_conv(x, weight, bias=None, activation="silu", initial_state=None,
         sp: a ``seqpar.parallel.SequenceParallel``; each rank passes its own shard.
     Returns:
         y: (B, T, C) in x's dtype; final state (N, C, w - 1) in x's dtype, or None.
+        Computed in float32 (float64 for float64 x).
     """
     B, T, C, w = _check(x, weight, bias, activation, initial_state, output_final_state)
     if sp is not None:
@@ -76,29 +85,30 @@ def short_conv(x, weight, bias=None, activation="silu", initial_state=None,
     if offsets is None:
         offsets = list(range(0, B * T + 1, T))
     N = len(offsets) - 1
+    cd = _compute_dtype(x)
     if initial_state is not None:
         check_tensor("initial_state", initial_state, shape=(N, C, w - 1))
-        head = initial_state.to(x.dtype)
+        head = initial_state.to(cd)
     else:
-        head = x.new_zeros(N, C, w - 1)
+        head = x.new_zeros(N, C, w - 1, dtype=cd)
 
-    stream = x.reshape(B * T, C).t()  # (C, B*T): batch rows are sequences like documents
+    stream = x.reshape(B * T, C).t().to(cd)  # (C, B*T): batch rows are sequences like documents
     pieces = []
     for i, (a, b) in enumerate(zip(offsets, offsets[1:])):
         pieces += [head[i], stream[:, a:b]]
     ext = torch.cat(pieces, 1)  # (C, B*T + N (w-1)): sequence i starts at a_i + i (w-1)
-    bias_ = None if bias is None else bias.to(x.dtype)
-    y_ext = F.conv1d(ext[None], weight.to(x.dtype)[:, None, :], bias_, groups=C)[0]
+    bias_ = None if bias is None else bias.to(cd)
+    y_ext = F.conv1d(ext[None], weight.to(cd)[:, None, :], bias_, groups=C)[0]
 
     lengths = torch.tensor([b - a for a, b in zip(offsets, offsets[1:])], device=x.device)
     shift = torch.repeat_interleave(torch.arange(N, device=x.device) * (w - 1), lengths)
     y = y_ext[:, torch.arange(B * T, device=x.device) + shift]
-    y = _act(y, activation).t().reshape(B, T, C)
+    y = _act(y, activation).t().reshape(B, T, C).to(x.dtype)
     if not output_final_state:
         return y, None
     ends = torch.tensor(offsets[1:], device=x.device) + torch.arange(N, device=x.device) * (w - 1)
     final = ext[:, ends[:, None] + torch.arange(w - 1, device=x.device)]  # (C, N, w-1)
-    return y, final.transpose(0, 1)
+    return y, final.transpose(0, 1).to(x.dtype)
 
 
 def short_conv_step(x, weight, bias=None, activation="silu", state=None):
@@ -108,7 +118,8 @@ def short_conv_step(x, weight, bias=None, activation="silu", state=None):
         x: (B, C); weight (C, w); bias (C,) or None; state (B, C, w - 1) (the last w - 1
             inputs) or None for zeros.
     Returns:
-        y (B, C) in x's dtype and the new state (B, C, w - 1).
+        y (B, C) and the new state (B, C, w - 1), in x's dtype (computed as
+        :func:`short_conv` does).
     """
     check_tensor("x", x, ndim=2)
     B, C = x.shape
@@ -116,11 +127,12 @@ def short_conv_step(x, weight, bias=None, activation="silu", state=None):
     if state is None:
         state = x.new_zeros(B, C, w - 1)
     check_tensor("state", state, shape=(B, C, w - 1), device=x.device)
-    window = torch.cat([state.to(x.dtype), x[..., None]], -1)
-    y = (window * weight.to(x.dtype)).sum(-1)
+    cd = _compute_dtype(x)
+    window = torch.cat([state.to(cd), x[..., None].to(cd)], -1)
+    y = (window * weight.to(cd)).sum(-1)
     if bias is not None:
-        y = y + bias.to(x.dtype)
-    return _act(y, activation), window[..., 1:]
+        y = y + bias.to(cd)
+    return _act(y, activation).to(x.dtype), window[..., 1:].to(x.dtype)
 
 
 def short_conv_reference(x, weight, bias=None, activation="silu", initial_state=None,

@@ -126,12 +126,16 @@ def _fused_bwd(do, q, k, v, o, lse, scale: float, causal: bool, P: int):
 
 
 def _fused_lse_grad(dlse, q, k, lse, scale: float, causal: bool, P: int):
-    """Gradient of ``sum(dlse * lse)``: ``dq_i = scale dlse_i sum_j P_ij k_j`` is attention
-    with values k, and ``dk_j = scale sum_i P_ij dlse_i q_i`` is that attention's value
-    gradient for the output gradient ``dlse * q``."""
-    o_k, _ = _fused_fwd(q, k, k, scale, causal, P)
+    """This block's share of the gradient of ``sum(dlse * lse)``, with
+    ``P_ij = exp(s_ij - lse_i)`` (``lse`` may be the final lse of several blocks):
+    ``dq_i = scale dlse_i sum_j P_ij k_j`` is attention with values k (renormalized from
+    its own lse to ``lse``), and ``dk_j = scale sum_i P_ij dlse_i q_i`` is the value
+    gradient of that attention for the output gradient ``dlse * q``, which the kernel's
+    backward computes from ``lse`` alone."""
+    o_k, lse_k = _fused_fwd(q, k, k, scale, causal, P)
     _, _, dk = _fused_bwd(dlse[..., None] * q.to(dlse.dtype), q, k, k, o_k, lse, scale, causal, P)
-    return scale * dlse[..., None] * o_k.to(dlse.dtype), scale * dk.to(dlse.dtype)
+    w = dlse * (lse_k.to(dlse.dtype) - lse.to(dlse.dtype)).exp()
+    return scale * w[..., None] * o_k.to(dlse.dtype), scale * dk.to(dlse.dtype)
 
 
 def _expand_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -291,20 +295,21 @@ def merge_attn(o1, lse1, o2, lse2):
     return w1 * o1.to(acc) + w2 * o2.to(acc), lse
 
 
-def attn_block_backward(do, q, k, v, o, lse, *, causal: bool, scale: float | None = None):
+def attn_block_backward(do, q, k, v, o, lse, *, causal: bool, scale: float | None = None,
+                        dlse=None):
     """Gradient contribution of one key/value block, given the final merged result.
 
     With ``o`` and ``lse`` the output and log-sum-exp after merging every block, the
     softmax probabilities of this block are ``exp(scale q k^T - lse)``, so the usual
     attention backward restricted to this block gives exactly its share of the
     gradient: ``dq`` summed over blocks and each block's ``dk``, ``dv`` equal the
-    gradients of the full attention output. This is the ring-attention backward that
-    keeps only the final (o, lse), not every partial result. The lse itself is treated
-    as an output with no incoming gradient.
+    gradients of the full attention. This is the ring-attention backward that keeps
+    only the final (o, lse), not every partial result.
 
     Args:
         do: (B, T, H, Dv) gradient of the final output; o: (B, T, H, Dv) final output;
-        lse: (B, H, T) final log-sum-exp. q, k, v, causal, scale as in :func:`attn_block`.
+        lse: (B, H, T) final log-sum-exp; dlse: (B, H, T) gradient of the final lse, or
+        None. q, k, v, causal, scale as in :func:`attn_block`.
     Returns:
         dq (B, T, H, D), dk (B, S, Hkv, D), dv (B, S, Hkv, Dv), float32 (float64 for
         float64 input).
@@ -314,8 +319,10 @@ def attn_block_backward(do, q, k, v, o, lse, *, causal: bool, scale: float | Non
     check_tensor("o", o, shape=(B, T, H, Dv), device=q.device)
     check_tensor("lse", lse, shape=(B, H, T), device=q.device)
     acc = _acc_dtype(q)
+    if dlse is not None:
+        dlse = check_tensor("dlse", dlse, shape=(B, H, T), device=q.device).to(acc)
     dq, dk, dv = _block_bwd(_bhtd(do), _bhtd(q), _bhtd(k), _bhtd(v), _bhtd(o), lse.to(acc),
-                            check_scale(scale, D), causal)
+                            check_scale(scale, D), causal, dlse)
     return _bhtd(dq).to(acc), _bhtd(dk).to(acc), _bhtd(dv).to(acc)
 
 
