@@ -76,12 +76,15 @@ class ImplicitFilter(nn.Module):
             self.rates.copy_(torch.linspace(*self._decay, self.channels).abs())
 
     def forward(self, L: int) -> torch.Tensor:
+        """The kernel for lags ``0..L-1``: (C, L) float32, also under autocast (the
+        filter is tiny and its precision sets the whole convolution's)."""
         dev = self.rates.device
         t = torch.arange(L, device=dev, dtype=torch.float64) / self.time_scale
         f = torch.linspace(1e-4, self.bands - 1, self.bands, device=dev, dtype=torch.float64)
         ang = 2 * math.pi * f * t[:, None]
         z = torch.cat([t[:, None], ang.cos(), -ang.sin()], -1).float()
-        h = self.mlp(z).float()  # (L, C)
+        with torch.autocast(dev.type, enabled=False):
+            h = self.mlp(z)  # (L, C)
         window = torch.exp(-t.float()[:, None] * self.rates)
         return (h * window).t()
 
