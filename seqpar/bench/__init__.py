@@ -1,0 +1,1 @@
+"""Command-line benchmarks (top layer: may import every other seqpar layer)."""
