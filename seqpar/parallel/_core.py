@@ -9,6 +9,9 @@ import torch.distributed as dist
 
 from ..ops._validate import fail
 from ._geometry import LAYOUTS, Geometry
+from .attention import sp_softmax_attn
+from .conv import sp_long_conv, sp_short_conv
+from .linear import sp_linear
 
 LINEAR_STRATEGIES = ("scan", "allgather")
 ATTN_STRATEGIES = ("ring", "alltoall", "allgather")
@@ -172,63 +175,21 @@ class SequenceParallel:
     def linear(self, kind, q, k, v, g, beta, *, scale, initial_state, output_final_state,
                cu_seqlens, chunk_size, backend):
         """Linear-family hook of :mod:`seqpar.ops` (see :mod:`seqpar.parallel.linear`)."""
-        from .linear import sp_linear
-
         return sp_linear(self, kind, q, k, v, g, beta, scale=scale, initial_state=initial_state,
                          output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                          chunk_size=chunk_size, backend=backend)
 
     def softmax_attn(self, q, k, v, *, causal, scale, cu_seqlens):
         """Softmax-attention hook of :mod:`seqpar.ops` (see :mod:`seqpar.parallel.attention`)."""
-        from .attention import sp_softmax_attn
-
         return sp_softmax_attn(self, q, k, v, causal=causal, scale=scale, cu_seqlens=cu_seqlens)
 
     def short_conv(self, x, weight, bias, *, activation, initial_state, output_final_state,
                    cu_seqlens):
         """Short-convolution hook of :mod:`seqpar.ops` (see :mod:`seqpar.parallel.conv`)."""
-        from .conv import sp_short_conv
-
         return sp_short_conv(self, x, weight, bias, activation=activation,
                              initial_state=initial_state, output_final_state=output_final_state,
                              cu_seqlens=cu_seqlens)
 
     def long_conv(self, x, kernel):
         """Long-convolution hook of :mod:`seqpar.ops` (see :mod:`seqpar.parallel.conv`)."""
-        from .conv import sp_long_conv
-
         return sp_long_conv(self, x, kernel)
-
-
-class Anchor(torch.autograd.Function):
-    """``anchor(x, *deps)`` is ``x``, with ``deps`` attached to its graph (zero gradient).
-
-    A collective inside autograd must run its backward on every rank, or the ranks that
-    do call it wait forever for the others. A rank may not use what an exchange returned
-    (rank 0 needs no incoming state), so the exchange result is anchored to the outputs
-    that every rank does backpropagate through.
-    """
-
-    @staticmethod
-    def forward(ctx, x, *deps):
-        ctx.deps = [(d.shape, d.dtype, d.device) for d in deps]
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return (grad, *[torch.zeros(s, dtype=t, device=d) for s, t, d in ctx.deps])
-
-
-def dtype_code(x) -> int:
-    """A small int naming a tensor's dtype (or -1 for None), for :meth:`_check_same`."""
-    if x is None:
-        return -1
-    return [torch.float16, torch.bfloat16, torch.float32, torch.float64,
-            torch.int32, torch.int64].index(x.dtype)
-
-
-def offsets_digest(offsets) -> list[int]:
-    """Two ints that differ when two cu_seqlens lists differ (almost surely)."""
-    if offsets is None:
-        return [-1, -1]
-    return [len(offsets), sum((i + 1) * o for i, o in enumerate(offsets)) % (1 << 61)]

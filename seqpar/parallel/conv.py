@@ -14,8 +14,8 @@ import torch
 from ..ops._validate import check_cu_seqlens, check_tensor, fail
 from ..ops.long_conv import long_conv as local_long_conv
 from ..ops.short_conv import short_conv as local_short_conv
-from ._core import dtype_code, offsets_digest
 from ._geometry import Geometry, chunk_pieces
+from ._util import dtype_code, offsets_digest
 from ._reshard import channels_to_seq, seq_to_channels
 
 

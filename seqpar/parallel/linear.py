@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import torch
 
-from ..ops._validate import check_cu_seqlens, check_state, fail
+from ..ops._validate import check_cu_seqlens, check_state
 from ..ops.linear._run import run_delta, run_diag
-from ._core import Anchor, dtype_code, offsets_digest
 from ._geometry import Geometry, chunk_pieces
+from ._util import Anchor, dtype_code, offsets_digest
 
 
 # ---- the affine maps (M of shape (..., K, 1 or K) or (..., 1, 1); S of shape (..., K, V)) ----
@@ -168,36 +168,28 @@ class _StateExchange(torch.autograd.Function):
 
 # ---- per-chunk work ----
 
-def _transition(kind, q, k, g, beta, *, scale, chunk_size, backend):
-    """``M`` of a stretch of tokens of one sequence: (B, H, K or 1, 1) or (B, H, K, K)."""
+def _head_operator(kind, q, k, g, beta, *, scale, chunk_size, backend):
+    """How the state entering a stretch of one sequence reaches its outputs and its end.
+
+    Returns ``R`` (B, T, H, K) float32 and ``M`` such that the stretch's outputs gain
+    ``R_t S_in`` and its final state gains ``M S_in`` (``M``: (B, H, K or 1, 1) diagonal
+    or (B, H, K, K)). Diag: ``R_t = scale q_t exp(G_t)``, ``M = exp(G_T)`` in closed form.
+    Delta: one engine run with ``v = 0`` of width K from the identity state: by linearity
+    its outputs are ``R`` and its final state is ``M`` (one extra pass of width K, after
+    which applying any incoming state is a matmul).
+    """
     B, T, H, K = k.shape
-    if kind == "diag":
-        if g is None:
-            return k.new_ones(B, H, 1, 1, dtype=torch.float32)
-        G = g.sum(1)  # (B, H) or (B, H, K)
-        return (G[..., None, None] if g.dim() == 3 else G[..., None]).exp()
-    eye = torch.eye(K, device=k.device).expand(B, H, K, K).contiguous()
-    _, M = run_delta(q, k, k.new_zeros(B, T, H, K), g, beta, scale=scale, initial_state=eye,
-                     output_final_state=True, offsets=None, chunk_size=chunk_size, backend=backend)
-    return M
-
-
-def _state_part(kind, q, k, v, g, beta, S_in, *, scale, chunk_size, backend):
-    """Outputs (B, T, H, V) float32 and final state of a stretch of one sequence that the
-    incoming state ``S_in`` (B, H, K, V) contributes, with zero inputs."""
     if kind == "delta":
-        o, S = run_delta(q, k, torch.zeros_like(v), g, beta, scale=scale, initial_state=S_in,
+        eye = torch.eye(K, device=k.device).expand(B, H, K, K).contiguous()
+        R, M = run_delta(q, k, k.new_zeros(B, T, H, K), g, beta, scale=scale, initial_state=eye,
                          output_final_state=True, offsets=None, chunk_size=chunk_size,
                          backend=backend)
-        return o.float(), S
+        return R.float(), M
     if g is None:
-        qd, last = q.float(), 1.0
-    else:
-        G = g.cumsum(1)
-        G = G[..., None] if g.dim() == 3 else G  # (B, T, H, 1 or K)
-        qd = q.float() * G.exp()
-        last = G[:, -1, :, :, None].exp()  # (B, H, 1 or K, 1)
-    return scale * torch.einsum("bthk,bhkv->bthv", qd, S_in), last * S_in
+        return scale * q.float(), q.new_ones(B, H, 1, 1, dtype=torch.float32)
+    G = g.cumsum(1)
+    G = G[..., None] if g.dim() == 3 else G  # (B, T, H, 1 or K)
+    return scale * q.float() * G.exp(), G[:, -1, :, :, None].exp()
 
 
 def sp_linear(sp, kind, q, k, v, g, beta, *, scale, initial_state, output_final_state,
@@ -257,14 +249,17 @@ def sp_linear(sp, kind, q, k, v, g, beta, *, scale, initial_state, output_final_
                 init = torch.stack([torch.zeros_like(initial_state[0]) if p.head else initial_state[p.doc]
                                     for p in pieces])
             o, fin = run(*args, initial_state=init, output_final_state=True, offsets=local, **common)
-        whole = pieces[0].head and len(pieces) == 1
-        if whole:
-            M = _transition(kind, *(xs[j] for j in (0, 1, 3, 4)), **common)
-        elif kind == "diag":
-            M = torch.zeros(B, H, K if g_dims == 4 else 1, 1, device=q.device)
-        else:
-            M = torch.zeros(B, H, K, K, device=q.device)
-        plans.append((pieces, fin))
+        head = None
+        if pieces[0].head:
+            p = pieces[0]
+            hx = [sl(x, p.local, p.local + p.end - p.start) for x in (q, k, g, beta)]
+            head = _head_operator(kind, *hx, **common)
+        if head is not None and len(pieces) == 1:
+            M = head[1]
+        else:  # a sequence starts inside the chunk: the chain resets
+            M = torch.zeros(B, H, K if kind == "delta" or g_dims == 4 else 1,
+                            K if kind == "delta" else 1, device=q.device)
+        plans.append((pieces, fin, head))
         o_loc.append(o)
         Ms.append(M)
         Cs.append(fin[-1:] if offsets is not None else fin)
@@ -272,16 +267,15 @@ def sp_linear(sp, kind, q, k, v, g, beta, *, scale, initial_state, output_final_
     S_in = _StateExchange.apply(sp, geo, kind, torch.stack(Ms), torch.stack(Cs))
 
     outs, finals = [], {}
-    for i, ((pieces, fin), o) in enumerate(zip(plans, o_loc)):
-        p = pieces[0]
-        if not p.head:
+    for i, ((pieces, fin, head), o) in enumerate(zip(plans, o_loc)):
+        if head is None:
             outs.append(o)
             continue
-        a = geo.local_span(i)[0]
-        h = p.local + (p.end - p.start)
-        xs = [sl(x, p.local, h) for x in (q, k, v, g, beta)]
-        o_dep, S_dep = _state_part(kind, *xs, S_in[i], **common)
-        outs.append(torch.cat([(o[:, :h - a].float() + o_dep).to(o.dtype), o[:, h - a:]], 1))
+        R, M_head = head
+        h = pieces[0].end - pieces[0].start
+        o_dep = torch.einsum("bthk,bhkv->bthv", R, S_in[i])
+        outs.append(torch.cat([(o[:, :h].float() + o_dep).to(o.dtype), o[:, h:]], 1))
+        S_dep = _apply(kind, M_head, S_in[i])
         # The head sequence's state at the end of its piece: its own part plus S_in's.
         finals[i] = (fin if offsets is None else fin[:1]) + S_dep
     o = Anchor.apply(torch.cat(outs, 1), S_in)
@@ -298,7 +292,7 @@ def _final_states(geo, plans, head_finals, offsets, N, hkv, device):
         last = len(plans) - 1
         return head_finals.get(last, plans[last][1])
     rows = {}
-    for i, (pieces, fin) in enumerate(plans):
+    for i, (pieces, fin, _) in enumerate(plans):
         for j, p in enumerate(pieces):
             if p.ends:
                 rows[p.doc] = head_finals[i][0] if (j == 0 and p.head) else fin[j]

@@ -1,0 +1,38 @@
+"""Small pieces shared by the SP ops."""
+from __future__ import annotations
+
+import torch
+
+
+class Anchor(torch.autograd.Function):
+    """``anchor(x, *deps)`` is ``x``, with ``deps`` attached to its graph (zero gradient).
+
+    A collective inside autograd must run its backward on every rank, or the ranks that
+    do call it wait forever for the others. A rank may not use what an exchange returned
+    (rank 0 needs no incoming state), so the exchange result is anchored to the outputs
+    that every rank does backpropagate through.
+    """
+
+    @staticmethod
+    def forward(ctx, x, *deps):
+        ctx.deps = [(d.shape, d.dtype, d.device) for d in deps]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad, *[torch.zeros(s, dtype=t, device=d) for s, t, d in ctx.deps])
+
+
+def dtype_code(x) -> int:
+    """A small int naming a tensor's dtype (or -1 for None), for :meth:`_check_same`."""
+    if x is None:
+        return -1
+    return [torch.float16, torch.bfloat16, torch.float32, torch.float64,
+            torch.int32, torch.int64].index(x.dtype)
+
+
+def offsets_digest(offsets) -> list[int]:
+    """Two ints that differ when two cu_seqlens lists differ (almost surely)."""
+    if offsets is None:
+        return [-1, -1]
+    return [len(offsets), sum((i + 1) * o for i, o in enumerate(offsets)) % (1 << 61)]
