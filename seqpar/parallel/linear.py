@@ -278,11 +278,14 @@ def sp_linear(sp, kind, q, k, v, g, beta, *, scale, initial_state, output_final_
         S_dep = _apply(kind, M_head, S_in[i])
         # The head sequence's state at the end of its piece: its own part plus S_in's.
         finals[i] = (fin if offsets is None else fin[:1]) + S_dep
-    o = Anchor.apply(torch.cat(outs, 1), S_in)
+    # Anchor before cat / clone: outputs of a custom Function that are views of its
+    # input could not be modified in place by the caller.
+    outs[0] = Anchor.apply(outs[0], S_in)
+    o = torch.cat(outs, 1)
     if not output_final_state:
         return o, None
     S = _final_states(geo, plans, finals, offsets, N, (H, K, V), q.device)
-    return o, Anchor.apply(S, S_in)
+    return o, Anchor.apply(S, S_in).clone()
 
 
 def _final_states(geo, plans, head_finals, offsets, N, hkv, device):
