@@ -2,10 +2,11 @@
 
 softmax_attn: explicit masked softmax (``softmax_attn_reference``); outputs, lse and the
 gradients of q, k, v under a loss on both o and lse, over hypothesis-drawn shapes with
-T = 1, GQA / MQA, value head dims equal to (fused flash kernel) and different from
-(float32 math engine) the query head dim, causal and not, packed documents. The SP
-building blocks: two key blocks merged by ``merge_attn`` (differentiated by autograd)
-and ``attn_block_backward`` with the final (o, lse) equal full attention.
+T = 1, GQA / MQA, value head dims equal to and different from the query head dim,
+causal and not, cross-attention lengths, packed documents; on both engines (flash
+kernel, float32 math). The SP building blocks: two key blocks merged by ``merge_attn``
+(differentiated by autograd) and ``attn_block_backward`` from the final (o, lse) equal
+full attention.
 short_conv: a direct sum over the taps; outputs, final states, the gradients of x,
 weight, bias and initial_state; packed documents; step-by-step streaming.
 long_conv: the direct sum over lags up to T = 4096; outputs and gradients of x, kernel.
