@@ -69,11 +69,12 @@ def _grads(model) -> dict[str, torch.Tensor]:
 
 
 def step_errors(data: Path, out: Path, env: DistEnv, pattern: str, packing: bool,
-                batch_size: int = 2) -> dict[str, float]:
-    """Relative errors of loss and every gradient of one step under ``env`` against one
-    process on the whole global batch (rank 0 computes the reference)."""
+                batch_size: int = 2, ac: bool = False) -> dict[str, float]:
+    """Relative errors of loss and every gradient of one step under ``env`` (with
+    activation checkpointing if ``ac``) against one process on the whole global batch
+    (rank 0 computes the reference)."""
     plan = prepare(small_cfg(data, out, pattern, packing=packing, batch_size=batch_size,
-                             sp=env.sp, seq_len=32 if packing else 64))
+                             sp=env.sp, seq_len=32 if packing else 64, activation_checkpointing=ac))
     cfg = plan.cfg
     trainer = Trainer(cfg, plan.model_cfg, env)
     train, _ = build_loaders(cfg, plan.tokenizer, env)
@@ -82,7 +83,8 @@ def step_errors(data: Path, out: Path, env: DistEnv, pattern: str, packing: bool
     if env.rank != 0:
         return {}
     single = DistEnv(device=torch.device("cpu"))
-    ref_cfg = TrainConfig(**{**cfg.__dict__, "batch_size": batch_size * env.dp, "sp": 1})
+    ref_cfg = TrainConfig(**{**cfg.__dict__, "batch_size": batch_size * env.dp, "sp": 1,
+                             "activation_checkpointing": False})
     ref = Trainer(ref_cfg, plan.model_cfg, single)
     ref_train, _ = build_loaders(ref_cfg, plan.tokenizer, single)
     batch = ref_train.batch(1)
@@ -132,7 +134,7 @@ def _worker(rank, world, store_dir):
     data = write_corpus(root / "corpus.jsonl")
     cases = {
         "sp2/packed": lambda: step_errors(data, root / "a", mesh_env(2), PACKED_MIXERS, True),
-        "sp2/rows": lambda: step_errors(data, root / "b", mesh_env(2), ALL_MIXERS, False),
+        "sp2/rows/ac": lambda: step_errors(data, root / "b", mesh_env(2), ALL_MIXERS, False, ac=True),
         "dp2/packed": lambda: step_errors(data, root / "c", mesh_env(1), PACKED_MIXERS, True),
         "resume/sp2": lambda: resume_losses(data, root / "r", mesh_env(2)),
     }
@@ -169,11 +171,12 @@ def _result(name):
 # ---------------------------------------------------------------- distributed training
 
 @pytest.mark.dist
-@pytest.mark.parametrize("case", ["sp2/packed", "sp2/rows", "dp2/packed"])
+@pytest.mark.parametrize("case", ["sp2/packed", "sp2/rows/ac", "dp2/packed"])
 def test_step_matches_single_process(case):
     """Loss and every gradient of one FSDP2 step with sp = 2 (packed documents: every
-    mixer but Hyena; plain rows: every mixer) or dp = 2 equal one process on the global
-    batch: the loss is the global token mean, gradients are summed over ranks."""
+    mixer but Hyena; plain rows: every mixer, with activation checkpointing) or dp = 2
+    equal one process on the global batch: the loss is the global token mean, gradients
+    are summed over ranks."""
     errs = _result(case)
     names = {k.split(".")[2] for k in errs if k.startswith("blocks.") and k.count(".") > 2}
     assert "mixer" in names
@@ -336,6 +339,32 @@ def test_documents_split_and_tokens(tmp_path):
     assert s.tolist() == [104, 195, 169, 256, 120, 256] and tok.decode(s) == "héx"
 
 
+def test_tokenizer_file(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers", reason="optional extra: pip install seqpar[tokenizers]")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    def make(specials):
+        tok = tokenizers.Tokenizer(models.BPE(unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.train_from_iterator(["def f(x): return x"] * 20, trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["[UNK]", *specials]))
+        path = tmp_path / f"tok{len(specials)}.json"
+        tok.save(str(path))
+        return path
+
+    data = write_corpus(tmp_path / "corpus.jsonl")
+    plan = prepare(TrainConfig(data=str(data), tokenizer=str(make(["<|endoftext|>"])),
+                               out=str(tmp_path / "run")))
+    tok = plan.tokenizer
+    assert tok.eos_id == 1 and plan.model_cfg.vocab_size % 64 == 0
+    assert plan.model_cfg.vocab_size >= tok.vocab_size
+    s = token_stream(["def f(x)", "return x"], tok)
+    assert (s == tok.eos_id).sum() == 2 and tok.decode(s[:int(np.argmax(s == tok.eos_id))]) == "def f(x)"
+    with pytest.raises(ValueError, match="end-of-text token"):
+        prepare(TrainConfig(tokenizer=str(make([])), out=str(tmp_path / "run2")))
+
+
 def test_default_corpus_is_the_standard_library():
     files = stdlib_files()
     assert len(files) > 100 and all(f.suffix == ".py" for f in files)
@@ -352,9 +381,11 @@ def test_lr_schedule():
 
 # ---------------------------------------------------------------- the seqpar command
 
-def test_cli(capsys):
+def test_cli(capsys, monkeypatch):
+    monkeypatch.setitem(cli.BENCHMARKS, "sp", "seqpar.bench.not_written_yet")
     assert cli.main(["bench", "sp"]) == 2
     assert "not available yet" in capsys.readouterr().err
+    assert cli.main(["bench", "nothing"]) == 2
     assert cli.main(["frobnicate"]) == 2
     assert "expected a command" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:

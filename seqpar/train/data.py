@@ -17,6 +17,7 @@ global ``cu_seqlens``.
 from __future__ import annotations
 
 import json
+import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,8 +89,10 @@ def stdlib_files() -> list[Path]:
     """The standard library's own ``*.py`` files in sorted order, without third-party
     ``site-packages`` / ``dist-packages`` trees that live under the same directory."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = [p for p in root.rglob("*.py")
-             if not {"site-packages", "dist-packages"} & set(p.relative_to(root).parts)]
+    files = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in ("site-packages", "dist-packages", "__pycache__")]
+        files += [Path(folder) / n for n in names if n.endswith(".py")]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 

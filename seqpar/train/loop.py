@@ -278,13 +278,14 @@ def _train(plan: Plan, env: DistEnv, t0: float) -> RunResult:
             done = step + 1
             steps.append(done)
             losses.append(loss)
-            is_log = done % cfg.log_every == 0 or done == stop
+            is_log = done % cfg.log_every == 0 or done in (start + 1, stop)
             if is_log:
                 now = time.perf_counter()
                 tok_s = tokens_per_step * (done - mark_step) / (now - mark_t)
+                interval = torch.stack(losses[mark_step - start:]).mean().item()
                 mark_t, mark_step = now, done
                 mfu = None if peak is None else trainer.flops_per_token * tok_s / (peak * env.world)
-                rec = {"step": done, "loss": loss.item(), "lr": trainer.scheduler.get_last_lr()[0],
+                rec = {"step": done, "loss": interval, "lr": trainer.scheduler.get_last_lr()[0],
                        "grad_norm": grad_norm.item(), "tokens": done * tokens_per_step,
                        "tokens_per_s": tok_s, "mfu": mfu, "memory_gb": memory_gb(env.device)}
                 reporter.log(rec)

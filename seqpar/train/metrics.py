@@ -61,8 +61,10 @@ class Reporter:
     """Rank 0's sink for metrics; every method is a no-op on other ranks.
 
     ``metrics.jsonl`` holds one JSON object per record: ``{"step", "loss", "lr",
-    "grad_norm", "tokens_per_s", "mfu", "memory_gb", ...}`` for training and
-    ``{"step", "eval_loss"}`` for evaluation. Resuming at step ``s`` keeps the records up
+    "grad_norm", "tokens", "tokens_per_s", "mfu", "memory_gb"}`` for training (``loss``
+    is the mean over the steps since the previous record; ``grad_norm`` and ``lr`` are
+    the record's step's; ``mfu`` is None where the peak is unknown) and ``{"step",
+    "eval_loss"}`` for evaluation. Resuming at step ``s`` keeps the records up
     to ``s`` and appends.
     """
 
@@ -107,7 +109,7 @@ class Reporter:
 
     def print(self, text: str) -> None:
         if self.active:
-            self.console.print(text, highlight=False)
+            self.console.print(text, highlight=False, soft_wrap=True)
 
     def advance(self, step: int, info: str, line: bool) -> None:
         """Move the bar to ``step`` with ``info``; without a bar, print ``info`` when
