@@ -90,9 +90,10 @@ def _leaves(xs, state, dtype=None, device=DEVICE):
     return xs, (tuple(leaf(s) for s in state) if isinstance(state, tuple) else leaf(state))
 
 
-def errors(op, B, T, H, K, V, cuts, strong, initial, dtype, seed):
-    """Relative errors of backend='triton' against the float64 reference: o, final
-    state(s), and the gradient of every input under a random linear loss."""
+def errors(op, B, T, H, K, V, cuts, strong, initial, dtype, seed, ref_device="cpu"):
+    """Relative errors of backend='triton' against the float64 reference (run on
+    ``ref_device``): o, final state(s), and the gradient of every input under a random
+    linear loss. bench/device/check_triton.py calls this at full sizes on the GPU."""
     N = len(cuts) + 1 if cuts else B
     xs, state = _inputs(op, B, T, H, K, V, N, strong, initial, dtype, seed)
     cu = None if not cuts else torch.tensor((0, *cuts, T), dtype=torch.int32)
@@ -100,8 +101,9 @@ def errors(op, B, T, H, K, V, cuts, strong, initial, dtype, seed):
     xk, sk = _leaves(xs, state)
     o, S = fn(*xk, initial_state=sk, output_final_state=True,
               cu_seqlens=None if cu is None else cu.to(DEVICE), backend="triton")
-    xr, sr = _leaves(xs, state, torch.float64, "cpu")
-    o_ref, S_ref = ref(*xr, initial_state=sr, output_final_state=True, cu_seqlens=cu)
+    xr, sr = _leaves(xs, state, torch.float64, ref_device)
+    o_ref, S_ref = ref(*xr, initial_state=sr, output_final_state=True,
+                       cu_seqlens=None if cu is None else cu.to(ref_device))
     assert o.dtype == dtype and o.shape == o_ref.shape
 
     gen = torch.Generator().manual_seed(seed + 1)
@@ -115,11 +117,11 @@ def errors(op, B, T, H, K, V, cuts, strong, initial, dtype, seed):
         return torch.autograd.grad(loss, leaves)
 
     names = ["q", "k", "v", *OPS[op]] + [f"state[{i}]" for i in range(len(_flat(state)))]
-    errs = {"o": rel_err(o.cpu(), o_ref)}
+    errs = {"o": rel_err(o.cpu(), o_ref.cpu())}
     for i, (a, b) in enumerate(zip(_flat(S), _flat(S_ref))):
-        errs[f"S[{i}]"] = rel_err(a.cpu(), b)
+        errs[f"S[{i}]"] = rel_err(a.cpu(), b.cpu())
     for n, a, b in zip(names, grads(o, S, xk + _flat(sk)), grads(o_ref, S_ref, xr + _flat(sr))):
-        errs["d" + n] = rel_err(a.cpu(), b)
+        errs["d" + n] = rel_err(a.cpu(), b.cpu())
     return errs
 
 

@@ -49,10 +49,13 @@ def chunk_plan(offsets: list[int], device: torch.device) -> ChunkPlan:
                      len(offsets) - 1, len(index))
 
 
-def block(d: int, cap: int = 64) -> int:
-    """Power-of-two block covering ``d`` (masked), at least 16 (tl.dot's minimum), at
-    most ``cap``."""
-    return max(16, min(cap, triton.next_power_of_2(d)))
+# Tile sizes: one fixed set, the one run and checked on H100 with triton 3.6 (K, V of 64
+# to 129, masked). Smaller dims are masked inside these tiles rather than given smaller
+# tiles: a (64, 16) output tile gave wrong results there (tests/test_triton.py on the GPU
+# at V = 16).
+BK = 64  # key tile
+BV = 64  # value tile of the chunk kernels
+BV_STATE = 32  # value tile of the sequential state pass: twice the programs in flight
 
 
 def dot_precision(dtype: torch.dtype) -> str:

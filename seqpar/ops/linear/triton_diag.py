@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import BT, as_packed, block, chunk_plan, dot_precision, mma, packed_offsets
+from .triton_common import (BK, BT, BV, BV_STATE, as_packed, chunk_plan, dot_precision, mma,
+                            packed_offsets)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 NUM_WARPS = 4
@@ -281,7 +282,7 @@ def _cumsum(g, plan, H):
 
 def _state_pass(x, y, gc, s0, plan, scale, reverse, store_out, K, V):
     H = x.shape[2]
-    BK, BV = block(K), block(V, 32)
+    BV = BV_STATE
     h = x.new_empty(plan.n_chunks, H, K, V, dtype=_state_dtype(x))
     s_out = x.new_empty(plan.n_docs, H, K, V, dtype=torch.float32) if store_out else None
     grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), plan.n_docs * H)
@@ -294,7 +295,6 @@ def _state_pass(x, y, gc, s0, plan, scale, reverse, store_out, K, V):
 
 def _pair(a, b, y, h, gc, plan, scale, backward, K, V):
     H = a.shape[2]
-    BK, BV = block(K), block(V)
     out = torch.empty_like(y)
     grid = (triton.cdiv(V, BV), plan.n_chunks, H)
     _pair_kernel[grid](a, b, y, h, gc, out, plan.offsets, plan.chunk_index, scale,
@@ -325,7 +325,6 @@ def diag_backward(q, k, v, g, h0, do, dht, scale: float, offsets: list[int]):
     h, _ = _state_pass(k, v, gc, h0, plan, scale, False, False, K, V)
     dh, dh0 = _state_pass(q, do, gc, dht, plan, scale, True, h0 is not None, K, V)
     dv = _pair(k, q, do, dh, gc, plan, scale, True, K, V)
-    BK, BV = block(K), block(V)
     NK = triton.cdiv(K, BK)
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     r_part = b_part = dg = None
