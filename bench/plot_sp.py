@@ -178,6 +178,10 @@ def plot_model(sps: list[dict], path: Path, beta: float) -> dict:
 
 # ---- summary ----
 
+def _tok(T: int) -> str:
+    return f"{T // 1024}K" if T >= 1024 and T % 1024 == 0 else str(T)
+
+
 def _fmt(x, spec=".3f"):
     return "-" if x is None else format(x, spec)
 
@@ -215,6 +219,16 @@ def summary(sp, train, longest) -> str:
                     and r["layout"] == "contiguous" and "weak_overhead" in r]
             if best:
                 verdicts.append(f"{m} {100 * min(best):+.1f}% {'PASS' if min(best) <= 0.05 else 'FAIL'}")
+        checked = [r for r in sp["results"] if "expected_bytes_per_rank" in r and "bytes_by_op" in r]
+        if checked:
+            same = sum(1 for r in checked if r["expected_bytes_per_rank"] == [
+                sum(v for k, v in d.items() if k.startswith("linear")) for d in r["bytes_by_op"]])
+            lines += [f"Linear-family bytes per rank equal to the closed form in {same} of "
+                      f"{len(checked)} rows.", ""]
+        errs = [r["max_rel_err"] for r in sp["results"] if "max_rel_err" in r]
+        if errs:
+            lines += [f"Largest relative L2 error of an SP result against the single-device op: "
+                      f"{max(errs):.1e} ({len(errs)} rows).", ""]
         if verdicts:
             lines += ["Weak-scaling overhead, best of scan/allgather (contiguous), target <= 5%: "
                       + "; ".join(verdicts), ""]
@@ -240,7 +254,7 @@ def summary(sp, train, longest) -> str:
         for key in sorted(longest):
             r = longest[key]
             got[r["nproc"]] = r["longest_ok"]
-            tries = ", ".join(f"{a['T'] // 1024}K {a['status']}" for a in r["attempts"] if a["rank"] == 0
+            tries = ", ".join(f"{_tok(a['T'])} {a['status']}" for a in r["attempts"] if a["rank"] == 0
                               or a["status"] != "ok")
             lines.append(f"| {r['nproc']} | {r['longest_ok']} | {r['smallest_failed']} | "
                          f"{r['time_bounded']} | {tries} |")
@@ -269,7 +283,8 @@ def main(argv=None) -> int:
             sps = sps or [sp]
     if sps:
         plot_model(sps, args.model_png or (args.dir or Path(".")) / "sp_model.png", args.beta)
-    text = summary(sp, train, longest)
+    text = summary(sp, train, longest) if args.dir is not None else "\n".join(
+        summary(x, None, None) for x in sps)
     if args.summary is not None:
         args.summary.write_text(text)
     print(text)

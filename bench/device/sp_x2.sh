@@ -44,6 +44,7 @@ export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:Tr
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 
 if [ "$DRY" = 1 ]; then
+    export OMP_NUM_THREADS=1  # several ranks share a few cores
     SP_ARGS=(--device cpu --small)
     TRAIN_ARGS=(--preset tiny --seq-len 512 --warmup 1 --steps 2)
     SEARCH_ARGS=(--preset tiny --first 256 --last 4096 --granularity 256 --warm 256 --oom-above 1800)

@@ -93,6 +93,15 @@ def _capacity_gb(env) -> float | None:
     return torch.cuda.get_device_properties(env.device).total_memory / 1e9
 
 
+def _is_oom(e: BaseException) -> bool:
+    """Out of device memory, whichever layer noticed: PyTorch's allocator, cuBLAS or NCCL."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(
+        s in text for s in ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "OUT_OF_MEMORY"))
+
+
 def _timed_step(trainer, env, T: int, step: int, oom_above: int | None) -> float:
     """One optimizer step at T tokens; returns seconds."""
     batch = _batch(T, trainer.model.config.vocab_size, env.device, step)
@@ -254,7 +263,9 @@ def worker(args) -> int:
         failed = None
         try:
             seconds = _timed_step(trainer, env, T, step, args.oom_above)
-        except torch.OutOfMemoryError as e:
+        except RuntimeError as e:  # torch.OutOfMemoryError is one
+            if not _is_oom(e):
+                raise
             failed = f"{type(e).__name__}: {str(e)[:300]}"
         step += 1
         if failed is not None:
@@ -393,8 +404,10 @@ def throughput(args) -> dict:
         row.update({"step_s": step_s, "step_s_all": times, "tokens_per_s": tok_s,
                     "mfu": None if peak is None else trainer.flops_per_token * tok_s / (peak * env.world),
                     "peak_flops_per_gpu": peak, **_peak_gb(env)})
-    except torch.OutOfMemoryError as e:
-        row["error"] = f"OutOfMemoryError: {str(e)[:300]}"
+    except RuntimeError as e:
+        if not _is_oom(e):
+            raise
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         if env.world > 1:
             print(row["error"], flush=True)
             os._exit(3)
