@@ -102,13 +102,16 @@ def _chain(sp, geo: Geometry, step, like: torch.Tensor, reverse: bool, op: str) 
     return x_in
 
 
-def _gather_chunks(sp, geo: Geometry, x: torch.Tensor, op: str) -> list:
-    """All-gather a per-local-chunk stack ``x (n_local, ...)``: the global list by chunk."""
-    per_rank = sp._all_gather(x, op)
-    out = [None] * geo.n_chunks
-    for r, xs in enumerate(per_rank):
+def _gather_chunks(sp, geo: Geometry, xs: list, op: str) -> list:
+    """One all-gather of per-local-chunk stacks ``xs[j] (n_local, ...)`` (float32, flattened
+    into one buffer); returns, for each j, the global list by chunk."""
+    flat = torch.cat([x.reshape(x.shape[0], -1) for x in xs], 1)
+    sizes = [x[0].numel() for x in xs]
+    out = [[None] * geo.n_chunks for _ in xs]
+    for r, buf in enumerate(sp._all_gather(flat, op)):
         for i, c in enumerate(geo.chunks_of(r)):
-            out[c] = xs[i]
+            for j, part in enumerate(buf[i].split(sizes)):
+                out[j][c] = part.view(xs[j].shape[1:])
     return out
 
 
@@ -141,8 +144,7 @@ class _StateExchange(torch.autograd.Function):
                           C[0], reverse=False, op="linear")
             M_all = None
         else:
-            M_all = _gather_chunks(sp, geo, M, "linear")
-            C_all = _gather_chunks(sp, geo, C, "linear")
+            M_all, C_all = _gather_chunks(sp, geo, [M, C], "linear")
             S_all = _fold(kind, M_all, C_all, max(geo.chunks), reverse=False)
             S_in = [S_all[c] for c in geo.chunks]
         S_in = torch.stack(S_in)
@@ -159,7 +161,7 @@ class _StateExchange(torch.autograd.Function):
             lam = _chain(sp, geo, lambda i, x, s: _apply(kind, M[i], x, transpose=True) + dS_in[i][..., s],
                          dS_in[0], reverse=True, op="linear.backward")
         else:
-            d_all = _gather_chunks(sp, geo, dS_in, "linear.backward")
+            d_all, = _gather_chunks(sp, geo, [dS_in], "linear.backward")
             lam_all = _fold(kind, ctx.M_all, d_all, min(geo.chunks), reverse=True)
             lam = [lam_all[c] for c in geo.chunks]
         lam = torch.stack(lam)  # lam[i] = adjoint of the state leaving local chunk i
