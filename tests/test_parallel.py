@@ -338,6 +338,10 @@ def errors_case(sp_world):
             lambda: ops.linear_attn(*[torch.randn(1, 4, 2, 4)] * 3, sp=con,
                                     cu_seqlens=torch.tensor([0, 1 + (r % 2), 4 * P], dtype=torch.int32)),
             "same shard shapes"),
+        "bad argument on one rank only": _raises(
+            lambda: ops.linear_attn(*[torch.randn(1, 4, 2, 4)] * 3, sp=con,
+                                    initial_state=torch.randn(1, 2, 4, 4 + (r == 0))),
+            *(["initial_state"] if r == 0 else ["ValueError on rank(s) [0]"])),
         "strategy unknown": _raises(lambda: SequenceParallel(strategy="tree"), "strategy", "'scan'"),
         "strategy conflict": _raises(lambda: SequenceParallel(strategy="ring", attn_strategy="alltoall"),
                                      "attn_strategy"),

@@ -150,22 +150,38 @@ class SequenceParallel:
         return out
 
     # ---- checks ----
-    def _check_same(self, name: str, desc: list[int]) -> None:
-        """Raise on every rank if ``desc`` (ints describing the call) differs across ranks."""
-        if not self.check_shapes or self.world == 1:
-            return
-        if len(desc) > _SHAPE_SLOTS:
-            raise AssertionError("shape descriptor too long")
-        t = torch.full((_SHAPE_SLOTS,), -1, dtype=torch.int64)
-        t[:len(desc)] = torch.tensor(desc, dtype=torch.int64)
-        if dist.get_backend(self.group) == "nccl":
-            t = t.cuda()
-        got = [x.tolist()[:len(desc)] for x in self._all_gather(t, "shape_check")]
-        if any(g != got[0] for g in got):
-            fail(name, "the same shard shapes, dtypes and options on every rank of the SP group "
-                 "(each rank passes its own T/P tokens of the same batch, the same global "
-                 "cu_seqlens and the same initial state)",
-                 "per rank " + "; ".join(f"rank {r}: {g}" for r, g in enumerate(got)))
+    def _agree(self, name: str, desc: list[int], validate):
+        """Run ``validate()`` (local checks that raise ValueError) and make every rank of the
+        group agree before any exchange, so that a bad call raises on every rank instead
+        of leaving the others waiting: the ints ``desc`` (shapes, dtypes, options of the
+        call) must match across ranks, and no rank's checks may have failed. Returns
+        ``validate()``'s result. With ``check_shapes=False`` only the local checks run.
+        """
+        err, result = None, None
+        try:
+            result = validate()
+        except ValueError as e:
+            err = e
+        if self.check_shapes and self.world > 1:
+            if len(desc) >= _SHAPE_SLOTS:
+                raise AssertionError("shape descriptor too long")
+            t = torch.full((_SHAPE_SLOTS,), -1, dtype=torch.int64)
+            t[:len(desc) + 1] = torch.tensor([*desc, int(err is not None)], dtype=torch.int64)
+            if dist.get_backend(self.group) == "nccl":
+                t = t.cuda()
+            got = [x.tolist()[:len(desc) + 1] for x in self._all_gather(t, "shape_check")]
+            if any(g[:-1] != got[0][:-1] for g in got):
+                fail(name, "the same shard shapes, dtypes and options on every rank of the SP "
+                     "group (each rank passes its own T/P tokens of the same batch, the same "
+                     "global cu_seqlens and the same initial state)",
+                     "per rank " + "; ".join(f"rank {r}: {g[:-1]}" for r, g in enumerate(got)))
+            if err is None and any(g[-1] for g in got):
+                bad = [r for r, g in enumerate(got) if g[-1]]
+                fail(name, "arguments that every rank of the SP group accepts",
+                     f"a ValueError on rank(s) {bad} (see the error there)")
+        if err is not None:
+            raise err
+        return result
 
     def geometry(self, local_len: int, name: str = "q") -> Geometry:
         """The chunking of a shard of ``local_len`` tokens under this object's layout."""

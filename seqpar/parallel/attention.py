@@ -181,12 +181,6 @@ class _KVAttention(torch.autograd.Function):
 
 
 def _ulysses(sp, geo, q, k, v, causal, scale, cu_seqlens):
-    P = sp.world
-    for name, x in (("q", q), ("k", k)):
-        if x.shape[2] % P:
-            fail(name, f"a head count divisible by the SP world size {P} for attn_strategy="
-                 "'alltoall' (Ulysses shards heads); use 'ring' or 'allgather'",
-                 f"{x.shape[2]} heads")
     qh, kh, vh = (seq_to_channels(sp, geo, x, 2, "softmax_attn") for x in (q, k, v))
     o, lse = local_softmax_attn(qh, kh, vh, causal=causal, scale=scale, cu_seqlens=cu_seqlens)
     o = channels_to_seq(sp, geo, o, 2, "softmax_attn")
@@ -204,13 +198,22 @@ def sp_softmax_attn(sp, q, k, v, *, causal, scale, cu_seqlens):
     """
     B, Tl, H, D = q.shape
     S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    sp._check_same("q", [B, Tl, H, D, S, Hkv, Dv, int(causal), dtype_code(q),
-                         *offsets_digest(None if cu_seqlens is None else cu_seqlens.tolist())])
-    if S != Tl:
-        fail("k", f"the keys of this rank's own positions (S == T/P = {Tl}) under SP: "
-             "self-attention over the sharded sequence", f"S = {S}")
-    geo = sp.geometry(Tl)
-    offsets = check_cu_seqlens(cu_seqlens, B, geo.total, q.device)
+
+    def validate():
+        if S != Tl:
+            fail("k", f"the keys of this rank's own positions (S == T/P = {Tl}) under SP: "
+                 "self-attention over the sharded sequence", f"S = {S}")
+        if sp.attn_strategy == "alltoall":
+            for name, heads in (("q", H), ("k", Hkv)):
+                if heads % sp.world:
+                    fail(name, f"a head count divisible by the SP world size {sp.world} for "
+                         "attn_strategy='alltoall' (Ulysses shards heads); use 'ring' or "
+                         "'allgather'", f"{heads} heads")
+        geo = sp.geometry(Tl)
+        return geo, check_cu_seqlens(cu_seqlens, B, geo.total, q.device)
+
+    geo, offsets = sp._agree("q", [B, Tl, H, D, S, Hkv, Dv, int(causal), dtype_code(q), *offsets_digest(
+        None if cu_seqlens is None else cu_seqlens.tolist())], validate)
     if sp.attn_strategy == "alltoall":
         o, lse = _ulysses(sp, geo, q, k, v, causal, scale, cu_seqlens)
     else:

@@ -90,17 +90,22 @@ def sp_short_conv(sp, x, weight, bias, *, activation, initial_state, output_fina
     B, Tl, C = x.shape
     w = weight.shape[1]
     width = w - 1
-    sp._check_same("x", [B, Tl, C, w, dtype_code(x), dtype_code(initial_state),
-                         *offsets_digest(None if cu_seqlens is None else cu_seqlens.tolist())])
-    geo = sp.geometry(Tl, "x")
-    if width > geo.chunk_len:
-        fail("weight", f"a width w with w - 1 <= {geo.chunk_len} tokens per chunk under SP "
-             "(the halo comes from the previous chunk only); use fewer ranks or longer "
-             "sequences", f"w = {w}")
-    offsets = check_cu_seqlens(cu_seqlens, B, geo.total, x.device)
-    N = B if offsets is None else len(offsets) - 1
-    if initial_state is not None:
-        check_tensor("initial_state", initial_state, shape=(N, C, width))
+
+    def validate():
+        geo = sp.geometry(Tl, "x")
+        if width > geo.chunk_len:
+            fail("weight", f"a width w with w - 1 <= {geo.chunk_len} tokens per chunk under SP "
+                 "(the halo comes from the previous chunk only); use fewer ranks or longer "
+                 "sequences", f"w = {w}")
+        offsets = check_cu_seqlens(cu_seqlens, B, geo.total, x.device)
+        N = B if offsets is None else len(offsets) - 1
+        if initial_state is not None:
+            check_tensor("initial_state", initial_state, shape=(N, C, width))
+        return geo, offsets, N
+
+    geo, offsets, N = sp._agree("x", [B, Tl, C, w, dtype_code(x), dtype_code(initial_state),
+                                      *offsets_digest(None if cu_seqlens is None else cu_seqlens.tolist())],
+                                validate)
     if width > 0:
         x, halos = _Halo.apply(sp, geo, width, x)
     else:
@@ -153,12 +158,15 @@ def sp_long_conv(sp, x, kernel):
     its C/P rows (sum the kernel's gradient over the group). Returns y (B, T/P, C).
     """
     B, Tl, C = x.shape
-    sp._check_same("x", [B, Tl, C, kernel.shape[1], dtype_code(x), dtype_code(kernel)])
-    geo: Geometry = sp.geometry(Tl, "x")
     P = sp.world
-    if C % P:
-        fail("x", f"a channel count divisible by the SP world size {P} (long_conv reshards "
-             "channels by all-to-all)", f"{C} channels")
+
+    def validate():
+        if C % P:
+            fail("x", f"a channel count divisible by the SP world size {P} (long_conv reshards "
+                 "channels by all-to-all)", f"{C} channels")
+        return sp.geometry(Tl, "x")
+
+    geo = sp._agree("x", [B, Tl, C, kernel.shape[1], dtype_code(x), dtype_code(kernel)], validate)
     cs = C // P
     xc = seq_to_channels(sp, geo, x, 2, "long_conv")
     y = local_long_conv(xc, kernel[sp.rank * cs:(sp.rank + 1) * cs])

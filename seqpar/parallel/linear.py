@@ -220,13 +220,17 @@ def sp_linear(sp, kind, q, k, v, g, beta, *, scale, initial_state, output_final_
     B, Tl, H, K = q.shape
     V = v.shape[-1]
     g_dims = -1 if g is None else g.dim()
-    sp._check_same("q", [kind == "delta", B, Tl, H, K, V, g_dims, dtype_code(q),
-                         dtype_code(initial_state), *offsets_digest(
-                             None if cu_seqlens is None else cu_seqlens.tolist())])
-    geo = sp.geometry(Tl)
-    offsets = check_cu_seqlens(cu_seqlens, B, geo.total, q.device)
-    N = B if offsets is None else len(offsets) - 1
-    check_state("initial_state", initial_state, (N, H, K, V), q.device)
+    digest = offsets_digest(None if cu_seqlens is None else cu_seqlens.tolist())
+
+    def validate():
+        geo = sp.geometry(Tl)
+        offsets = check_cu_seqlens(cu_seqlens, B, geo.total, q.device)
+        N = B if offsets is None else len(offsets) - 1
+        check_state("initial_state", initial_state, (N, H, K, V), q.device)
+        return geo, offsets, N
+
+    geo, offsets, N = sp._agree("q", [kind == "delta", B, Tl, H, K, V, g_dims, dtype_code(q),
+                                      dtype_code(initial_state), *digest], validate)
     if initial_state is not None:
         initial_state = initial_state.float()
     run = run_diag if kind == "diag" else run_delta
