@@ -41,6 +41,15 @@ PACKED_MIXERS = ",".join(m for m in MIXERS if m != "hyena")
 SMALL = dict(d_model=32, n_heads=2, head_dim=16, chunk_size=16, max_seq_len=64)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The models here are tiny: one thread is faster and steadier than several."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def write_corpus(path: Path, n: int = 300, seed: int = 0) -> Path:
     """``n`` short documents (3..60 characters) as jsonl: many boundaries per window."""
     rng = random.Random(seed)

@@ -12,10 +12,12 @@ save) and the previous checkpoint stays the newest. The last ``keep`` are kept.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch.distributed as dist
@@ -98,7 +100,8 @@ def save(out: Path, step: int, state: dict, meta: dict, keep: int) -> Path:
         for stale in root.glob(".tmp-*"):
             shutil.rmtree(stale)
     _barrier()
-    dcp.save(state, checkpoint_id=str(tmp))
+    with _single_process_ok():
+        dcp.save(state, checkpoint_id=str(tmp))
     _barrier()
     if _is_rank0():
         with (tmp / META).open("w") as f:
@@ -121,4 +124,13 @@ def save(out: Path, step: int, state: dict, meta: dict, keep: int) -> Path:
 
 def load(path: Path, state: dict) -> None:
     """Fill ``state`` in place from the checkpoint at ``path`` (collective)."""
-    dcp.load(state, checkpoint_id=str(path))
+    with _single_process_ok():
+        dcp.load(state, checkpoint_id=str(path))
+
+
+@contextlib.contextmanager
+def _single_process_ok():
+    """DCP warns when no process group exists; one process is a supported run here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield

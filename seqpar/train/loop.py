@@ -116,6 +116,10 @@ class Trainer:
         total = self.env.all_reduce_sum(count.to(torch.float32))
         loss = loss_sum / total
         loss.backward()
+        if self.sp is not None:
+            # Every later step has the shapes that this first one has checked across
+            # the SP group, so skip the per-op shape all-gather from now on.
+            self.sp.check_shapes = False
         return self.env.all_reduce_sum(loss.detach().clone())
 
     def step(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -309,7 +313,7 @@ def _train(plan: Plan, env: DistEnv, t0: float) -> RunResult:
     png = reporter.plot()
     seconds = time.perf_counter() - t0
     if steps:
-        reporter.print(f"done: steps {steps[0]}..{steps[-1]}, loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+        reporter.print(f"done: steps {steps[0]}..{steps[-1]}, step loss {losses[0]:.3f} -> {losses[-1]:.3f}"
                        + (f", eval loss {eval_loss:.3f}" if eval_loss is not None else "")
                        + f", {seconds:.0f} s; checkpoint {path.name}, metrics "
                        f"{out / 'metrics.jsonl'}, plot {png}")
