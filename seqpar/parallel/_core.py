@@ -58,14 +58,18 @@ class SequenceParallel:
             ``'alltoall'`` (Ulysses; needs the head counts divisible by P).
         pieces: the ``'scan'`` strategy splits each state into this many pieces along V
             so that sending one piece overlaps folding the next.
-        check_shapes: every call all-gathers a few int64s describing each rank's shard
-            (one small collective per call; about 100 bytes per rank) and raises on a
-            mismatch instead of hanging or computing garbage. Turn off once a setup is
-            known good.
+        check_shapes: every call all-gathers a dozen int64s describing each rank's
+            shard and whether its arguments passed the local checks (one small
+            collective per call, about 100 bytes per rank, counted as
+            ``'shape_check'``), and raises on every rank on a mismatch or a bad argument
+            anywhere instead of hanging or computing garbage. Turn off once a setup is
+            known good; local checks still run.
 
     Short convolutions always exchange halos; long convolutions always reshard by
     all-to-all. ``bytes_sent`` counts every byte this rank sends (forward and backward),
-    ``bytes_by_op`` splits it by op; ``reset_bytes()`` zeroes both.
+    ``bytes_by_op`` splits it by op; ``reset_bytes()`` zeroes both. As with any
+    collective inside autograd, every rank must backpropagate through the outputs of
+    every SP call.
     """
 
     def __init__(self, group=None, strategy: str | None = None, layout: str = "contiguous", *,

@@ -24,7 +24,7 @@ class Anchor(torch.autograd.Function):
 
 
 def dtype_code(x) -> int:
-    """A small int naming a tensor's dtype (or -1 for None), for :meth:`_check_same`."""
+    """A small int naming a tensor's dtype (or -1 for None), for ``SequenceParallel._agree``."""
     if x is None:
         return -1
     return [torch.float16, torch.bfloat16, torch.float32, torch.float64,
