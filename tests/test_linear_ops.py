@@ -1,0 +1,252 @@
+"""The linear family's PyTorch chunk path against its float64 token-loop references.
+
+For every op: outputs, final states and the gradient of every input (q, k, v, gates,
+beta, mLSTM's i/f, initial states) within the precision contract of DESIGN.md (relative
+L2 1e-4 in float32, 2e-2 with bf16 inputs against the reference on the same bf16 values
+in float64), over hypothesis-drawn shapes: ragged T (1..300, rarely a multiple of the
+chunk), chunk sizes 16/32/64, K != V, B > 1, packed documents, initial/final states,
+mild and strong decays. And every ``*_step`` replays the chunk outputs token by token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import rel_err
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from seqpar import ops
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+# A gradient can be (nearly) zero while the terms it sums are not: mLSTM's dq, dk, di
+# vanish by scale invariance when T = 1 and the normalizer is active, and gradients
+# of initial states decay into float32's subnormal range under strong decays. Relative
+# error then measures round-off against ~0, in any float32 implementation. So a
+# gradient's error is taken relative to at least GRAD_FLOOR times the RMS of the case's
+# largest gradient (per element): such a gradient must still be right to 1e-6 (float32)
+# of the typical gradient in absolute terms.
+GRAD_FLOOR = 1e-2
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How to call one op. ``gates(gen, B, T, H, K, strong)`` returns its extra
+    positional inputs after (q, k, v), float32, in call order."""
+    name: str
+    gate_names: tuple
+    gates: Callable
+    normalize_k: bool = False
+    pair_state: bool = False
+
+    def fn(self, suffix=""):
+        return getattr(ops, self.name + suffix)
+
+
+def _logsig_gate(shape, gen, strong):
+    # Strong decays (a_t down to ~e^-15) stress exp overflow and cancellation.
+    x = torch.randn(shape, generator=gen)
+    return F.logsigmoid(x * 3 - 6 if strong else x + 2)
+
+
+def _beta(shape, gen):
+    return torch.sigmoid(torch.randn(shape, generator=gen))
+
+
+SPECS = [
+    Spec("linear_attn", (), lambda gen, B, T, H, K, strong: ()),
+    Spec("simple_gla", ("g",), lambda gen, B, T, H, K, strong: (
+        _logsig_gate((B, T, H), gen, strong),)),
+    Spec("gla", ("g",), lambda gen, B, T, H, K, strong: (
+        _logsig_gate((B, T, H, K), gen, strong),)),
+    Spec("delta_rule", ("beta",), lambda gen, B, T, H, K, strong: (
+        _beta((B, T, H), gen),), normalize_k=True),
+    Spec("gated_delta_rule", ("g", "beta"), lambda gen, B, T, H, K, strong: (
+        _logsig_gate((B, T, H), gen, strong), _beta((B, T, H), gen)), normalize_k=True),
+    # mLSTM takes pre-activations: f~ very negative is a strong forget gate.
+    Spec("mlstm", ("i", "f"), lambda gen, B, T, H, K, strong: (
+        torch.randn(B, T, H, generator=gen),
+        torch.randn(B, T, H, generator=gen) * (3 if strong else 1) - (6 if strong else -2)),
+        pair_state=True),
+]
+
+
+@dataclass(frozen=True)
+class Case:
+    T: int
+    B: int
+    H: int
+    K: int
+    V: int
+    chunk_size: int
+    cuts: tuple  # packed document boundaries inside (0, T); () means not packed
+    packed: bool
+    initial: bool
+    final: bool
+    strong: bool
+    dtype: torch.dtype
+    seed: int
+
+
+@st.composite
+def cases(draw, max_t=300, max_bth=900, packing=True):
+    T = draw(st.integers(1, max_t))
+    packed = packing and draw(st.booleans())
+    cuts = ()
+    if packed and T > 1:
+        cuts = tuple(sorted(draw(st.sets(st.integers(1, T - 1), max_size=3))))
+    # Keep B*T*H modest: the float64 references loop over tokens in Python. H >= 2: with
+    # a single head and T = 1 an output is one dot product times v, whose relative
+    # round-off is unbounded when the dot product nearly cancels.
+    B = 1 if packed else draw(st.integers(1, max(1, min(3, max_bth // (2 * T)))))
+    H = draw(st.integers(2, max(2, min(4, max_bth // (B * T)))))
+    K = draw(st.sampled_from([4, 8, 16]))
+    V = draw(st.sampled_from([v for v in (4, 8, 12, 16) if v != K]))
+    return Case(T=T, B=B, H=H, K=K, V=V, chunk_size=draw(st.sampled_from([16, 32, 64])),
+                cuts=cuts, packed=packed, initial=draw(st.booleans()), final=draw(st.booleans()),
+                strong=draw(st.booleans()),
+                dtype=draw(st.sampled_from([torch.float32, torch.float32, torch.bfloat16])),
+                seed=draw(st.integers(0, 2**31 - 1)))
+
+
+# Cases every run must cover, whatever hypothesis draws.
+FIXED = [
+    Case(T=1, B=2, H=2, K=8, V=4, chunk_size=64, cuts=(), packed=False, initial=True, final=True,
+         strong=False, dtype=torch.float32, seed=1),
+    Case(T=1, B=1, H=2, K=4, V=8, chunk_size=16, cuts=(), packed=True, initial=False, final=True,
+         strong=True, dtype=torch.bfloat16, seed=2),
+    Case(T=300, B=1, H=2, K=16, V=8, chunk_size=64, cuts=(1, 77, 141), packed=True, initial=True,
+         final=True, strong=True, dtype=torch.float32, seed=3),
+    Case(T=200, B=2, H=2, K=8, V=12, chunk_size=32, cuts=(), packed=False, initial=True,
+         final=True, strong=True, dtype=torch.bfloat16, seed=4),
+    Case(T=96, B=3, H=2, K=16, V=4, chunk_size=32, cuts=(), packed=False, initial=False,
+         final=True, strong=False, dtype=torch.float32, seed=5),
+]
+
+
+def make_inputs(spec: Spec, case: Case):
+    """Fresh random leaves (q, k, v, *gates, initial state or None) for ``case``."""
+    gen = torch.Generator().manual_seed(case.seed)
+    B, T, H, K, V = case.B, case.T, case.H, case.K, case.V
+    q = torch.randn(B, T, H, K, generator=gen)
+    k = torch.randn(B, T, H, K, generator=gen)
+    if spec.normalize_k:
+        k = F.normalize(k, dim=-1)
+    v = torch.randn(B, T, H, V, generator=gen)
+    gates = spec.gates(gen, B, T, H, K, case.strong)
+    N = len(case.cuts) + 1 if case.packed else B
+    state = None
+    if case.initial:
+        state = torch.randn(N, H, K, V, generator=gen)
+        if spec.pair_state:
+            state = (state, torch.randn(N, H, K, generator=gen))
+    return (q.to(case.dtype), k.to(case.dtype), v.to(case.dtype), *gates), state
+
+
+def _flat(state):
+    if state is None:
+        return []
+    return list(state) if isinstance(state, tuple) else [state]
+
+
+def _leaves(xs, state, dtype=None):
+    """Detached copies requiring grad (cast to ``dtype`` if given), state rebuilt alike."""
+    def leaf(x):
+        return (x if dtype is None else x.to(dtype)).detach().requires_grad_()
+
+    xs = [leaf(x) for x in xs]
+    if state is None:
+        return xs, None
+    return xs, (tuple(leaf(s) for s in state) if isinstance(state, tuple) else leaf(state))
+
+
+def _loss_and_grads(o, S, weights, leaves):
+    w, w2 = weights
+    loss = (o.to(w.dtype) * w).sum()
+    for s, ws in zip(_flat(S), w2):
+        loss = loss + (s.to(ws.dtype) * ws).sum()
+    return torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+@settings(max_examples=25)
+@given(case=cases())
+@example(case=FIXED[0])
+@example(case=FIXED[1])
+@example(case=FIXED[2])
+@example(case=FIXED[3])
+@example(case=FIXED[4])
+def test_chunk_matches_reference(spec, case):
+    tol = TOL[case.dtype]
+    errs = chunk_errors(spec, case)
+    bad = {n: e for n, e in errs.items() if not e < tol}
+    assert not bad, f"{spec.name} {case}: errors over {tol}: {bad}"
+
+
+def chunk_errors(spec: Spec, case: Case) -> dict:
+    """Relative errors of the chunk path against the reference: output, final state(s)
+    and the gradient of every input under ``(o * w).sum() + (S * w2).sum()``."""
+    xs, state = make_inputs(spec, case)
+    cu = None
+    if case.packed:
+        cu = torch.tensor((0, *case.cuts, case.T), dtype=torch.int32)
+    out_state = case.final
+
+    xc, sc = _leaves(xs, state)
+    o, S = spec.fn()(*xc, initial_state=sc, output_final_state=out_state, cu_seqlens=cu,
+                     chunk_size=case.chunk_size, backend="torch")
+    assert o.dtype == case.dtype and o.shape == (case.B, case.T, case.H, case.V)
+    assert (S is None) == (not out_state)
+
+    xr, sr = _leaves(xs, state, torch.float64)
+    o_ref, S_ref = spec.fn("_reference")(*xr, initial_state=sr, output_final_state=out_state,
+                                         cu_seqlens=cu)
+
+    # The loss weights are the upstream gradients; autograd hands them to o in o's dtype,
+    # so they are drawn representable there and both sides see the same values.
+    gen = torch.Generator().manual_seed(case.seed + 1)
+    w = torch.randn(o.shape, generator=gen).to(o.dtype).float()
+    w2 = [torch.randn(s.shape, generator=gen) for s in _flat(S)]
+    grads = _loss_and_grads(o, S, (w, w2), xc + _flat(sc))
+    grads_ref = _loss_and_grads(o_ref, S_ref, (w.double(), [x.double() for x in w2]),
+                                xr + _flat(sr))
+
+    names = ["q", "k", "v", *spec.gate_names]
+    names += [f"initial_state[{i}]" for i in range(len(_flat(state)))]
+    errs = {"o": rel_err(o, o_ref)}
+    for i, (a, b) in enumerate(zip(_flat(S), _flat(S_ref))):
+        errs[f"S[{i}]"] = rel_err(a, b)
+    rms = max(g.pow(2).mean().sqrt().item() for g in grads_ref)
+    for n, a, b in zip(names, grads, grads_ref):
+        errs[f"d{n}"] = rel_err(a, b, floor=GRAD_FLOOR * rms * b.numel() ** 0.5)
+    return errs
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+@settings(max_examples=6)
+@given(case=cases(max_t=80, max_bth=160, packing=False))
+def test_step_replays_chunk(spec, case):
+    """Generation: ``*_step`` token by token from the same initial state gives the chunk
+    path's outputs and final state."""
+    xs, state = make_inputs(spec, case)
+    o, S = spec.fn()(*xs, initial_state=state, output_final_state=True,
+                     chunk_size=case.chunk_size, backend="torch")
+    B, H, K, V = case.B, case.H, case.K, case.V
+    st_ = state
+    if st_ is None:
+        st_ = torch.zeros(B, H, K, V)
+        if spec.pair_state:
+            st_ = (st_, torch.zeros(B, H, K))
+    outs = []
+    for t in range(case.T):
+        o_t, st_ = spec.fn("_step")(*(x[:, t] for x in xs), st_)
+        outs.append(o_t)
+    tol = TOL[case.dtype]
+    o_step = torch.stack(outs, 1)
+    assert o_step.dtype == o.dtype
+    assert rel_err(o_step, o) < tol
+    for a, b in zip(_flat(st_), _flat(S)):
+        assert a.dtype == torch.float32 and rel_err(a, b) < tol
