@@ -147,9 +147,13 @@ def plot_model(sps: list[dict], path: Path, beta: float) -> dict:
     fits = model(sps, beta)
     mixers = [m for m in LINEAR if any(k[0] == m for k in fits)]
     Ps = [1, 2, 4, 8, 16, 32, 64]
-    fig, axes = plt.subplots(1, max(len(mixers), 1), figsize=(3.2 * max(len(mixers), 1), 3.6),
-                             sharey=True, squeeze=False)
-    for ax, mixer in zip(axes[0], mixers):
+    cols = min(3, max(len(mixers), 1))
+    rows = -(-max(len(mixers), 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows + 0.6), sharey=True,
+                             squeeze=False)
+    for ax in axes.flat[len(mixers):]:
+        ax.set_visible(False)
+    for ax, mixer in zip(axes.flat, mixers):
         for strategy, color in (("scan", "C0"), ("allgather", "C1")):
             fit = fits.get((mixer, strategy))
             if fit is None:
@@ -163,13 +167,14 @@ def plot_model(sps: list[dict], path: Path, beta: float) -> dict:
         ax.set_title(mixer, fontsize=9)
         ax.set_xlabel("P (devices)")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("weak-scaling efficiency t(1) / t(P)")
+    for row in axes:
+        row[0].set_ylabel("efficiency t(1) / t(P)")
     axes[0][0].legend(fontsize=7)
     src = sorted({(sp.get("gpus") or ["CPU (gloo)"])[0] for sp in sps})
     hows = sorted({f["how"] for f in fits.values()})
-    fig.suptitle(f"step-time model t(P) = compute + a (P-1) + bytes(P)/beta from {', '.join(src)}, "
-                 f"T = {sps[0]['seq_per_gpu']} per device, P measured: "
-                 f"{sorted({sp['world_size'] for sp in sps})}; {'; '.join(hows)}", fontsize=8)
+    fig.suptitle(f"weak scaling, step-time model t(P) = compute + a (P-1) + bytes(P)/beta\n"
+                 f"from {', '.join(src)}, T = {sps[0]['seq_per_gpu']} per device, P measured: "
+                 f"{sorted({sp['world_size'] for sp in sps})}; {'; '.join(hows)}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
