@@ -122,16 +122,19 @@ class Trainer:
             self.sp.check_shapes = False
         return self.env.all_reduce_sum(loss.detach().clone())
 
-    def step(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step; returns ``(loss, grad_norm)`` as tensors (no sync)."""
-        loss = self.forward_backward(batch)
+    def optimizer_step(self) -> torch.Tensor:
+        """Clip the accumulated gradients, step AdamW and the schedule, clear the
+        gradients; returns the global gradient norm before clipping."""
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        return loss, grad_norm
+        return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+
+    def step(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training step; returns ``(loss, grad_norm)`` as tensors (no sync)."""
+        loss = self.forward_backward(batch)
+        return loss, self.optimizer_step()
 
     @torch.no_grad()
     def evaluate(self, batches) -> float:
