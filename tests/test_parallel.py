@@ -6,7 +6,8 @@ gradients of every input equal the single-process op run on the full sequence in
 same worker, within relative L2 1e-5 in float32. Gradients of replicated inputs
 (initial states, conv weights, kernels) are summed over the group first, as a
 data-parallel all-reduce would. Also: bytes sent by the linear strategies do not depend
-on T, ring bytes match their closed form, and bad setups raise.
+on T and, like the softmax ring's and all-gather's, match their closed forms; several SP
+ops in one graph; the sharding helpers; bad setups raise on every rank.
 
 One process group per world size runs every case (process start and ``import torch``
 cost seconds each); the workers return error tables that the tests below read.
@@ -324,9 +325,9 @@ def _raises(fn, *needles):
     return 1.0
 
 
-def errors_case(sp_world):
+def errors_case(sp):
     """Bad setups raise ValueError naming the problem and the fix, on every rank."""
-    P, r = dist.get_world_size(), dist.get_rank()
+    P, r = sp.world, sp.rank
     zig = SequenceParallel(layout="zigzag", strategy="alltoall")
     con = SequenceParallel(layout="contiguous")
     x = torch.randn(1, 5, 2, 4)
