@@ -20,7 +20,7 @@ mild and strong decays, K != V and V not a power of two; plus a ``torch.compile
 (fullgraph=True)`` trace through the custom op and its autograd registration.
 
 Budget: the interpreter is slow; shapes stay small (T <= 150, K <= 32) and this file
-runs in about a minute on 2 cores.
+runs in about two minutes on 2 cores (measured 1m47s for the four tests).
 """
 from __future__ import annotations
 
