@@ -41,7 +41,7 @@ def _doc_bounds(offs, cidx, i_t):
     c = tl.load(cidx + 2 * i_t + 1)
     bos = tl.load(offs + n).to(tl.int64)
     eos = tl.load(offs + n + 1).to(tl.int64)
-    return n, c, bos, eos - bos
+    return c, bos, eos - bos
 
 
 @triton.jit
@@ -61,7 +61,7 @@ def _gates(gc, bos, c, T_doc, i_h, H: tl.constexpr, BT: tl.constexpr):
 @triton.jit
 def _cumsum_kernel(g, gc, offs, cidx, H: tl.constexpr, BT: tl.constexpr):
     i_t, i_h = tl.program_id(0), tl.program_id(1)
-    n, c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
     t = c * BT + tl.arange(0, BT)
     m = t < T_doc
     b_g = tl.load(g + (bos + t) * H + i_h, mask=m, other=0.)
@@ -128,7 +128,7 @@ def _pair_kernel(a, b, y, h, gc, out, offs, cidx, scale,
     decayed, ``out = scale M y + w * (a h)`` with ``w`` the per-row decay into or out of
     the state."""
     i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n, c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
     b_M = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
@@ -178,7 +178,7 @@ def _dqk_kernel(q, k, v, do, h, dh, gc, dq, dk, r_part, b_part, offs, cidx, scal
     """dq, dk of one chunk and K tile, and (with a gate) this tile's share of the gate
     gradient terms ``r`` (reverse-cumsummed later) and ``b`` (forward-cumsummed)."""
     i_k, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n, c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
     b_dA = tl.zeros([BT, BT], dtype=tl.float32)   # [i, j] = do_i . v_j
@@ -254,7 +254,7 @@ def _dg_kernel(r_part, b_part, dg, offs, cidx, TT, H: tl.constexpr, BT: tl.const
                NK: tl.constexpr):
     """dg_t = sum_{i>=t} r_i + sum_{j<t} b_j within the chunk, summing the K tiles."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
-    n, c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
     t = c * BT + tl.arange(0, BT)
     m = t < T_doc
     mb = m & (t > c * BT)
