@@ -343,7 +343,7 @@ def errors_case(sp):
         "short_conv halo too wide": _raises(lambda: ops.short_conv(torch.randn(1, 2, 3), torch.randn(3, 4), sp=con),
                                             "w - 1 <= 2"),
         "shard shapes differ": _raises(lambda: ops.linear_attn(*[torch.randn(1, 4 + 2 * r, 2, 4)] * 3, sp=con),
-                                       "same shard shapes", "rank 1: "),
+                                       "same shard shapes", "rank 1: T/P=6"),
         "packed cu_seqlens differ": _raises(
             lambda: ops.linear_attn(*[torch.randn(1, 4, 2, 4)] * 3, sp=con,
                                     cu_seqlens=torch.tensor([0, 1 + (r % 2), 4 * P], dtype=torch.int32)),

@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from ..ops._validate import fail
 from ._geometry import LAYOUTS, Geometry
+from ._util import DTYPES
 from .attention import sp_softmax_attn
 from .conv import sp_long_conv, sp_short_conv
 from .linear import sp_linear
@@ -154,11 +155,11 @@ class SequenceParallel:
         return out
 
     # ---- checks ----
-    def _agree(self, name: str, desc: list[int], validate):
+    def _agree(self, name: str, desc: dict, validate):
         """Run ``validate()`` (local checks that raise ValueError) and make every rank of the
         group agree before any exchange, so that a bad call raises on every rank instead
-        of leaving the others waiting: the ints ``desc`` (shapes, dtypes, options of the
-        call) must match across ranks, and no rank's checks may have failed. Returns
+        of leaving the others waiting: ``desc`` (label -> int: shapes, dtypes, options of
+        the call) must match across ranks, and no rank's checks may have failed. Returns
         ``validate()``'s result. With ``check_shapes=False`` only the local checks run.
         """
         err, result = None, None
@@ -167,20 +168,25 @@ class SequenceParallel:
         except ValueError as e:
             err = e
         if self.check_shapes and self.world > 1:
-            if len(desc) >= _SHAPE_SLOTS:
+            keys = list(desc)
+            if len(keys) >= _SHAPE_SLOTS:
                 raise AssertionError("shape descriptor too long")
             t = torch.full((_SHAPE_SLOTS,), -1, dtype=torch.int64)
-            t[:len(desc) + 1] = torch.tensor([*desc, int(err is not None)], dtype=torch.int64)
+            t[:len(keys) + 1] = torch.tensor([int(desc[k]) for k in keys] + [int(err is not None)])
             if dist.get_backend(self.group) == "nccl":
                 t = t.cuda()
-            got = [x.tolist()[:len(desc) + 1] for x in self._all_gather(t, "shape_check")]
-            if any(g[:-1] != got[0][:-1] for g in got):
+            got = [x.tolist() for x in self._all_gather(t, "shape_check")]
+            differ = [i for i in range(len(keys)) if any(g[i] != got[0][i] for g in got)]
+            if differ:
+                def show(k, v):
+                    return f"{k}={DTYPES[v] if k.endswith('dtype') and v >= 0 else v}"
                 fail(name, "the same shard shapes, dtypes and options on every rank of the SP "
                      "group (each rank passes its own T/P tokens of the same batch, the same "
                      "global cu_seqlens and the same initial state)",
-                     "per rank " + "; ".join(f"rank {r}: {g[:-1]}" for r, g in enumerate(got)))
-            if err is None and any(g[-1] for g in got):
-                bad = [r for r, g in enumerate(got) if g[-1]]
+                     "; ".join(f"rank {r}: " + ", ".join(show(keys[i], g[i]) for i in differ)
+                               for r, g in enumerate(got)))
+            if err is None and any(g[len(keys)] for g in got):
+                bad = [r for r, g in enumerate(got) if g[len(keys)]]
                 fail(name, "arguments that every rank of the SP group accepts",
                      f"a ValueError on rank(s) {bad} (see the error there)")
         if err is not None:

@@ -23,16 +23,23 @@ class Anchor(torch.autograd.Function):
         return (grad, *[torch.zeros(s, dtype=t, device=d) for s, t, d in ctx.deps])
 
 
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32, torch.int64)
+
+
 def dtype_code(x) -> int:
-    """A small int naming a tensor's dtype (or -1 for None), for ``SequenceParallel._agree``."""
+    """A small int naming a tensor's dtype (index into ``DTYPES``; -1 for None), for
+    ``SequenceParallel._agree``."""
     if x is None:
         return -1
-    return [torch.float16, torch.bfloat16, torch.float32, torch.float64,
-            torch.int32, torch.int64].index(x.dtype)
+    dtype = getattr(x, "dtype", None)
+    return DTYPES.index(dtype) if dtype in DTYPES else -2
 
 
-def offsets_digest(offsets) -> list[int]:
-    """Two ints that differ when two cu_seqlens lists differ (almost surely)."""
-    if offsets is None:
-        return [-1, -1]
-    return [len(offsets), sum((i + 1) * o for i, o in enumerate(offsets)) % (1 << 61)]
+def offsets_digest(cu_seqlens) -> dict:
+    """Two ints that differ when two ``cu_seqlens`` differ (almost surely)."""
+    if not isinstance(cu_seqlens, torch.Tensor):  # None, or garbage the local checks reject
+        code = -1 if cu_seqlens is None else -2
+        return {"cu_seqlens length": code, "cu_seqlens digest": code}
+    offsets = cu_seqlens.tolist()
+    return {"cu_seqlens length": len(offsets),
+            "cu_seqlens digest": sum((i + 1) * o for i, o in enumerate(offsets)) % (1 << 61)}

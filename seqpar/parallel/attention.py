@@ -212,8 +212,9 @@ def sp_softmax_attn(sp, q, k, v, *, causal, scale, cu_seqlens):
         geo = sp.geometry(Tl)
         return geo, check_cu_seqlens(cu_seqlens, B, geo.total, q.device)
 
-    geo, offsets = sp._agree("q", [B, Tl, H, D, S, Hkv, Dv, int(causal), dtype_code(q), *offsets_digest(
-        None if cu_seqlens is None else cu_seqlens.tolist())], validate)
+    desc = {"B": B, "T/P": Tl, "H": H, "D": D, "S": S, "Hkv": Hkv, "Dv": Dv, "causal": causal,
+            "q dtype": dtype_code(q), **offsets_digest(cu_seqlens)}
+    geo, offsets = sp._agree("q", desc, validate)
     if sp.attn_strategy == "alltoall":
         o, lse = _ulysses(sp, geo, q, k, v, causal, scale, cu_seqlens)
     else:

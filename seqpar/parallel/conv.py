@@ -103,9 +103,9 @@ def sp_short_conv(sp, x, weight, bias, *, activation, initial_state, output_fina
             check_tensor("initial_state", initial_state, shape=(N, C, width))
         return geo, offsets, N
 
-    geo, offsets, N = sp._agree("x", [B, Tl, C, w, dtype_code(x), dtype_code(initial_state),
-                                      *offsets_digest(None if cu_seqlens is None else cu_seqlens.tolist())],
-                                validate)
+    desc = {"B": B, "T/P": Tl, "C": C, "w": w, "x dtype": dtype_code(x),
+            "initial_state dtype": dtype_code(initial_state), **offsets_digest(cu_seqlens)}
+    geo, offsets, N = sp._agree("x", desc, validate)
     if width > 0:
         x, halos = _Halo.apply(sp, geo, width, x)
     else:
@@ -166,7 +166,9 @@ def sp_long_conv(sp, x, kernel):
                  "channels by all-to-all)", f"{C} channels")
         return sp.geometry(Tl, "x")
 
-    geo = sp._agree("x", [B, Tl, C, kernel.shape[1], dtype_code(x), dtype_code(kernel)], validate)
+    desc = {"B": B, "T/P": Tl, "C": C, "L": kernel.shape[1], "x dtype": dtype_code(x),
+            "kernel dtype": dtype_code(kernel)}
+    geo = sp._agree("x", desc, validate)
     cs = C // P
     xc = seq_to_channels(sp, geo, x, 2, "long_conv")
     y = local_long_conv(xc, kernel[sp.rank * cs:(sp.rank + 1) * cs])

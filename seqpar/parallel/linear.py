@@ -220,8 +220,6 @@ def sp_linear(sp, kind, q, k, v, g, beta, *, scale, initial_state, output_final_
     B, Tl, H, K = q.shape
     V = v.shape[-1]
     g_dims = -1 if g is None else g.dim()
-    digest = offsets_digest(None if cu_seqlens is None else cu_seqlens.tolist())
-
     def validate():
         geo = sp.geometry(Tl)
         offsets = check_cu_seqlens(cu_seqlens, B, geo.total, q.device)
@@ -229,8 +227,10 @@ def sp_linear(sp, kind, q, k, v, g, beta, *, scale, initial_state, output_final_
         check_state("initial_state", initial_state, (N, H, K, V), q.device)
         return geo, offsets, N
 
-    geo, offsets, N = sp._agree("q", [kind == "delta", B, Tl, H, K, V, g_dims, dtype_code(q),
-                                      dtype_code(initial_state), *digest], validate)
+    desc = {"delta rule": kind == "delta", "B": B, "T/P": Tl, "H": H, "K": K, "V": V,
+            "gate dims": g_dims, "q dtype": dtype_code(q),
+            "initial_state dtype": dtype_code(initial_state), **offsets_digest(cu_seqlens)}
+    geo, offsets, N = sp._agree("q", desc, validate)
     if initial_state is not None:
         initial_state = initial_state.float()
     run = run_diag if kind == "diag" else run_delta
