@@ -44,12 +44,13 @@ def chunk_delta(q, k, v, g, beta, *, scale: float, initial_state=None,
     # Zero padding is inert: beta = 0 writes nothing, k = 0 reads nothing, g = 0 decays nothing.
     qc, kc, vc = _chunks(q, n, C), _chunks(k, n, C), _chunks(v, n, C)
     bc = _chunks(beta, n, C)[..., None]
+    kb, vb = kc * bc, vc * bc
     qc = qc * scale
     eye = torch.eye(C, device=q.device)
 
     if g is None:
         decay = torch.ones(C, C, device=q.device).tril()
-        q_dec, k_dec, kb_dec = qc, kc, kc * bc
+        q_dec, k_dec, kb_dec = qc, kc, kb
         chunk_decay = torch.ones(B, H, n, 1, 1, device=q.device)
     else:
         gc = _chunks(g, n, C)[..., None]
@@ -58,13 +59,13 @@ def chunk_delta(q, k, v, g, beta, *, scale: float, initial_state=None,
         G = gc.cumsum(3)
         q_dec = qc * G.exp()
         k_dec = kc * decay_full[..., -1, :, :]  # exp(G_C - G_j): the last row of the decay
-        kb_dec = kc * bc * G.exp()
+        kb_dec = kb * G.exp()
         chunk_decay = G[..., -1:, :].exp()  # (B, H, n, 1, 1)
 
-    A = ((kc * bc) @ kc.transpose(-1, -2)) * decay
+    A = (kb @ kc.transpose(-1, -2)) * decay
     IA = A.tril(-1) + eye
     W = torch.linalg.solve_triangular(IA, kb_dec, upper=False, unitriangular=True)
-    U = torch.linalg.solve_triangular(IA, vc * bc, upper=False, unitriangular=True)
+    U = torch.linalg.solve_triangular(IA, vb, upper=False, unitriangular=True)
     P = (qc @ kc.transpose(-1, -2)) * decay
 
     o = P @ U
