@@ -254,15 +254,18 @@ def summary(sp, train, longest) -> str:
         lines.append("")
     if longest:
         lines += ["## longest trainable context (batch 1)", "",
-                  "| GPUs | trained | smallest failed | time-bounded | attempts |", "|---|---|---|---|---|"]
+                  "| GPUs | trained | peak GB there | smallest failed | time-bounded | attempts |",
+                  "|---|---|---|---|---|---|"]
         got = {}
         for key in sorted(longest):
             r = longest[key]
             got[r["nproc"]] = r["longest_ok"]
             tries = ", ".join(f"{_tok(a['T'])} {a['status']}" for a in r["attempts"] if a["rank"] == 0
                               or a["status"] != "ok")
-            lines.append(f"| {r['nproc']} | {r['longest_ok']} | {r['smallest_failed']} | "
-                         f"{r['time_bounded']} | {tries} |")
+            peak = max((a.get("peak_reserved_gb", 0.0) for a in r["attempts"]
+                        if a["T"] == r["longest_ok"] and a["status"] == "ok"), default=None)
+            lines.append(f"| {r['nproc']} | {r['longest_ok']} | {_fmt(peak, '.1f')} | "
+                         f"{r['smallest_failed']} | {r['time_bounded']} | {tries} |")
         if got.get(1) and got.get(2):
             lines.append(f"\n2 GPUs / 1 GPU: {got[2] / got[1]:.2f}x (target >= 1.8x); 2 GPUs >= 1M: "
                          f"{got[2] >= 1 << 20}")
