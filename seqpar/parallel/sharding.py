@@ -53,13 +53,15 @@ def position_ids(sp, seq_len: int, cu_seqlens=None, device=None) -> torch.Tensor
     """Global positions (for RoPE) of this rank's tokens: int64 of shape (seq_len / P,).
 
     ``seq_len`` is the global length T. With ``cu_seqlens`` (the global packed offsets)
-    positions restart at 0 at every document start.
+    positions restart at 0 at every document start. ``device`` defaults to
+    ``cu_seqlens``' device, or the CPU.
     """
     geo = _geometry_for(sp, seq_len, "seq_len")
+    if cu_seqlens is None:
+        return _index(geo, device)
+    offsets = check_cu_seqlens(cu_seqlens, 1, seq_len, None)
+    device = cu_seqlens.device if device is None else device
     pos = _index(geo, device)
-    offsets = check_cu_seqlens(cu_seqlens, 1, seq_len, cu_seqlens.device) if cu_seqlens is not None else None
-    if offsets is None:
-        return pos
     starts = torch.tensor(offsets[:-1], dtype=torch.long, device=device)
     doc = torch.searchsorted(starts, pos, right=True) - 1
     return pos - starts[doc]
@@ -72,7 +74,8 @@ def shard_documents(sp, cu_seqlens) -> list[Piece]:
     document index, its global and local token range, whether it continues a document
     that began before the chunk (``head``) and whether the document ends in it.
     """
-    offsets = check_cu_seqlens(cu_seqlens, 1, int(cu_seqlens[-1]), cu_seqlens.device)
+    check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32, torch.int64))
+    offsets = check_cu_seqlens(cu_seqlens, 1, int(cu_seqlens[-1]), None)
     geo = _geometry_for(sp, offsets[-1], "cu_seqlens")
     return [p for i in range(len(geo.chunks)) for p in chunk_pieces(geo, i, offsets)]
 
