@@ -88,12 +88,12 @@ def _params(model) -> dict[str, torch.Tensor]:
 
 
 def step_errors(data: Path, out: Path, env: DistEnv, pattern: str, packing: bool,
-                batch_size: int = 2, ac: bool = False) -> dict[str, float]:
+                batch_size: int, seq_len: int, ac: bool = False) -> dict[str, float]:
     """Relative errors of loss and every gradient of one step under ``env`` (with
     activation checkpointing if ``ac``) against one process on the whole global batch
     (rank 0 computes the reference)."""
     plan = prepare(small_cfg(data, out, pattern, packing=packing, batch_size=batch_size,
-                             sp=env.sp, seq_len=32 if packing else 64, activation_checkpointing=ac,
+                             sp=env.sp, seq_len=seq_len, activation_checkpointing=ac,
                              grad_clip=0.5))
     cfg = plan.cfg
     trainer = Trainer(cfg, plan.model_cfg, env)
@@ -111,7 +111,10 @@ def step_errors(data: Path, out: Path, env: DistEnv, pattern: str, packing: bool
     ref_train, _ = build_loaders(ref_cfg, plan.tokenizer, single)
     batch = ref_train.batch(1)
     if packing:
-        assert len(batch.cu_seqlens) > 2 * batch_size * env.dp, "the corpus should give many documents"
+        cu = batch.cu_seqlens.tolist()
+        assert any(c % seq_len for c in cu), "documents should end inside windows"
+        if env.sp > 1:
+            assert seq_len * batch_size // 2 not in cu, "a document should cross the shard boundary"
     ref_loss = ref.forward_backward(batch)
     ref_grads = _grads(ref.model)
     ref_norm = ref.optimizer_step()
@@ -161,9 +164,10 @@ def _worker(rank, world, store_dir):
     root = Path(store_dir)
     data = write_corpus(root / "corpus.jsonl")
     cases = {
-        "sp2/packed": lambda: step_errors(data, root / "a", mesh_env(2), PACKED_MIXERS, True),
-        "sp2/rows/ac": lambda: step_errors(data, root / "b", mesh_env(2), ALL_MIXERS, False, ac=True),
-        "dp2/packed": lambda: step_errors(data, root / "c", mesh_env(1), PACKED_MIXERS, True),
+        "sp2/packed": lambda: step_errors(data, root / "a", mesh_env(2), PACKED_MIXERS, True, 1, 64),
+        "sp2/rows/ac": lambda: step_errors(data, root / "b", mesh_env(2), ALL_MIXERS, False, 2, 64,
+                                           ac=True),
+        "dp2/packed": lambda: step_errors(data, root / "c", mesh_env(1), PACKED_MIXERS, True, 2, 32),
         "resume/sp2": lambda: resume_losses(data, root / "r", mesh_env(2)),
     }
     out = {}
@@ -289,6 +293,8 @@ def no_work(monkeypatch):
     (["--sp", "2", "--seq-len", "34", "--batch-size", "1", "--sp-layout", "zigzag"],
      {"WORLD_SIZE": "2"}, "expected a multiple of 4"),
     (["--mixers", "gdn,transformer"], {}, "'transformer'"),
+    (["--sp", "2", "--sp-strategy", "alltoall", "--set", "n_heads=3"], {"WORLD_SIZE": "2"},
+     "head counts divisible by --sp = 2"),
     (["--sp", "2", "--mixers", "gdn,hyena"], {"WORLD_SIZE": "2"}, "--no-packing"),
     (["--data", "/no/such/path"], {}, "--data: expected an existing"),
     (["--steps", "10", "--stop-at", "11"], {}, "--stop-at"),

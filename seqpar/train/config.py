@@ -32,6 +32,9 @@ PRESET_TRAINING: dict[str, dict] = {
 }
 
 
+SP_STRATEGIES = ("scan", "allgather", "ring", "alltoall")
+
+
 class ConfigError(ValueError):
     """A bad option, found before any work."""
 
@@ -160,6 +163,8 @@ def resolve(cfg: TrainConfig) -> tuple[TrainConfig, ModelConfig]:
     _check_world(cfg.sp)
     if cfg.sp_layout not in ("contiguous", "zigzag"):
         config_fail("--sp-layout", "'contiguous' or 'zigzag'", repr(cfg.sp_layout))
+    if cfg.sp_strategy not in (None, *SP_STRATEGIES):
+        config_fail("--sp-strategy", "one of " + ", ".join(SP_STRATEGIES), repr(cfg.sp_strategy))
     tokens = cfg.batch_size * cfg.seq_len if cfg.packing else cfg.seq_len
     pieces = cfg.sp * (2 if cfg.sp_layout == "zigzag" else 1)
     if cfg.sp > 1 and tokens % pieces:
@@ -175,6 +180,10 @@ def resolve(cfg: TrainConfig) -> tuple[TrainConfig, ModelConfig]:
         model_cfg = preset(cfg.preset, **cfg.model)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model configuration: {e}") from None
+    heads = {model_cfg.n_heads, model_cfg.n_kv_heads or model_cfg.n_heads}
+    if cfg.sp_strategy == "alltoall" and "attn" in model_cfg.pattern and any(h % cfg.sp for h in heads):
+        config_fail("--sp-strategy alltoall", f"attention head counts divisible by --sp = {cfg.sp} "
+                    "(Ulysses splits heads over the SP ranks)", f"heads {sorted(heads)}")
     if cfg.sp > 1 and cfg.packing and "hyena" in model_cfg.pattern:
         config_fail("--mixers", "no 'hyena' layer with --sp > 1 and packed documents "
                     "(long_conv has no sequence-parallel path for cu_seqlens; pass --no-packing)",
@@ -236,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-docs", type=int, default=d.eval_docs, help="documents held out")
     g = p.add_argument_group("parallelism and precision")
     g.add_argument("--sp", type=int, default=d.sp, help="sequence-parallel degree")
-    g.add_argument("--sp-strategy", default=None, choices=("scan", "allgather", "ring", "alltoall"),
+    g.add_argument("--sp-strategy", default=None, choices=SP_STRATEGIES,
                    help="SequenceParallel strategy (default: scan for linear mixers, allgather "
                         "(contiguous) or ring (zigzag) for attention)")
     g.add_argument("--sp-layout", default=d.sp_layout, choices=("contiguous", "zigzag"),

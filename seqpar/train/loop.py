@@ -252,6 +252,9 @@ def run(cfg: TrainConfig, env: DistEnv | None = None) -> RunResult:
 def _train(plan: Plan, env: DistEnv, t0: float) -> RunResult:
     cfg, model_cfg, tokenizer, out, resume = (plan.cfg, plan.model_cfg, plan.tokenizer, plan.out,
                                               plan.resume)
+    if env.sp != cfg.sp:
+        raise ConfigError(f"--sp: expected the sequence-parallel size of the process layout, "
+                          f"{env.sp}, got {cfg.sp}")
     rank0 = env.rank == 0
     if cfg.overwrite and resume is None and rank0:
         shutil.rmtree(checkpoint.checkpoint_root(out), ignore_errors=True)
