@@ -108,12 +108,17 @@ def test_bench_sp_gloo_smoke(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "seqpar.bench.sp", "--device", "cpu", "--small",
            "--mixers", "linear_attn,gated_delta_rule,softmax_attn", "--layouts", "contiguous",
-           "--seq-total", "0", "--reps", "1", "--warmup", "0", "--out", str(out)]
+           "--seq-total", "128", "--reps", "1", "--warmup", "0", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     data = json.loads(out.read_text())
     assert data["complete"] and data["world_size"] == 2 and data["torch"]
-    rows = data["results"]
+    rows = [r for r in data["results"] if r["mode"] == "weak"]
+    strong = [r for r in data["results"] if r["mode"] == "strong"]
+    # Total 128 = 2 x 64: the strong rows reuse the weak runs against a 128-token baseline.
+    assert [(r["mixer"], r["strategy"], r["ms"]) for r in strong] == \
+        [(r["mixer"], r["strategy"], r["ms"]) for r in rows]
+    assert all(r["same_run_as_weak"] and r["strong_speedup"] > 0 for r in strong)
     got = {(r["mixer"], r["strategy"]) for r in rows}
     assert got == {("linear_attn", "scan"), ("linear_attn", "allgather"),
                    ("gated_delta_rule", "scan"), ("gated_delta_rule", "allgather"),

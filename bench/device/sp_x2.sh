@@ -9,7 +9,7 @@
 # failure cannot eat the whole budget, each writing its results as it goes:
 #   env   GPUs, driver, versions
 #   sp    seqpar bench sp under torchrun: per mixer and strategy, weak (32K tokens per GPU)
-#         and strong (128K total) scaling, communication time, bytes -> sp.json
+#         and strong (64K total) scaling, communication time, bytes -> sp.json
 #   one   side by side, one GPU each: training tokens/s + MFU of the ~1B hybrid at 32K on
 #         GPU 0 (train1) and the longest context that trains on one GPU on GPU 1 (longest1)
 #   two   the same on both GPUs with sp=2: train2, then longest2
@@ -43,13 +43,17 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 
+# Linear mixers in the contiguous layout only (zigzag matters for softmax attention); the
+# hybrid's mixer and softmax attention before the mixers that run on the PyTorch path.
+SP_COMMON=(--linear-layouts contiguous
+           --mixers linear_attn,simple_gla,gated_delta_rule,softmax_attn,mlstm,gla,delta_rule)
 if [ "$DRY" = 1 ]; then
     export OMP_NUM_THREADS=1  # several ranks share a few cores
-    SP_ARGS=(--device cpu --small)
+    SP_ARGS=(--device cpu --small --seq-total 128 "${SP_COMMON[@]}")
     TRAIN_ARGS=(--preset tiny --seq-len 512 --warmup 1 --steps 2)
     SEARCH_ARGS=(--preset tiny --first 256 --last 4096 --granularity 256 --warm 256 --oom-above 1800)
 else
-    SP_ARGS=(--seq-per-gpu 32768 --seq-total 131072 --warmup 2 --reps 5)
+    SP_ARGS=(--seq-per-gpu 32768 --seq-total 65536 --warmup 2 --reps 5 "${SP_COMMON[@]}")
     TRAIN_ARGS=(--preset 1b --seq-len 32768 --warmup 2 --steps 4)
     SEARCH_ARGS=(--preset 1b --first 32768 --last 8388608 --granularity 32768 --warm 4096)
 fi
@@ -104,7 +108,8 @@ for stage in $STAGES; do
     two)
         run_stage train2 75 "${TORCHRUN[@]}" --nproc-per-node 2 -m seqpar.bench.longest throughput \
             "${TRAIN_ARGS[@]}" --out "$OUT/train.json"
-        run_stage longest2 150 "$PY" -m seqpar.bench.longest search --nproc 2 "${SEARCH_ARGS[@]}" \
+        # Last: it takes whatever time is left.
+        run_stage longest2 400 "$PY" -m seqpar.bench.longest search --nproc 2 "${SEARCH_ARGS[@]}" \
             --budget @BUDGET@ --out "$OUT/longest.json"
         ;;
     *)

@@ -13,7 +13,9 @@ backward (``o.backward(do)``), with 16 heads of 128 (bf16 on CUDA, float32 on CP
 * **weak scaling**: every rank holds ``--seq-per-gpu`` tokens (global length P x that),
   against the same op without SP on one device at ``--seq-per-gpu`` tokens;
 * **strong scaling**: the global length is ``--seq-total`` (each rank holds 1/P of it),
-  against the op without SP on one device at ``--seq-total`` tokens.
+  against the op without SP on one device at ``--seq-total`` tokens. When that equals
+  P x ``--seq-per-gpu`` the SP runs are the weak-scaling ones (not repeated), compared
+  with the other baseline.
 
 The one-device baselines run in the same invocation, on every rank at once (each on its
 own device, no communication), so they see the same clocks and neighbours as the SP runs.
@@ -386,9 +388,10 @@ def external_impls(world: int) -> tuple[dict, list[str]]:
 
 # ---- the run ----
 
-def _configs(mixer: str, layouts) -> list[tuple[str, str]]:
-    strategies = ATTN_STRATEGIES if mixer == "softmax_attn" else LINEAR_STRATEGIES
-    return [(s, lay) for s in strategies for lay in layouts]
+def _configs(mixer: str, args) -> list[tuple[str, str]]:
+    if mixer == "softmax_attn":
+        return [(s, lay) for s in ATTN_STRATEGIES for lay in args.layouts]
+    return [(s, lay) for s in LINEAR_STRATEGIES for lay in args.linear_layouts]
 
 
 def _nccl_version() -> str:
@@ -538,12 +541,24 @@ class Run:
                      + (f" err {row['max_rel_err']:.1e}" if "max_rel_err" in row else ""))
 
     def modes(self):
-        """(mode, global length) pairs; strong is skipped when it equals weak."""
+        """(mode, global length) pairs."""
         a = self.args
         out = [("weak", a.seq_per_gpu * self.world)]
-        if a.seq_total is not None and a.seq_total != a.seq_per_gpu * self.world:
+        if a.seq_total is not None:
             out.append(("strong", a.seq_total))
         return out
+
+    def strong_from_weak(self, mixer, base_ms):
+        """Strong-scaling rows when the total equals the weak run's: the SP runs are the
+        same, only the one-device baseline differs (one device at the total)."""
+        for row in [r for r in self.out["results"] if r["mixer"] == mixer and r["mode"] == "weak"]:
+            new = {k: v for k, v in row.items() if k not in ("weak_overhead", "efficiency")}
+            new.update(mode="strong", baseline_ms=base_ms, same_run_as_weak=True)
+            if "ms" in new:
+                new["strong_speedup"] = base_ms / new["ms"]
+                new["efficiency"] = new["strong_speedup"] / self.world
+            self.out["results"].append(new)
+        self.save()
 
     def run_mixer(self, mixer):
         a = self.args
@@ -565,7 +580,10 @@ class Run:
         for mode, total in self.modes():
             if mode == "strong":
                 bases["strong"] = self.baseline(mixer, total, backend)
-            for strategy, layout in _configs(mixer, a.layouts):
+                if total == a.seq_per_gpu * self.world:
+                    self.strong_from_weak(mixer, bases["strong"])
+                    continue
+            for strategy, layout in _configs(mixer, a):
                 if self.out_of_time():
                     return False
                 self.measure(mixer, "seqpar", strategy, layout, mode, total, bases[mode], backend)
@@ -613,7 +631,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="auto: CUDA (NCCL) when available, else CPU (gloo)")
     p.add_argument("--mixers", default=",".join(MIXERS), help="comma-separated, among " + ", ".join(MIXERS))
-    p.add_argument("--layouts", default="contiguous,zigzag", help="comma-separated SP layouts")
+    p.add_argument("--layouts", default="contiguous,zigzag",
+                   help="comma-separated SP layouts (softmax attention, and the linear family "
+                        "unless --linear-layouts is given)")
+    p.add_argument("--linear-layouts", default=None,
+                   help="comma-separated SP layouts for the linear family (default: --layouts)")
     p.add_argument("--seq-per-gpu", type=int, default=32768, help="tokens per rank (weak scaling)")
     p.add_argument("--seq-total", type=int, default=None,
                    help="global tokens for strong scaling (default 4 x --seq-per-gpu; 0: none)")
@@ -650,10 +672,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for m in args.mixers:
         if m not in MIXERS:
             p.error(f"--mixers: expected names among {', '.join(MIXERS)}, got {m!r}")
-    args.layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
-    for x in args.layouts:
-        if x not in LAYOUTS:
-            p.error(f"--layouts: expected names among {', '.join(LAYOUTS)}, got {x!r}")
+    if args.linear_layouts is None:
+        args.linear_layouts = args.layouts
+    for name in ("layouts", "linear_layouts"):
+        values = [x.strip() for x in getattr(args, name).split(",") if x.strip()]
+        for x in values:
+            if x not in LAYOUTS:
+                p.error(f"--{name.replace('_', '-')}: expected names among {', '.join(LAYOUTS)}, got {x!r}")
+        setattr(args, name, values)
     for name in ("seq_per_gpu", "batch", "heads", "head_dim", "reps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}: expected a positive int, got {getattr(args, name)}")
