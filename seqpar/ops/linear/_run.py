@@ -36,7 +36,10 @@ def run_delta(q, k, v, g, beta, *, scale: float, initial_state, output_final_sta
 
     beta: (B, T, H). Other shapes as in :func:`run_diag`.
     """
-    if pick_backend(backend, q) == "triton":
+    # 'auto' stays on the PyTorch path for the delta family: the Triton kernels of
+    # triton_delta have been checked only under the CPU interpreter, not yet on a GPU
+    # (bench/device/check_triton_delta.py); only an explicit backend='triton' runs them.
+    if backend != "auto" and pick_backend(backend, q) == "triton":
         from .triton_delta import triton_delta
 
         return triton_delta(q, k, v, g, beta, scale=scale, initial_state=initial_state,

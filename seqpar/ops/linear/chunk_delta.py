@@ -25,6 +25,40 @@ import torch
 from .chunk_diag import _chunks, _segsum
 
 
+def wy_terms(qc, kc, vc, gc, bc, scale: float):
+    """The state-independent terms of the WY form on chunked float32 inputs.
+
+    Args:
+        qc, kc: (..., n, C, K); vc: (..., n, C, V); gc: None or (..., n, C, 1) log
+        decay (leading dims: two, e.g. (B, H)); bc: (..., n, C, 1) beta.
+    Returns:
+        P (..., n, C, C) (scaled, masked, decayed), W (..., n, C, K), U (..., n, C, V),
+        q_dec = scale q exp(G) (..., n, C, K), k_dec = k exp(G_C - G_j) (..., n, C, K) and
+        the chunk decay exp(G_C) (..., n, 1, 1), or None without a gate.
+    """
+    C = qc.shape[-2]
+    kb, vb = kc * bc, vc * bc
+    qc = qc * scale
+    if gc is None:
+        decay = torch.ones(C, C, device=qc.device).tril()
+        q_dec, k_dec, kb_dec, chunk_decay = qc, kc, kb, None
+    else:
+        decay_full = _segsum(gc).exp()  # (..., n, C, C, 1)
+        decay = decay_full[..., 0]
+        G = gc.cumsum(-2)
+        q_dec = qc * G.exp()
+        k_dec = kc * decay_full[..., -1, :, :]  # exp(G_C - G_j): the last row of the decay
+        kb_dec = kb * G.exp()
+        chunk_decay = G[..., -1:, :].exp()  # (..., n, 1, 1)
+
+    A = (kb @ kc.transpose(-1, -2)) * decay
+    IA = A.tril(-1) + torch.eye(C, device=qc.device)
+    W = torch.linalg.solve_triangular(IA, kb_dec, upper=False, unitriangular=True)
+    U = torch.linalg.solve_triangular(IA, vb, upper=False, unitriangular=True)
+    P = (qc @ kc.transpose(-1, -2)) * decay
+    return P, W, U, q_dec, k_dec, chunk_decay
+
+
 def chunk_delta(q, k, v, g, beta, *, scale: float, initial_state=None,
                 output_final_state=False, chunk_size: int = 64):
     """Chunkwise (gated) delta rule on one device.
@@ -42,36 +76,16 @@ def chunk_delta(q, k, v, g, beta, *, scale: float, initial_state=None,
     C = min(chunk_size, T)
     n = -(-T // C)
     # Zero padding is inert: beta = 0 writes nothing, k = 0 reads nothing, g = 0 decays nothing.
-    qc, kc, vc = _chunks(q, n, C), _chunks(k, n, C), _chunks(v, n, C)
-    bc = _chunks(beta, n, C)[..., None]
-    kb, vb = kc * bc, vc * bc
-    qc = qc * scale
-    eye = torch.eye(C, device=q.device)
-
-    if g is None:
-        decay = torch.ones(C, C, device=q.device).tril()
-        q_dec, k_dec, kb_dec = qc, kc, kb
-        chunk_decay = torch.ones(B, H, n, 1, 1, device=q.device)
-    else:
-        gc = _chunks(g, n, C)[..., None]
-        decay_full = _segsum(gc).exp()  # (B, H, n, C, C, 1)
-        decay = decay_full[..., 0]
-        G = gc.cumsum(3)
-        q_dec = qc * G.exp()
-        k_dec = kc * decay_full[..., -1, :, :]  # exp(G_C - G_j): the last row of the decay
-        kb_dec = kb * G.exp()
-        chunk_decay = G[..., -1:, :].exp()  # (B, H, n, 1, 1)
-
-    A = (kb @ kc.transpose(-1, -2)) * decay
-    IA = A.tril(-1) + eye
-    W = torch.linalg.solve_triangular(IA, kb_dec, upper=False, unitriangular=True)
-    U = torch.linalg.solve_triangular(IA, vb, upper=False, unitriangular=True)
-    P = (qc @ kc.transpose(-1, -2)) * decay
+    gc = None if g is None else _chunks(g, n, C)[..., None]
+    P, W, U, q_dec, k_dec, chunk_decay = wy_terms(
+        _chunks(q, n, C), _chunks(k, n, C), _chunks(v, n, C), gc,
+        _chunks(beta, n, C)[..., None], scale)
 
     o = P @ U
     q_eff = q_dec - P @ W  # (B, H, n, C, K): how each output reads the incoming state
     k_dec_t = k_dec.transpose(-1, -2)
-    M = chunk_decay * torch.eye(K, device=q.device) - k_dec_t @ W  # (B, H, n, K, K)
+    eye = torch.eye(K, device=q.device)
+    M = (eye if chunk_decay is None else chunk_decay * eye) - k_dec_t @ W  # (B, H, n, K, K)
     local = k_dec_t @ U  # state each chunk builds from zero: (B, H, n, K, V)
     S = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
     inter = []

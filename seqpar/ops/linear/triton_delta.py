@@ -1,23 +1,257 @@
-"""Delta-rule engine behind ``backend='triton'`` (DeltaNet, Gated DeltaNet).
+"""Delta-rule engine behind ``backend='triton'`` (DeltaNet, Gated DeltaNet): the WY form
+of :mod:`.chunk_delta` with its sequential inter-chunk state pass as a Triton kernel.
 
-There is no Triton kernel for the delta family yet (issue 4, open): this runs the
-PyTorch chunk path (WY/UT form, :mod:`.chunk_delta`) per document, so results are
-correct on CUDA and under the interpreter but not Triton-fast.
+Per chunk ``c`` (``BT`` tokens, never straddling a document) with the state-independent
+terms of :func:`.chunk_delta.wy_terms` (``W``, ``U``, the decayed keys ``k_dec``, the
+chunk decay ``d = exp(G_C)``, ``P`` and ``q_dec``, all PyTorch batched ops with autograd)
+and the state ``S_c`` entering the chunk:
+
+* state pass (kernel, one program per document, head and V tile, chunks in order):
+  ``v'_c = U_c - W_c S_c``, ``S_{c+1} = d_c S_c + k_dec_c^T v'_c``;
+* output (PyTorch): ``o = P v' + q_dec S_c``.
+
+The state pass's backward is the reverse kernel: with ``dS`` the gradient of the state
+leaving chunk ``c`` (the final-state gradient for the last chunk),
+``dv'_tot = dv'_c + k_dec_c dS`` and ``dS <- d_c dS - W_c^T dv'_tot + dS_c^ext``; then
+``dU = dv'_tot``, ``dW = -dv'_tot S_c^T``, ``dk_dec = v'_c dS^T``, ``dd_c = <S_c, dS>``
+as batched products. States and ``v'`` are float32; the kernel's products take 16-bit
+operands for 16-bit inputs (float32 accumulation) and float32 ones otherwise.
+
+Everything is laid out per chunk: the packed stream (or ``B`` rows as ``B`` documents)
+is gathered into ``(H, NT, BT, D)`` with zero rows past each document's end (inert in
+the WY form: beta = 0 writes nothing, k = 0 reads nothing, g = 0 decays nothing), and
+outputs are gathered back. ``chunk_size`` is ignored: the chunk is ``BT`` = 64.
 """
 from __future__ import annotations
 
-from ._family import per_document
-from .chunk_delta import chunk_delta
+import torch
+import triton
+import triton.language as tl
+
+from .._validate import fail
+from .chunk_delta import wy_terms
+from .triton_common import BT, BV_STATE, dot_precision, mma, packed_offsets
+
+NUM_WARPS = 4
+MAX_DIM = 128  # K and V: the state tile spans all of K, and one K tile is at most 128 wide
+
+
+def _k_tile(K: int) -> int:
+    # Two fixed sizes: small heads are masked inside 64 (as the diagonal kernels do).
+    return 64 if K <= 64 else 128
+
+
+_DOT_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@triton.jit
+def _fwd_kernel(w, u, kd, dec, h0, h, vn, ht, coff, NT,
+                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
+                HAS_H0: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """Forward state pass of one document, head and V tile: stores the state entering
+    each chunk into h, v' into vn and the final state into ht."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    n, i_h = i_nh // H, i_nh % H
+    boc = tl.load(coff + n)
+    NC = tl.load(coff + n + 1) - boc
+    b_s = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        p_s = tl.make_block_ptr(h0 + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
+        b_s += tl.load(p_s, boundary_check=(0, 1), padding_option="zero")
+    for c in range(NC):
+        i_c = (i_h * NT + boc + c).to(tl.int64)
+        p_h = tl.make_block_ptr(h + i_c * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
+        tl.store(p_h, b_s, boundary_check=(0, 1))
+        p_w = tl.make_block_ptr(w + i_c * BT * K, (BT, K), (K, 1), (0, 0), (BT, BK), (1, 0))
+        p_kT = tl.make_block_ptr(kd + i_c * BT * K, (K, BT), (1, K), (0, 0), (BK, BT), (0, 1))
+        p_u = tl.make_block_ptr(u + i_c * BT * V, (BT, V), (V, 1), (0, i_v * BV), (BT, BV), (1, 0))
+        p_vn = tl.make_block_ptr(vn + i_c * BT * V, (BT, V), (V, 1), (0, i_v * BV), (BT, BV), (1, 0))
+        b_w = tl.load(p_w, boundary_check=(0, 1), padding_option="zero")
+        b_v = tl.load(p_u, boundary_check=(0, 1), padding_option="zero")
+        b_v -= mma(b_w.to(DT), b_s.to(DT), PREC)
+        tl.store(p_vn, b_v, boundary_check=(0, 1))
+        if USE_G:
+            b_s *= tl.load(dec + i_h * NT + boc + c)
+        b_kT = tl.load(p_kT, boundary_check=(0, 1), padding_option="zero")
+        b_s += mma(b_kT.to(DT), b_v.to(DT), PREC)
+    p_t = tl.make_block_ptr(ht + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
+    tl.store(p_t, b_s, boundary_check=(0, 1))
+
+
+@triton.jit
+def _bwd_kernel(w, kd, dec, dvn, dh, dht, dvt, dsl, dh0, coff, NT,
+                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
+                HAS_DHT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """Reverse state pass of one document, head and V tile, last chunk first: stores
+    the gradient of the state leaving each chunk into dsl, the total gradient of v' into
+    dvt and the gradient of the initial state into dh0."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    n, i_h = i_nh // H, i_nh % H
+    boc = tl.load(coff + n)
+    NC = tl.load(coff + n + 1) - boc
+    b_ds = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_DHT:
+        p_s = tl.make_block_ptr(dht + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
+        b_ds += tl.load(p_s, boundary_check=(0, 1), padding_option="zero")
+    for i in range(NC):
+        c = NC - 1 - i
+        i_c = (i_h * NT + boc + c).to(tl.int64)
+        p_l = tl.make_block_ptr(dsl + i_c * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
+        tl.store(p_l, b_ds, boundary_check=(0, 1))
+        p_k = tl.make_block_ptr(kd + i_c * BT * K, (BT, K), (K, 1), (0, 0), (BT, BK), (1, 0))
+        p_wT = tl.make_block_ptr(w + i_c * BT * K, (K, BT), (1, K), (0, 0), (BK, BT), (0, 1))
+        p_dvn = tl.make_block_ptr(dvn + i_c * BT * V, (BT, V), (V, 1), (0, i_v * BV), (BT, BV), (1, 0))
+        p_dvt = tl.make_block_ptr(dvt + i_c * BT * V, (BT, V), (V, 1), (0, i_v * BV), (BT, BV), (1, 0))
+        p_dh = tl.make_block_ptr(dh + i_c * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
+        b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero")
+        b_dv = tl.load(p_dvn, boundary_check=(0, 1), padding_option="zero")
+        b_dv += mma(b_k.to(DT), b_ds.to(DT), PREC)
+        tl.store(p_dvt, b_dv, boundary_check=(0, 1))
+        if USE_G:
+            b_ds *= tl.load(dec + i_h * NT + boc + c)
+        b_wT = tl.load(p_wT, boundary_check=(0, 1), padding_option="zero")
+        b_ds += tl.load(p_dh, boundary_check=(0, 1), padding_option="zero")
+        b_ds -= mma(b_wT.to(DT), b_dv.to(DT), PREC)
+    p_0 = tl.make_block_ptr(dh0 + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
+    tl.store(p_0, b_ds, boundary_check=(0, 1))
+
+
+def _launch_args(w, chunk_starts, dot_dtype):
+    H, _, _, K = w.shape
+    coff = torch.tensor(chunk_starts, dtype=torch.int32, device=w.device)
+    return coff, dict(H=H, K=K, BT=BT, BK=_k_tile(K), BV=BV_STATE,
+                          DT=_DOT_DTYPE[dot_dtype], PREC=dot_precision(dot_dtype),
+                          num_warps=NUM_WARPS)
+
+
+def _grid(V, chunk_starts, H):
+    return (triton.cdiv(V, BV_STATE), (len(chunk_starts) - 1) * H)
+
+
+# torch.library registration: compile traces these as single nodes (no graph break).
+# Custom ops cannot return None, so an absent initial state comes back as zeros.
+@torch.library.custom_op("seqpar::delta_state_fwd", mutates_args=())
+def _state_fwd_op(w: torch.Tensor, u: torch.Tensor, kd: torch.Tensor, dec: torch.Tensor | None,
+                  h0: torch.Tensor | None, chunk_starts: list[int], dot_dtype: torch.dtype
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w, kd (H, NT, BT, K), u (H, NT, BT, V), dec None or (H, NT) float32, h0 None or
+    (N, H, K, V) float32; chunk_starts (N + 1) first chunk of each document. Returns the
+    entering states h (H, NT, K, V), v' (H, NT, BT, V) and final states (N, H, K, V),
+    all float32."""
+    H, NT, _, K = w.shape
+    V = u.shape[-1]
+    h = w.new_empty(H, NT, K, V)
+    vn = torch.empty_like(u)
+    ht = w.new_empty(len(chunk_starts) - 1, H, K, V)
+    coff, meta = _launch_args(w, chunk_starts, dot_dtype)
+    _fwd_kernel[_grid(V, chunk_starts, H)](w, u, kd, dec, h0, h, vn, ht, coff, NT, V=V,
+                                           USE_G=dec is not None, HAS_H0=h0 is not None, **meta)
+    return h, vn, ht
+
+
+@_state_fwd_op.register_fake
+def _(w, u, kd, dec, h0, chunk_starts, dot_dtype):
+    H, NT, _, K = w.shape
+    V = u.shape[-1]
+    return (w.new_empty(H, NT, K, V), torch.empty_like(u),
+            w.new_empty(len(chunk_starts) - 1, H, K, V))
+
+
+@torch.library.custom_op("seqpar::delta_state_bwd", mutates_args=())
+def _state_bwd_op(w: torch.Tensor, kd: torch.Tensor, dec: torch.Tensor | None, dvn: torch.Tensor,
+                  dh: torch.Tensor, dht: torch.Tensor | None, chunk_starts: list[int],
+                  dot_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reverse pass: the total gradient of v' (H, NT, BT, V), the gradient of the state
+    leaving each chunk (H, NT, K, V) and of the initial states (N, H, K, V), float32."""
+    H, NT, _, K = w.shape
+    V = dvn.shape[-1]
+    dvt = torch.empty_like(dvn)
+    dsl = w.new_empty(H, NT, K, V)
+    dh0 = w.new_empty(len(chunk_starts) - 1, H, K, V)
+    coff, meta = _launch_args(w, chunk_starts, dot_dtype)
+    _bwd_kernel[_grid(V, chunk_starts, H)](w, kd, dec, dvn, dh, dht, dvt, dsl, dh0, coff, NT,
+                                           V=V, USE_G=dec is not None, HAS_DHT=dht is not None,
+                                           **meta)
+    return dvt, dsl, dh0
+
+
+@_state_bwd_op.register_fake
+def _(w, kd, dec, dvn, dh, dht, chunk_starts, dot_dtype):
+    H, NT, _, K = w.shape
+    V = dvn.shape[-1]
+    return (torch.empty_like(dvn), w.new_empty(H, NT, K, V),
+            w.new_empty(len(chunk_starts) - 1, H, K, V))
+
+
+def _setup(ctx, inputs, output):
+    w, u, kd, dec, h0, chunk_starts, dot_dtype = inputs
+    h, vn, _ = output
+    ctx.save_for_backward(w, kd, dec, h, vn)
+    ctx.chunk_starts, ctx.dot_dtype = chunk_starts, dot_dtype
+    ctx.has_h0 = h0 is not None
+
+
+def _backward(ctx, dh, dvn, dht):
+    w, kd, dec, h, vn = ctx.saved_tensors
+    dh = torch.zeros_like(h) if dh is None else dh.contiguous()
+    dvn = torch.zeros_like(vn) if dvn is None else dvn.contiguous()
+    dvt, dsl, dh0 = _state_bwd_op(w, kd, dec, dvn, dh, None if dht is None else dht.contiguous(),
+                                  ctx.chunk_starts, ctx.dot_dtype)
+    dw = -(dvt @ h.transpose(-1, -2))
+    dkd = vn @ dsl.transpose(-1, -2)
+    ddec = None if dec is None else (h * dsl).sum((-2, -1))
+    return dw, dvt, dkd, ddec, (dh0 if ctx.has_h0 else None), None, None
+
+
+torch.library.register_autograd("seqpar::delta_state_fwd", _backward, setup_context=_setup)
+
+
+def _chunk_rows(offsets: list[int], device):
+    """Row gather plan: ``rows`` (NT BT,) index of each chunk row in the packed stream
+    (``offsets[-1]``, an appended zero row, past a document's end); ``keep`` (TT,) the
+    chunk rows holding tokens, in stream order; ``starts`` (N + 1) first chunk of each
+    document."""
+    rows, starts = [], [0]
+    for s, e in zip(offsets, offsets[1:]):
+        nc = triton.cdiv(e - s, BT)
+        r = torch.arange(s, s + nc * BT)
+        rows.append(torch.where(r < e, r, offsets[-1]))
+        starts.append(starts[-1] + nc)
+    rows = torch.cat(rows)
+    keep = torch.nonzero(rows < offsets[-1]).squeeze(1)
+    return rows.to(device), keep.to(device), starts
 
 
 def triton_delta(q, k, v, g, beta, *, scale: float, initial_state, output_final_state: bool,
                  offsets):
-    """Same contract as ``_run.run_delta``: q, k (B, T, H, K); v (B, T, H, V); g None or
-    (B, T, H) float32; beta (B, T, H); initial_state (N, H, K, V) or None; offsets list
-    or None. Returns o (B, T, H, V) in v's dtype and the final state (N, H, K, V)
-    float32 or None."""
-    def fn(xs, state):
-        return chunk_delta(*xs, scale=scale, initial_state=state,
-                           output_final_state=output_final_state)
+    """Same contract as ``_run.run_delta``: q, k (B, T, H, K); v (B, T, H, V) float16,
+    bfloat16 or float32 with K, V <= 128; g None or (B, T, H) float32; beta (B, T, H);
+    initial_state (N, H, K, V) or None; offsets list or None. Returns o (B, T, H, V) in
+    v's dtype and the final state (N, H, K, V) float32 or None."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    for name, d in (("k", K), ("v", V)):
+        if d > MAX_DIM:
+            fail(name, f"head dim <= {MAX_DIM} for backend='triton'", d)
+    if v.dtype not in _DOT_DTYPE:
+        fail("v", f"dtype in {list(_DOT_DTYPE)} for backend='triton'", v.dtype)
+    rows, keep, starts = _chunk_rows(packed_offsets(B, T, offsets), q.device)
+    NT = len(rows) // BT
 
-    return per_document(fn, offsets, (q, k, v, g, beta), initial_state, output_final_state)
+    def chunked(x):  # (B, T, H, ...) -> (1, H, NT, BT, ...) float32, zero rows padded in
+        x = x.reshape(B * T, *x.shape[2:]).float()
+        x = torch.cat([x, x.new_zeros(1, *x.shape[1:])])[rows]
+        return x.reshape(NT, BT, *x.shape[1:]).movedim(2, 0).unsqueeze(0)
+
+    P, W, U, q_dec, k_dec, dec = wy_terms(
+        chunked(q), chunked(k), chunked(v), None if g is None else chunked(g)[..., None],
+        chunked(beta)[..., None], scale)
+    h0 = None if initial_state is None else initial_state.float().contiguous()
+    h, vn, ht = _state_fwd_op(W[0].contiguous(), U[0].contiguous(), k_dec[0].contiguous(),
+                              None if dec is None else dec[0, ..., 0, 0].contiguous(), h0,
+                              starts, v.dtype)
+    o = P[0] @ vn + q_dec[0] @ h  # (H, NT, BT, V)
+    o = o.movedim(0, 2).reshape(NT * BT, H, V)[keep]
+    return o.reshape(B, T, H, V).to(v.dtype), (ht if output_final_state else None)
