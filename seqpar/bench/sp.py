@@ -7,7 +7,8 @@ Run under torchrun, one process per GPU (or per CPU process with ``--device cpu`
 
 For every mixer (the six linear-family ops and causal softmax attention) and every SP
 configuration (linear: ``scan`` / ``allgather``; softmax: ``ring`` / ``alltoall`` /
-``allgather``; each under the layouts of ``--layouts``) it times one op call, forward plus
+``allgather``; under the layouts of ``--layouts``, or ``--linear-layouts`` for the linear
+family) it times one op call, forward plus
 backward (``o.backward(do)``), with 16 heads of 128 (bf16 on CUDA, float32 on CPU):
 
 * **weak scaling**: every rank holds ``--seq-per-gpu`` tokens (global length P x that),
@@ -31,11 +32,13 @@ How things are measured (also written into the JSON under ``method``):
   (copies or zero-fills, no transfer, no waiting for peers), so that exactly the local
   compute of the SP path remains. ``comm_ms = ms - compute_ms`` is the time that
   communication adds to the step: transfers, waiting for the previous rank in the
-  ``scan`` chain and synchronization, minus whatever overlaps with compute. (Results of
-  the stand-in run are garbage and are never used.)
+  ``scan`` chain and synchronization, minus whatever overlaps with compute. The
+  stand-ins' local copies stay in ``compute_ms`` (for the all-gather of softmax KV that
+  is a copy of the gathered size), so ``comm_ms`` errs low there. (Results of the
+  stand-in run are garbage and are never used.)
 * bytes: ``SequenceParallel.bytes_sent`` over one forward+backward, per rank, split by op;
   for the linear family also the closed form (:func:`expected_linear_bytes`).
-* correctness: with ``--check`` (default), every SP configuration's output and input
+* correctness: unless ``--no-check``, every SP configuration's output and input
   gradients are compared with the single-device op on the whole sequence (relative L2
   over all ranks).
 
