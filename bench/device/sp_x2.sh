@@ -18,8 +18,9 @@
 # sp.png sp_model.png summary.md.
 #
 # Environment: SP_X2_BUDGET_S (whole run, default 570 s: run it with timeout_s 600),
-# SP_X2_STAGES (default "env sp one two"; e.g. SP_X2_STAGES="two" gives the 2-GPU runs a
-# call of their own), SP_X2_DRY_RUN=1 (CPU rehearsal: gloo, tiny shapes, simulated OOM).
+# SP_X2_STAGES (default "env sp one two"; also "longest1" / "longest2": one search alone on
+# all the time left, e.g. SP_X2_STAGES=longest2 for a call of its own when the full run's
+# search was time-bounded), SP_X2_DRY_RUN=1 (CPU rehearsal: gloo, tiny shapes, simulated OOM).
 set -u
 set -o pipefail
 
@@ -112,8 +113,13 @@ for stage in $STAGES; do
         run_stage longest2 400 "$PY" -m seqpar.bench.longest search --nproc 2 "${SEARCH_ARGS[@]}" \
             --budget @BUDGET@ --out "$OUT/longest.json"
         ;;
+    longest1 | longest2)
+        # One search alone, on all the time left (a call of its own after a full run).
+        run_stage "$stage" 900 "$PY" -m seqpar.bench.longest search --nproc "${stage#longest}" \
+            "${SEARCH_ARGS[@]}" --budget @BUDGET@ --out "$OUT/longest.json"
+        ;;
     *)
-        echo "=== unknown stage $stage (known: env sp one two)" | tee -a "$LOG"
+        echo "=== unknown stage $stage (known: env sp one two longest1 longest2)" | tee -a "$LOG"
         ;;
     esac
 done
