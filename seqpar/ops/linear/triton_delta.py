@@ -213,14 +213,15 @@ def _chunk_rows(offsets: list[int], device):
     (``offsets[-1]``, an appended zero row, past a document's end); ``keep`` (TT,) the
     chunk rows holding tokens, in stream order; ``starts`` (N + 1) first chunk of each
     document."""
-    rows, starts = [], [0]
+    rows, keep, starts = [], [], [0]
     for s, e in zip(offsets, offsets[1:]):
         nc = triton.cdiv(e - s, BT)
         r = torch.arange(s, s + nc * BT)
         rows.append(torch.where(r < e, r, offsets[-1]))
+        # sizes from offsets alone (no nonzero), so torch.compile traces it without a break
+        keep.append(torch.arange(starts[-1] * BT, starts[-1] * BT + e - s))
         starts.append(starts[-1] + nc)
-    rows = torch.cat(rows)
-    keep = torch.nonzero(rows < offsets[-1]).squeeze(1)
+    rows, keep = torch.cat(rows), torch.cat(keep)
     return rows.to(device), keep.to(device), starts
 
 

@@ -1,0 +1,145 @@
+"""The delta family's Triton path (``backend='triton'``: the WY state pass as Triton
+kernels, seqpar/ops/linear/triton_delta.py) against the float64 token-loop references.
+
+Runs on the GPU where there is one, otherwise under Triton's CPU interpreter, set up by
+importing tests/test_triton.py first (see its docstring for why the variable must be set
+before any kernel module is imported); its input-case strategy, fixed examples, leaf
+builder and tolerances are shared here.
+
+What is checked: outputs, final states and the gradients of q, k, v, g, beta and the
+initial state within the precision contract (float32 1e-4, bf16 inputs 2e-2, against
+the reference on the same bf16 values), for DeltaNet and Gated DeltaNet, over T = 1,
+T not a multiple of the 64-token chunk, B > 1, packed documents (a boundary inside a
+chunk, a one-token document), initial states, strong decays (a_t down to ~e^-15) and
+K != V with V not a power of two; a ``torch.compile(fullgraph=True)`` trace through the
+custom op; that 'auto' never picks these kernels yet; the head-dim limit.
+
+Budget: about a minute on 2 cores (the interpreter runs each kernel program in numpy).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+if "seqpar.ops.linear.triton_delta" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1" \
+        and not torch.cuda.is_available():
+    raise RuntimeError("seqpar.ops.linear.triton_delta imported before TRITON_INTERPRET=1 was set")
+
+from test_triton import DEVICE, FIXED, TOL, _flat, _leaves, cases  # noqa: E402  (sets TRITON_INTERPRET)
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from conftest import rel_err  # noqa: E402
+from hypothesis import example, given, settings  # noqa: E402
+
+from seqpar import ops  # noqa: E402
+from seqpar.ops.linear import _run  # noqa: E402
+
+GATES = {"delta_rule": ("beta",), "gated_delta_rule": ("g", "beta")}
+
+
+def _inputs(op, B, T, H, K, V, N, strong, initial, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, K, generator=gen)
+    k = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)  # the callers' contract
+    v = torch.randn(B, T, H, V, generator=gen)
+    xs = [q.to(dtype), k.to(dtype), v.to(dtype)]
+    if op == "gated_delta_rule":
+        x = torch.randn(B, T, H, generator=gen)
+        xs.append(F.logsigmoid(x * 3 - 6 if strong else x + 2))
+    xs.append(torch.sigmoid(torch.randn(B, T, H, generator=gen)).to(dtype))
+    state = torch.randn(N, H, K, V, generator=gen) if initial else None
+    return xs, state
+
+
+def errors(op, B, T, H, K, V, cuts, strong, initial, dtype, seed, ref_device="cpu"):
+    """Relative errors of backend='triton' against the float64 reference (run on
+    ``ref_device``): o, final state and the gradient of every input under a random
+    linear loss. bench/device/check_triton_delta.py calls this at full sizes."""
+    N = len(cuts) + 1 if cuts else B
+    xs, state = _inputs(op, B, T, H, K, V, N, strong, initial, dtype, seed)
+    cu = None if not cuts else torch.tensor((0, *cuts, T), dtype=torch.int32)
+    fn, ref = getattr(ops, op), getattr(ops, op + "_reference")
+    xk, sk = _leaves(xs, state)
+    o, S = fn(*xk, initial_state=sk, output_final_state=True,
+              cu_seqlens=None if cu is None else cu.to(DEVICE), backend="triton")
+    xr, sr = _leaves(xs, state, torch.float64, ref_device)
+    o_ref, S_ref = ref(*xr, initial_state=sr, output_final_state=True,
+                       cu_seqlens=None if cu is None else cu.to(ref_device))
+    assert o.dtype == dtype and o.shape == o_ref.shape and S.dtype == torch.float32
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    w = torch.randn(o.shape, generator=gen).to(dtype).double()  # representable in o's dtype
+    ws = torch.randn(S_ref.shape, generator=gen, dtype=torch.float64)
+
+    def grads(o, S, leaves):
+        loss = (o.double() * w.to(o.device)).sum() + (S.double() * ws.to(S.device)).sum()
+        return torch.autograd.grad(loss, leaves)
+
+    names = ["q", "k", "v", *GATES[op]] + (["state"] if initial else [])
+    errs = {"o": rel_err(o.cpu(), o_ref.cpu()), "S": rel_err(S.cpu(), S_ref.cpu())}
+    for n, a, b in zip(names, grads(o, S, xk + _flat(sk)), grads(o_ref, S_ref, xr + _flat(sr))):
+        errs["d" + n] = rel_err(a.cpu(), b.cpu())
+    return errs
+
+
+EXTRA = [  # bf16 with strong decays, packed, a one-token document; V = 33 spans two V tiles
+    dict(B=1, T=140, H=1, K=16, V=33, cuts=(70, 71), strong=True, initial=True,
+         dtype=torch.bfloat16, seed=4),
+]
+
+
+@pytest.mark.parametrize("op", list(GATES))
+@settings(max_examples=3)
+@given(case=cases())
+@example(case=FIXED[0])
+@example(case=FIXED[1])
+@example(case=FIXED[2])
+@example(case=EXTRA[0])
+def test_triton_delta_matches_reference(op, case):
+    tol = TOL[case["dtype"]]
+    errs = errors(op, **case)
+    bad = {n: e for n, e in errs.items() if not e < tol}
+    assert not bad, f"{op} {case}: errors over {tol}: {bad}"
+
+
+def test_compile_fullgraph_traces_custom_op():
+    """The state pass is one custom op to torch.compile: fullgraph tracing succeeds and
+    the compiled forward and backward equal eager."""
+    torch._dynamo.reset()
+    xs, state = _inputs("gated_delta_rule", 2, 70, 2, 16, 24, 2, False, True, torch.float32, 7)
+    xs, state = _leaves(xs, state)
+
+    def f(q, k, v, g, beta, s):
+        o, S = ops.gated_delta_rule(q, k, v, g, beta, initial_state=s, output_final_state=True,
+                                    backend="triton")
+        return (o * o).sum() + S.sum()
+
+    eager = torch.autograd.grad(f(*xs, state), xs + [state])
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(*xs, state), xs + [state])
+    for a, b in zip(got, eager):
+        assert rel_err(a, b) < 1e-6
+
+
+def test_auto_keeps_delta_on_torch(monkeypatch):
+    """Until the kernels pass on a GPU, 'auto' runs the PyTorch path even where it would
+    pick Triton (CUDA), while an explicit 'triton' reaches the kernels."""
+    import seqpar.ops.linear.triton_delta as td
+
+    calls = []
+    monkeypatch.setattr(_run, "pick_backend", lambda backend, x: "triton")
+    monkeypatch.setattr(td, "triton_delta", lambda *a, **kw: calls.append(1) or (None, None))
+    xs, _ = _inputs("delta_rule", 1, 5, 1, 16, 16, 1, False, False, torch.float32, 0)
+    ops.delta_rule(*xs, backend="auto")
+    assert calls == []
+    ops.delta_rule(*xs, backend="triton")
+    assert calls == [1]
+
+
+def test_head_dim_limit():
+    xs, _ = _inputs("delta_rule", 1, 3, 1, 160, 16, 1, False, False, torch.float32, 0)
+    with pytest.raises(ValueError, match=r"k: expected head dim <= 128.*got 160"):
+        ops.delta_rule(*[x.to(DEVICE) for x in xs], backend="triton")
