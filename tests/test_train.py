@@ -29,8 +29,9 @@ from seqpar.layers import MIXERS
 from seqpar.train import Trainer, TrainConfig, build_loaders, main, prepare, run
 from seqpar.train import checkpoint as ckpt
 from seqpar.train import loop
-from seqpar.train.data import (IGNORE_INDEX, ByteTokenizer, Loader, WindowSampler, load_documents,
-                               pack_windows, split_documents, stdlib_files, token_stream)
+from seqpar.train.data import (IGNORE_INDEX, ByteTokenizer, HFTokenizer, Loader, WindowSampler,
+                               load_documents, pack_windows, split_documents, stdlib_files,
+                               token_stream)
 from seqpar.train.distributed import DistEnv, mesh_env
 from seqpar.train.loop import lr_factor
 
@@ -390,9 +391,12 @@ def test_tokenizer_file(tmp_path):
         return path
 
     data = write_corpus(tmp_path / "corpus.jsonl")
-    plan = prepare(TrainConfig(data=str(data), tokenizer=str(make(["<|endoftext|>"])),
-                               out=str(tmp_path / "run")))
+    path = make(["<|endoftext|>"])
+    plan = prepare(TrainConfig(data=str(data), tokenizer=str(path), out=str(tmp_path / "run")))
     tok = plan.tokenizer
+    moved = tmp_path / "elsewhere.json"
+    moved.write_bytes(path.read_bytes())
+    assert HFTokenizer(str(moved)).describe() == tok.describe(), "identity is the file's content"
     assert tok.eos_id == 1 and plan.model_cfg.vocab_size % 64 == 0
     assert plan.model_cfg.vocab_size >= tok.vocab_size
     s = token_stream(["def f(x)", "return x"], tok)

@@ -4,6 +4,9 @@
 with no download; ``torchrun --nproc-per-node N -m seqpar.train --sp S`` shards each
 sequence over S ranks and the batch over N / S. See ``docs/train.md``.
 """
+import os
+import sys
+
 from .config import PRESET_TRAINING, ConfigError, TrainConfig, parse_args, resolve
 from .loop import Plan, RunResult, Trainer, build_loaders, prepare, run
 
@@ -14,9 +17,6 @@ __all__ = ["PRESET_TRAINING", "ConfigError", "Plan", "RunResult", "TrainConfig",
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 for a bad configuration,
     printed without a traceback on rank 0)."""
-    import os
-    import sys
-
     try:
         run(parse_args(argv))
     except ConfigError as e:

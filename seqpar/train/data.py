@@ -16,6 +16,7 @@ global ``cu_seqlens``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sysconfig
@@ -61,7 +62,8 @@ class HFTokenizer:
         except ImportError:
             config_fail("--tokenizer", "the 'tokenizers' package (pip install seqpar[tokenizers])",
                         "it is not installed")
-        self.name = str(Path(path).resolve())
+        # Identity for checkpoint compatibility: the file's content, wherever it lives.
+        self.name = "tokenizers:sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
         self._tok = Tokenizer.from_file(path)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         ids = [self._tok.token_to_id(t) for t in EOS_CANDIDATES]
