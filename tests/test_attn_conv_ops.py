@@ -502,3 +502,20 @@ def test_sp_receives_validated_call():
     assert sp.call == ("long_conv", (x, kernel), {})
     with pytest.raises(ValueError, match="kernel:"):
         ops.long_conv(x, torch.randn(2, 8), sp=sp)
+
+
+def test_softmax_attn_strided_keys():
+    """Keys whose head dim is not unit-stride (a transposed projection) once gave 80%
+    error through the CPU flash kernel; outputs and gradients must match the reference."""
+    q = torch.randn(2, 24, 4, 4, requires_grad=True)
+    kb = torch.randn(2, 16, 24, requires_grad=True)
+    v = torch.randn(2, 24, 4, 4, requires_grad=True)
+    w = torch.randn(2, 24, 4, 4)
+    o, _ = ops.softmax_attn(q, kb.transpose(1, 2).reshape(2, 24, 4, 4), v)
+    grads = torch.autograd.grad((o * w).sum(), [q, kb, v])
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, kb, v))
+    ro, _ = ops.softmax_attn_reference(qd, kd.transpose(1, 2).reshape(2, 24, 4, 4), vd)
+    rgrads = torch.autograd.grad((ro * w.double()).sum(), [qd, kd, vd])
+    assert rel_err(o, ro) < 1e-5
+    for g, r in zip(grads, rgrads):
+        assert rel_err(g, r) < 1e-5
