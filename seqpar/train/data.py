@@ -234,7 +234,8 @@ class WindowSampler:
     def windows(self, start: int, count: int) -> np.ndarray:
         """Samples ``start .. start + count - 1`` as an int32 array (count, seq_len + 1)."""
         T = self.seq_len
-        return np.stack([self.stream[k * T:k * T + T + 1] for k in map(self._index, range(start, start + count))])
+        starts = [self._index(i) * T for i in range(start, start + count)]
+        return np.stack([self.stream[s:s + T + 1] for s in starts])
 
 
 class Loader:
