@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..layers import MIXERS
 from ..models import PRESETS, ModelConfig, preset
 
 # Sequences of packed documents per data-parallel rank, context length and schedule that
@@ -228,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--preset", default=d.preset, help="model size: " + ", ".join(PRESETS))
     g.add_argument("--mixers", default=None,
-                   help="per-layer mixer pattern, repeated over the layers, e.g. gdn,gdn,gdn,attn")
+                   help="per-layer mixer pattern, repeated over the layers, e.g. gdn,gdn,gdn,attn; "
+                        "names: " + ", ".join(MIXERS))
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a ModelConfig field, e.g. --set n_layers=6")
     g = p.add_argument_group("data")

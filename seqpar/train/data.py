@@ -37,7 +37,12 @@ EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "[SEP]", 
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as tokens 0..255; 256 is the end-of-text separator."""
+    """UTF-8 bytes as tokens 0..255; 256 is the end-of-text separator.
+
+    Tokenizers share this interface: ``encode(text) -> int32 (N,)``, ``decode(ids) ->
+    str``, ``vocab_size``, ``eos_id`` and ``describe()``, the identity that a checkpoint
+    records and a resume must match.
+    """
 
     name = "bytes"
     vocab_size = 257
