@@ -11,10 +11,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.distributed._composable import checkpoint as activation_checkpoint
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from ..models import HybridLM, ModelConfig
+from ..parallel import SequenceParallel, shard
 from . import checkpoint
 from .config import ConfigError, TrainConfig, resolve
 from .data import (IGNORE_INDEX, Batch, Loader, WindowSampler, load_documents, load_tokenizer,
@@ -39,8 +41,6 @@ def lr_factor(step: int, *, warmup: int, steps: int, min_ratio: float) -> float:
 def _sequence_parallel(env: DistEnv, cfg: TrainConfig):
     if env.sp == 1:
         return None
-    from ..parallel import SequenceParallel
-
     return SequenceParallel(env.sp_group, strategy=cfg.sp_strategy, layout=cfg.sp_layout)
 
 
@@ -63,8 +63,6 @@ class Trainer:
         self.flops_per_token = model.flops_per_token(cfg.seq_len)
         self.num_params = model.num_params()
         if cfg.activation_checkpointing:
-            from torch.distributed._composable import checkpoint as activation_checkpoint
-
             for block in model.blocks:
                 activation_checkpoint(block)
         if env.distributed:
@@ -95,8 +93,6 @@ class Trainer:
         """This rank's SP shard of a data-parallel rank's whole batch (itself without SP)."""
         if self.sp is None:
             return batch
-        from ..parallel import shard
-
         return Batch(shard(batch.input_ids, self.sp), shard(batch.targets, self.sp), batch.cu_seqlens)
 
     def _loss_sum(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
