@@ -25,8 +25,11 @@ import torch
 from .chunk_diag import _chunks, _segsum
 
 
-def wy_terms(qc, kc, vc, gc, bc, scale: float):
+def wy_terms(qc, kc, vc, gc, bc, scale: float, inverse=None):
     """The state-independent terms of the WY form on chunked float32 inputs.
+
+    ``inverse`` maps the strictly lower ``A`` (..., n, C, C) to ``(I + A)^{-1}``; None
+    solves the two triangular systems with ``torch.linalg.solve_triangular`` instead.
 
     Args:
         qc, kc: (..., n, C, K); vc: (..., n, C, V); gc: None or (..., n, C, 1) log
@@ -51,10 +54,14 @@ def wy_terms(qc, kc, vc, gc, bc, scale: float):
         kb_dec = kb * G.exp()
         chunk_decay = G[..., -1:, :].exp()  # (..., n, 1, 1)
 
-    A = (kb @ kc.transpose(-1, -2)) * decay
-    IA = A.tril(-1) + torch.eye(C, device=qc.device)
-    W = torch.linalg.solve_triangular(IA, kb_dec, upper=False, unitriangular=True)
-    U = torch.linalg.solve_triangular(IA, vb, upper=False, unitriangular=True)
+    A = ((kb @ kc.transpose(-1, -2)) * decay).tril(-1)
+    if inverse is None:
+        IA = A + torch.eye(C, device=qc.device)
+        W = torch.linalg.solve_triangular(IA, kb_dec, upper=False, unitriangular=True)
+        U = torch.linalg.solve_triangular(IA, vb, upper=False, unitriangular=True)
+    else:
+        T = inverse(A)
+        W, U = T @ kb_dec, T @ vb
     P = (qc @ kc.transpose(-1, -2)) * decay
     return P, W, U, q_dec, k_dec, chunk_decay
 

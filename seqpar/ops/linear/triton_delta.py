@@ -3,8 +3,9 @@ of :mod:`.chunk_delta` with its sequential inter-chunk state pass as a Triton ke
 
 Per chunk ``c`` (``BT`` tokens, never straddling a document) with the state-independent
 terms of :func:`.chunk_delta.wy_terms` (``W``, ``U``, the decayed keys ``k_dec``, the
-chunk decay ``d = exp(G_C)``, ``P`` and ``q_dec``, all PyTorch batched ops with autograd)
-and the state ``S_c`` entering the chunk:
+chunk decay ``d = exp(G_C)``, ``P`` and ``q_dec``: PyTorch batched ops with autograd,
+except ``(I + A)^{-1}``, one blocked-inversion Triton program per chunk,
+:func:`unit_lower_inverse`) and the state ``S_c`` entering the chunk:
 
 * state pass (kernel, one program per document, head and V tile, chunks in order):
   ``v'_c = U_c - W_c S_c``, ``S_{c+1} = d_c S_c + k_dec_c^T v'_c``;
@@ -116,6 +117,100 @@ def _bwd_kernel(w, kd, dec, dvn, dh, dht, dvt, dsl, dh0, coff, NT,
         b_ds -= mma(b_wT.to(DT), b_dv.to(DT), PREC)
     p_0 = tl.make_block_ptr(dh0 + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
     tl.store(p_0, b_ds, boundary_check=(0, 1))
+
+
+@triton.jit
+def _block(a, i, j, BT: tl.constexpr, BC: tl.constexpr):
+    """Block (i, j) of a BT x BT row-major matrix cut into BC x BC blocks."""
+    o = tl.arange(0, BC)
+    return tl.load(a + (i * BC + o)[:, None] * BT + j * BC + o[None, :])
+
+
+@triton.jit
+def _put(out, x, i, j, BT: tl.constexpr, BC: tl.constexpr):
+    o = tl.arange(0, BC)
+    tl.store(out + (i * BC + o)[:, None] * BT + j * BC + o[None, :], x)
+
+
+@triton.jit
+def _diag_inverse(a, i, BT: tl.constexpr, BC: tl.constexpr):
+    """``(I + L)^{-1}`` of diagonal block i (L strictly lower) by forward substitution:
+    row r of ``M = (I + L)^{-1} - I`` is ``-L_r - sum_{j<r} L_rj M_j``. Rows are read
+    from memory because a register tile cannot be indexed by a loop variable."""
+    o = tl.arange(0, BC)
+    b_m = tl.where(o[:, None] > o[None, :], -_block(a, i, i, BT, BC), 0.)
+    for r in range(2, BC):
+        b_r = tl.load(a + (i * BC + r) * BT + i * BC + o)
+        b_r = tl.where(o < r, -b_r, 0.)
+        b_r += tl.sum(b_r[:, None] * b_m, 0)
+        b_m = tl.where((o == r)[:, None], b_r[None, :], b_m)
+    return b_m + tl.where(o[:, None] == o[None, :], 1., 0.)
+
+
+@triton.jit
+def _inverse_kernel(a, out, BT: tl.constexpr, PREC: tl.constexpr):
+    """``(I + A)^{-1}`` of one BT x BT strictly lower A (BT = 64) as 4 x 4 blocks of 16:
+    diagonal blocks by forward substitution, then block row i below the diagonal as
+    ``N_ij = -N_ii sum_{j<=m<i} A_im N_mj`` (blocked forward substitution). Blocks
+    above the diagonal are left to the caller's zeros."""
+    BC: tl.constexpr = BT // 4
+    i_b = tl.program_id(0).to(tl.int64)
+    a += i_b * BT * BT
+    out += i_b * BT * BT
+    n11 = _diag_inverse(a, 0, BT, BC)
+    n22 = _diag_inverse(a, 1, BT, BC)
+    n33 = _diag_inverse(a, 2, BT, BC)
+    n44 = _diag_inverse(a, 3, BT, BC)
+    a21, a31, a32 = _block(a, 1, 0, BT, BC), _block(a, 2, 0, BT, BC), _block(a, 2, 1, BT, BC)
+    a41, a42, a43 = _block(a, 3, 0, BT, BC), _block(a, 3, 1, BT, BC), _block(a, 3, 2, BT, BC)
+    n21 = -mma(mma(n22, a21, PREC), n11, PREC)
+    n32 = -mma(mma(n33, a32, PREC), n22, PREC)
+    n31 = -mma(n33, mma(a31, n11, PREC) + mma(a32, n21, PREC), PREC)
+    n43 = -mma(mma(n44, a43, PREC), n33, PREC)
+    n42 = -mma(n44, mma(a42, n22, PREC) + mma(a43, n32, PREC), PREC)
+    n41 = -mma(n44, mma(a41, n11, PREC) + mma(a42, n21, PREC) + mma(a43, n31, PREC), PREC)
+    _put(out, n11, 0, 0, BT, BC)
+    _put(out, n22, 1, 1, BT, BC)
+    _put(out, n33, 2, 2, BT, BC)
+    _put(out, n44, 3, 3, BT, BC)
+    _put(out, n21, 1, 0, BT, BC)
+    _put(out, n31, 2, 0, BT, BC)
+    _put(out, n32, 2, 1, BT, BC)
+    _put(out, n41, 3, 0, BT, BC)
+    _put(out, n42, 3, 1, BT, BC)
+    _put(out, n43, 3, 2, BT, BC)
+
+
+@torch.library.custom_op("seqpar::unit_lower_inverse", mutates_args=())
+def unit_lower_inverse(a: torch.Tensor) -> torch.Tensor:
+    """``(I + A)^{-1}`` for strictly lower float32 ``A`` of shape (..., BT, BT), BT = 64:
+    one Triton program per matrix, replacing two batched triangular solves by one
+    inversion and two matmuls. Backward: ``dA = -(N^T dN N^T)`` strictly below the
+    diagonal."""
+    a = a.contiguous()
+    out = torch.zeros_like(a)
+    _inverse_kernel[(a.numel() // (BT * BT),)](a, out, BT=BT, PREC=dot_precision(torch.float32),
+                                               num_warps=NUM_WARPS)
+    return out
+
+
+@unit_lower_inverse.register_fake
+def _(a):
+    return torch.empty_like(a)
+
+
+def _inverse_setup(ctx, inputs, output):
+    ctx.save_for_backward(output)
+
+
+def _inverse_backward(ctx, dn):
+    n = ctx.saved_tensors[0]
+    nt = n.transpose(-1, -2)
+    return -(nt @ dn @ nt).tril(-1)
+
+
+torch.library.register_autograd("seqpar::unit_lower_inverse", _inverse_backward,
+                                setup_context=_inverse_setup)
 
 
 def _launch_args(w, chunk_starts, dot_dtype):
@@ -248,7 +343,7 @@ def triton_delta(q, k, v, g, beta, *, scale: float, initial_state, output_final_
 
     P, W, U, q_dec, k_dec, dec = wy_terms(
         chunked(q), chunked(k), chunked(v), None if g is None else chunked(g)[..., None],
-        chunked(beta)[..., None], scale)
+        chunked(beta)[..., None], scale, inverse=unit_lower_inverse)
     h0 = None if initial_state is None else initial_state.float().contiguous()
     h, vn, ht = _state_fwd_op(W[0].contiguous(), U[0].contiguous(), k_dec[0].contiguous(),
                               None if dec is None else dec[0, ..., 0, 0].contiguous(), h0,
