@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
+import subprocess
+import sys
 import tempfile
 import traceback
 from datetime import timedelta
@@ -265,6 +268,40 @@ def test_save_killed_midway_keeps_previous_checkpoint(tmp_path, monkeypatch):
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 7))
     assert any("eval_loss" in r for r in records)
+
+
+KILL_DURING_SECOND_SAVE = """
+import os, signal, sys
+from torch.distributed.checkpoint.filesystem import FileSystemWriter
+from seqpar.train import main
+
+original, calls = FileSystemWriter.write_data, []
+
+def write_then_die(self, plan, planner):
+    calls.append(1)
+    result = original(self, plan, planner)
+    if len(calls) == 2:
+        result.wait()
+        os.kill(os.getpid(), signal.SIGKILL)  # no exception handler or finally block runs
+    return result
+
+FileSystemWriter.write_data = write_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_process_killed_during_save_keeps_previous_checkpoint(tmp_path):
+    data = write_corpus(tmp_path / "corpus.jsonl")
+    out = tmp_path / "run"
+    argv = ["--data", str(data), "--out", str(out), "--mixers", "gdn", "--set", "n_layers=1",
+            "--set", "d_model=32", "--set", "n_heads=2", "--set", "head_dim=16", "--seq-len", "32",
+            "--batch-size", "1", "--steps", "4", "--save-every", "2", "--no-progress"]
+    proc = subprocess.run([sys.executable, "-c", KILL_DURING_SECOND_SAVE, *argv],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step_000002"]
+    assert main(argv + ["--resume"]) == 0
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step_000002", "step_000004"]
 
 
 def test_keeps_last_k(tmp_path):
