@@ -10,11 +10,16 @@ What is checked: outputs, final states and the gradients of q, k, v, g, beta and
 initial state within the precision contract (float32 1e-4, bf16 inputs 2e-2, against
 the reference on the same bf16 values), for DeltaNet and Gated DeltaNet, over T = 1,
 T not a multiple of the 64-token chunk, B > 1, packed documents (a boundary inside a
-chunk, a one-token document), initial states, strong decays (a_t down to ~e^-15) and
-K != V with V not a power of two; a ``torch.compile(fullgraph=True)`` trace through the
-custom op; that 'auto' never picks these kernels yet; the head-dim limit.
+chunk, a one-token document), initial states, strong decays (a_t down to ~e^-15),
+K != V, V not a power of two and K over 64 (the 128-wide key tile); the inversion
+kernel alone, on a matrix whose powers grow binomially; a
+``torch.compile(fullgraph=True)`` trace through the custom ops; that 'auto' never
+picks these kernels yet; the head-dim limit. Under the interpreter the kernels'
+products are exact float32, so tf32 rounding on the GPU is checked only by
+bench/device/check_triton_delta.py.
 
-Budget: about a minute on 2 cores (the interpreter runs each kernel program in numpy).
+Budget: about a minute on 2 cores (measured 46 s for the six tests; the interpreter
+runs each kernel program in numpy).
 """
 from __future__ import annotations
 
@@ -88,6 +93,9 @@ def errors(op, B, T, H, K, V, cuts, strong, initial, dtype, seed, ref_device="cp
 EXTRA = [  # bf16 with strong decays, packed, a one-token document; V = 33 spans two V tiles
     dict(B=1, T=140, H=1, K=16, V=33, cuts=(70, 71), strong=True, initial=True,
          dtype=torch.bfloat16, seed=4),
+    # K = 80: the 128-wide key tile, masked
+    dict(B=1, T=70, H=1, K=80, V=16, cuts=(), strong=False, initial=True,
+         dtype=torch.float32, seed=5),
 ]
 
 
@@ -98,6 +106,7 @@ EXTRA = [  # bf16 with strong decays, packed, a one-token document; V = 33 spans
 @example(case=FIXED[1])
 @example(case=FIXED[2])
 @example(case=EXTRA[0])
+@example(case=EXTRA[1])
 def test_triton_delta_matches_reference(op, case):
     tol = TOL[case["dtype"]]
     errs = errors(op, **case)

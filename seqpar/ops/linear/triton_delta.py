@@ -236,7 +236,7 @@ def _grid(V, chunk_starts, H):
 
 
 # torch.library registration: compile traces these as single nodes (no graph break).
-# Custom ops cannot return None, so an absent initial state comes back as zeros.
+# Custom ops cannot return None, so the backward returns dh0 even without an initial state.
 @torch.library.custom_op("seqpar::delta_state_fwd", mutates_args=())
 def _state_fwd_op(w: torch.Tensor, u: torch.Tensor, kd: torch.Tensor, p: torch.Tensor,
                   qd: torch.Tensor, dec: torch.Tensor | None, h0: torch.Tensor | None,
