@@ -170,3 +170,21 @@ def test_unit_lower_inverse():
     dA, = torch.autograd.grad((N.double() * w).sum(), A)
     dA_ref, = torch.autograd.grad((N_ref * w).sum(), Ad)
     assert rel_err(dA, dA_ref.tril(-1)) < 1e-6
+
+
+def test_kernels_fit_sm90():
+    """The kernels compile for sm_90 with their launch settings within the shared-memory
+    limit, and the bf16 configuration spills no registers: failures the interpreter cannot
+    show (the default software pipelining needed 270-400 KB of shared memory)."""
+    import subprocess
+    from pathlib import Path
+
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends/nvidia/bin/ptxas").exists():
+        pytest.skip("Triton's NVIDIA backend (ptxas) is not installed")
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "bench/device/check_triton_delta.py"),
+                        "--compile-only"], env={**os.environ, "TRITON_INTERPRET": "0"},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]

@@ -7,20 +7,75 @@ reference in float64 on the GPU); thresholds: bf16 inputs 2e-2, float32 1e-3 (tf
 allowed). Then times forward+backward of gated_delta_rule and delta_rule at B T = 32K
 (B=4, T=8192, 16 heads, K=V=128, bf16) with backend='triton' and backend='torch'.
 Exit status 0 only if every case passed.
+
+``python bench/device/check_triton_delta.py --compile-only`` needs no GPU: it compiles
+the kernels for sm_90 (H100/H200) with their launch settings and fails if one needs more
+shared memory than the hardware has or spills registers in the bf16 configuration, the
+failures Triton's CPU interpreter cannot show (tests/test_triton_delta.py runs it).
 """
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
-from test_triton_delta import GATES, _inputs, _leaves, errors  # noqa: E402
+from seqpar import ops
 
-from seqpar import ops  # noqa: E402
+SM90_SHARED = 232448  # bytes of shared memory one block may use on H100 / H200
 
 TOL = {torch.bfloat16: 2e-2, torch.float32: 1e-3}
+
+
+def compile_sm90():
+    """Compile every kernel configuration for sm_90 on this machine (no GPU needed).
+    Returns rows (kernel, K, precision, shared bytes, ptxas register / spill line) and
+    whether all fit: shared memory under the limit, no spills where PREC is 'tf32'."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import ASTSource
+
+    from seqpar.ops.linear import triton_delta as td
+
+    ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
+    rows, ok = [], True
+    for K in (64, 128):
+        for prec in ("tf32", "tf32x3"):
+            _, meta = td._launch_args(torch.empty(1, 1, td.BT, K), [0, 1], prec)
+            opts = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
+            for fn, flags in ((td._fwd_kernel, ("USE_G", "HAS_H0")),
+                              (td._bwd_kernel, ("USE_G", "HAS_DHT"))):
+                rows.append(_compile(fn, {**meta, "V": 128, **{f: True for f in flags}}, opts,
+                                     ptxas, GPUTarget, ASTSource, K, prec))
+    rows.append(_compile(td._inverse_kernel, dict(BT=td.BT, PREC="tf32x3"),
+                         dict(num_warps=td.NUM_WARPS), ptxas, GPUTarget, ASTSource, td.BT, "tf32x3"))
+    for r in rows:
+        fits = r["shared"] <= SM90_SHARED and (r["prec"] != "tf32" or " 0 bytes spill stores" in r["ptxas"])
+        ok &= fits
+        print(f"{'OK  ' if fits else 'FAIL'} {r['kernel']:16s} K={r['K']:3d} {r['prec']:6s} "
+              f"shared={r['shared']} {r['ptxas']}", flush=True)
+    return rows, ok
+
+
+def _compile(fn, constexprs, opts, ptxas, GPUTarget, ASTSource, K, prec):
+    import triton
+
+    index = {n: i for i, n in enumerate(fn.arg_names)}
+    sig = {n: ("constexpr" if n in constexprs else "i32" if n == "NT" else
+               "*i32" if n == "coff" else "*fp32") for n in fn.arg_names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(index[n],): v for n, v in constexprs.items()})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    with tempfile.TemporaryDirectory() as d:
+        ptx = Path(d) / "k.ptx"
+        ptx.write_text(kernel.asm["ptx"])
+        err = subprocess.run([str(ptxas), "-v", "--gpu-name=sm_90a", str(ptx), "-o", os.devnull],
+                             capture_output=True, text=True).stderr
+    info = "; ".join(line.split("ptxas info    : ")[-1].strip() for line in err.splitlines()
+                     if "registers" in line or "spill" in line)
+    return dict(kernel=fn.__name__, K=K, prec=prec, shared=kernel.metadata.shared, ptxas=info)
 
 
 def cases(op):
@@ -34,10 +89,11 @@ def cases(op):
                    dtype=dtype, seed=11)
 
 
-def fwd_bwd_ms(op, backend, B=4, T=8192, H=16, K=128, V=128, reps=5):
-    """Median milliseconds of one forward+backward (o.sum() backward) on CUDA."""
-    xs, _ = _inputs(op, B, T, H, K, V, B, False, False, torch.bfloat16, 0)
-    xs, _ = _leaves(xs, None)
+def fwd_bwd_ms(t, op, backend, B=4, T=8192, H=16, K=128, V=128, reps=5):
+    """Median milliseconds of one forward+backward (o.sum() backward) on CUDA; t is
+    :func:`_tests`."""
+    xs, _ = t._inputs(op, B, T, H, K, V, B, False, False, torch.bfloat16, 0)
+    xs, _ = t._leaves(xs, None)
     fn = getattr(ops, op)
     times = []
     for i in range(reps + 2):
@@ -52,13 +108,23 @@ def fwd_bwd_ms(op, backend, B=4, T=8192, H=16, K=128, V=128, reps=5):
     return sorted(times)[len(times) // 2]
 
 
+def _tests():
+    """tests/test_triton_delta, imported only for the GPU checks: importing it on a
+    machine without CUDA switches Triton to its interpreter."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+    import test_triton_delta
+
+    return test_triton_delta
+
+
 def main(out):
+    t = _tests()
     rows, ok = [], True
-    for op in GATES:
+    for op in t.GATES:
         for case in cases(op):
             t0 = time.time()
             try:
-                errs, err = errors(op, **case, ref_device="cuda"), None
+                errs, err = t.errors(op, **case, ref_device="cuda"), None
             except Exception as e:  # record and go on: one failure must not hide the rest
                 errs, err = {}, repr(e)[:300]
             tol = TOL[case["dtype"]]
@@ -72,22 +138,26 @@ def main(out):
                   f"T={case['T']:5d} cuts={len(case['cuts'])} strong={case['strong']} "
                   f"K={case['K']} worst={worst:.2e} {err or ''}", flush=True)
     timing = {}
-    for op in GATES:
+    for op in t.GATES:
         for backend in ("triton", "torch"):
             try:
-                timing[f"{op}/{backend}"] = fwd_bwd_ms(op, backend)
+                timing[f"{op}/{backend}"] = fwd_bwd_ms(t, op, backend)
             except Exception as e:
                 timing[f"{op}/{backend}"] = repr(e)[:300]
                 ok = False
             print(f"fwd+bwd B=4 T=8192 H=16 K=V=128 bf16 {op} {backend}: "
                   f"{timing[f'{op}/{backend}']}", flush=True)
+    compiled, fits = compile_sm90()
+    ok &= fits
     Path(out).write_text(json.dumps(dict(
         command="python bench/device/check_triton_delta.py", gpu=torch.cuda.get_device_name(),
         torch=torch.__version__, triton=__import__("triton").__version__,
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), all_passed=ok,
-        timing_ms=timing, cases=rows), indent=1))
+        timing_ms=timing, sm90_compile=compiled, cases=rows), indent=1))
     return ok
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "--compile-only":
+        sys.exit(0 if compile_sm90()[1] else 1)
     sys.exit(0 if main(sys.argv[1]) else 1)
