@@ -47,8 +47,8 @@ from seqpar import ops  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
-# Ops whose backend='triton' path runs the Triton kernels (GLA and the delta rules still
-# run the PyTorch chunk path there, which test_linear_ops covers).
+# Ops that run triton_diag's kernels (GLA's vector gate still runs the PyTorch chunk path
+# there, which test_linear_ops covers; the delta rules are in test_triton_delta.py).
 OPS = {
     "linear_attn": (),
     "simple_gla": ("g",),

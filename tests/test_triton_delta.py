@@ -13,8 +13,8 @@ T not a multiple of the 64-token chunk, B > 1, packed documents (a boundary insi
 chunk, a one-token document), initial states, strong decays (a_t down to ~e^-15),
 K != V, V not a power of two and K over 64 (the 128-wide key tile); the inversion
 kernel alone, on a matrix whose powers grow binomially; a
-``torch.compile(fullgraph=True)`` trace through the custom ops; that 'auto' never
-picks these kernels yet; the head-dim limit. Under the interpreter the kernels'
+``torch.compile(fullgraph=True)`` trace through the custom ops; that 'auto' picks
+these kernels where it picks Triton (CUDA); the head-dim limit. Under the interpreter the kernels'
 products are exact float32, so tf32 rounding on the GPU is checked only by
 bench/device/check_triton_delta.py.
 
@@ -133,18 +133,19 @@ def test_compile_fullgraph_traces_custom_op():
         assert rel_err(a, b) < 1e-6
 
 
-def test_auto_keeps_delta_on_torch(monkeypatch):
-    """Until the kernels pass on a GPU, 'auto' runs the PyTorch path even where it would
-    pick Triton (CUDA), while an explicit 'triton' reaches the kernels."""
+def test_auto_dispatch_reaches_delta_kernels(monkeypatch):
+    """'auto' runs these kernels wherever it resolves to Triton (CUDA), and the PyTorch
+    path where it resolves to 'torch' (CPU)."""
     import seqpar.ops.linear.triton_delta as td
 
     calls = []
-    monkeypatch.setattr(_run, "pick_backend", lambda backend, x: "triton")
     monkeypatch.setattr(td, "triton_delta", lambda *a, **kw: calls.append(1) or (None, None))
     xs, _ = _inputs("delta_rule", 1, 5, 1, 16, 16, 1, False, False, torch.float32, 0)
+    monkeypatch.setattr(_run, "pick_backend", lambda backend, x: "torch")
     ops.delta_rule(*xs, backend="auto")
     assert calls == []
-    ops.delta_rule(*xs, backend="triton")
+    monkeypatch.setattr(_run, "pick_backend", lambda backend, x: "triton")
+    ops.delta_rule(*xs, backend="auto")
     assert calls == [1]
 
 
