@@ -90,12 +90,16 @@ def _leaves(xs, state, dtype=None, device=DEVICE):
     return xs, (tuple(leaf(s) for s in state) if isinstance(state, tuple) else leaf(state))
 
 
-def errors(op, B, T, H, K, V, cuts, strong, initial, dtype, seed, ref_device="cpu"):
+def errors(op, B, T, H, K, V, cuts, strong, initial, dtype, seed, ref_device="cpu", *,
+           inputs=None, gates=None):
     """Relative errors of backend='triton' against the float64 reference (run on
     ``ref_device``): o, final state(s), and the gradient of every input under a random
-    linear loss. bench/device/check_triton.py calls this at full sizes on the GPU."""
+    linear loss. ``inputs`` / ``gates`` (default: this module's ``_inputs`` and ``OPS``)
+    let test_triton_delta reuse it. bench/device/check_triton*.py call this at full
+    sizes on the GPU."""
+    inputs, gates = inputs or _inputs, gates or OPS
     N = len(cuts) + 1 if cuts else B
-    xs, state = _inputs(op, B, T, H, K, V, N, strong, initial, dtype, seed)
+    xs, state = inputs(op, B, T, H, K, V, N, strong, initial, dtype, seed)
     cu = None if not cuts else torch.tensor((0, *cuts, T), dtype=torch.int32)
     fn, ref = getattr(ops, op), getattr(ops, op + "_reference")
     xk, sk = _leaves(xs, state)
@@ -116,7 +120,7 @@ def errors(op, B, T, H, K, V, cuts, strong, initial, dtype, seed, ref_device="cp
             loss = loss + (s.double() * x.to(s.device)).sum()
         return torch.autograd.grad(loss, leaves)
 
-    names = ["q", "k", "v", *OPS[op]] + [f"state[{i}]" for i in range(len(_flat(state)))]
+    names = ["q", "k", "v", *gates[op]] + [f"state[{i}]" for i in range(len(_flat(state)))]
     errs = {"o": rel_err(o.cpu(), o_ref.cpu())}
     for i, (a, b) in enumerate(zip(_flat(S), _flat(S_ref))):
         errs[f"S[{i}]"] = rel_err(a.cpu(), b.cpu())

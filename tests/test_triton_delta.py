@@ -32,7 +32,8 @@ if "seqpar.ops.linear.triton_delta" in sys.modules and os.environ.get("TRITON_IN
         and not torch.cuda.is_available():
     raise RuntimeError("seqpar.ops.linear.triton_delta imported before TRITON_INTERPRET=1 was set")
 
-from test_triton import DEVICE, FIXED, TOL, _flat, _leaves, cases  # noqa: E402  (sets TRITON_INTERPRET)
+import test_triton  # noqa: E402  (sets TRITON_INTERPRET)
+from test_triton import DEVICE, FIXED, TOL, _leaves, cases  # noqa: E402
 
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -59,35 +60,10 @@ def _inputs(op, B, T, H, K, V, N, strong, initial, dtype, seed):
     return xs, state
 
 
-def errors(op, B, T, H, K, V, cuts, strong, initial, dtype, seed, ref_device="cpu"):
-    """Relative errors of backend='triton' against the float64 reference (run on
-    ``ref_device``): o, final state and the gradient of every input under a random
-    linear loss. bench/device/check_triton_delta.py calls this at full sizes."""
-    N = len(cuts) + 1 if cuts else B
-    xs, state = _inputs(op, B, T, H, K, V, N, strong, initial, dtype, seed)
-    cu = None if not cuts else torch.tensor((0, *cuts, T), dtype=torch.int32)
-    fn, ref = getattr(ops, op), getattr(ops, op + "_reference")
-    xk, sk = _leaves(xs, state)
-    o, S = fn(*xk, initial_state=sk, output_final_state=True,
-              cu_seqlens=None if cu is None else cu.to(DEVICE), backend="triton")
-    xr, sr = _leaves(xs, state, torch.float64, ref_device)
-    o_ref, S_ref = ref(*xr, initial_state=sr, output_final_state=True,
-                       cu_seqlens=None if cu is None else cu.to(ref_device))
-    assert o.dtype == dtype and o.shape == o_ref.shape and S.dtype == torch.float32
-
-    gen = torch.Generator().manual_seed(seed + 1)
-    w = torch.randn(o.shape, generator=gen).to(dtype).double()  # representable in o's dtype
-    ws = torch.randn(S_ref.shape, generator=gen, dtype=torch.float64)
-
-    def grads(o, S, leaves):
-        loss = (o.double() * w.to(o.device)).sum() + (S.double() * ws.to(S.device)).sum()
-        return torch.autograd.grad(loss, leaves)
-
-    names = ["q", "k", "v", *GATES[op]] + (["state"] if initial else [])
-    errs = {"o": rel_err(o.cpu(), o_ref.cpu()), "S": rel_err(S.cpu(), S_ref.cpu())}
-    for n, a, b in zip(names, grads(o, S, xk + _flat(sk)), grads(o_ref, S_ref, xr + _flat(sr))):
-        errs["d" + n] = rel_err(a.cpu(), b.cpu())
-    return errs
+def errors(*args, **kwargs):
+    """test_triton.errors with this module's inputs and gates;
+    bench/device/check_triton_delta.py calls it at full sizes."""
+    return test_triton.errors(*args, inputs=_inputs, gates=GATES, **kwargs)
 
 
 EXTRA = [  # bf16 with strong decays, packed, a one-token document; V = 33 spans two V tiles
