@@ -170,13 +170,19 @@ def test_triton_matches_reference(op, case):
 def test_compile_fullgraph_traces_custom_op():
     """The kernels are one custom op to torch.compile: fullgraph tracing succeeds and the
     compiled forward and backward equal eager."""
-    torch._dynamo.reset()
     xs, state = _inputs("simple_gla", 1, 70, 2, 16, 24, 1, False, True, torch.float32, 7)
-    xs, state = _leaves(xs, state)
+    assert_compiled_equals_eager("simple_gla", xs, state)
 
-    def f(q, k, v, g, s):
-        o, S = ops.simple_gla(q, k, v, g, initial_state=s, output_final_state=True,
-                              backend="triton")
+
+def assert_compiled_equals_eager(op, xs, state):
+    """``torch.compile(fullgraph=True)`` of a backend='triton' call traces (no graph
+    break) and its gradients equal eager's."""
+    torch._dynamo.reset()
+    xs, state = _leaves(xs, state)
+    fn = getattr(ops, op)
+
+    def f(*args):
+        o, S = fn(*args[:-1], initial_state=args[-1], output_final_state=True, backend="triton")
         return (o * o).sum() + S.sum()
 
     eager = torch.autograd.grad(f(*xs, state), xs + [state])

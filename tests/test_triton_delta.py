@@ -33,7 +33,7 @@ if "seqpar.ops.linear.triton_delta" in sys.modules and os.environ.get("TRITON_IN
     raise RuntimeError("seqpar.ops.linear.triton_delta imported before TRITON_INTERPRET=1 was set")
 
 import test_triton  # noqa: E402  (sets TRITON_INTERPRET)
-from test_triton import DEVICE, FIXED, TOL, _leaves, cases  # noqa: E402
+from test_triton import DEVICE, FIXED, TOL, cases  # noqa: E402
 
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -93,20 +93,8 @@ def test_triton_delta_matches_reference(op, case):
 def test_compile_fullgraph_traces_custom_op():
     """The state pass is one custom op to torch.compile: fullgraph tracing succeeds and
     the compiled forward and backward equal eager."""
-    torch._dynamo.reset()
     xs, state = _inputs("gated_delta_rule", 2, 70, 2, 16, 24, 2, False, True, torch.float32, 7)
-    xs, state = _leaves(xs, state)
-
-    def f(q, k, v, g, beta, s):
-        o, S = ops.gated_delta_rule(q, k, v, g, beta, initial_state=s, output_final_state=True,
-                                    backend="triton")
-        return (o * o).sum() + S.sum()
-
-    eager = torch.autograd.grad(f(*xs, state), xs + [state])
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    got = torch.autograd.grad(compiled(*xs, state), xs + [state])
-    for a, b in zip(got, eager):
-        assert rel_err(a, b) < 1e-6
+    test_triton.assert_compiled_equals_eager("gated_delta_rule", xs, state)
 
 
 def test_auto_dispatch_reaches_delta_kernels(monkeypatch):
