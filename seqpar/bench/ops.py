@@ -128,8 +128,8 @@ def copy_bandwidth():
 
 
 def run(args, save):
-    """Measure every op and peer at every T; ``save(bw, rows)`` after each T, so a run
-    cut short still leaves its results."""
+    """Measure every op and peer at every T; ``save(bw, rows)`` after each row, so a run
+    cut short (FLA's first calls autotune for minutes) still leaves its results."""
     dev = torch.device("cuda")
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
@@ -170,7 +170,7 @@ def run(args, save):
             rows.append(row)
             del xs
             torch.cuda.empty_cache()
-        save(bw, rows)
+            save(bw, rows)
     return bw, rows
 
 
