@@ -26,9 +26,6 @@ import torch.nn.functional as F
 
 from seqpar import ops
 
-# Ops whose backend='triton' still runs the PyTorch chunk path (no kernel yet): slow and
-# memory-hungry at long T, so they run only at --fallback-T.
-FALLBACK_OPS = ("gla",)
 OPS = ["linear_attn", "simple_gla", "gla", "delta_rule", "gated_delta_rule", "mlstm"]
 # seqpar op name -> FLA module and function
 FLA = {"linear_attn": ("fla.ops.linear_attn", "chunk_linear_attn"),
@@ -136,8 +133,7 @@ def run(args, save):
     rows = []
     for T in args.T:
         B = max(1, args.tokens // T)
-        peers = [(op, "seqpar", seqpar_fn(op)) for op in args.ops
-                 if op not in FALLBACK_OPS or T in args.fallback_T]
+        peers = [(op, "seqpar", seqpar_fn(op)) for op in args.ops]
         if "sdpa" in args.peers:
             peers.append(("softmax", "sdpa", sdpa_fn))
         if "fla" in args.peers and T in args.fla_T:
@@ -220,8 +216,6 @@ def main(argv=None):
     p.add_argument("--peers", nargs="*", default=["sdpa", "fla"], choices=["sdpa", "fla"])
     p.add_argument("--fla-T", type=int, nargs="*", default=[8192],
                    help="T at which to run FLA (its first call autotunes for minutes)")
-    p.add_argument("--fallback-T", type=int, nargs="*", default=[8192],
-                   help="T at which to run the ops that have no Triton kernel yet")
     p.add_argument("--rep-ms", type=int, default=100)
     p.add_argument("--out", default="bench/results/ops")
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -5,16 +5,19 @@
 
 The pair (C, n) is one diagonal-transition state: simple GLA with ``g = log f_t``, keys
 ``i_t k_t`` and values ``[v_t, 1]`` carries ``[C_t, n_t^T]`` in a (K, V + 1) state, so
-mLSTM runs on the ``diag`` engine (and its kernels and sequence parallelism) and only
-the final division is its own.
+mLSTM runs on the ``diag`` engine (its PyTorch path and sequence parallelism) and only
+the final division is its own. On one device with the Triton backend it runs its own
+kernels (triton_mlstm: the normalizer as a vector, 16-bit inputs directly, float32 where
+the normalizer's gradient cancels).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .._validate import check_gate, check_qkv, check_scale, check_tensor
-from ._family import reference_scan
+from .._validate import (check_backend, check_chunk_size, check_cu_seqlens, check_gate,
+                         check_qkv, check_scale, check_tensor, fail)
+from ._family import pick_backend, reference_scan
 from ._run import linear_call
 
 
@@ -58,7 +61,9 @@ def mlstm(q, k, v, i, f, *, scale=None, initial_state=None, output_final_state=F
     Args:
         q, k: (B, T, H, K); v: (B, T, H, V). i, f: (B, T, H) gate pre-activations
         (any float dtype, used in float32). initial_state: the pair
-        (C (N, H, K, V), n (N, H, K)) or None. Other keywords as in :func:`seqpar.ops.gla`.
+        (C (N, H, K, V), n (N, H, K)) or None. Other keywords as in :func:`seqpar.ops.gla`;
+        backend 'triton' without ``sp`` runs triton_mlstm's kernels on q, k, v as given,
+        otherwise the ``diag`` engine runs on float32 copies.
     Returns:
         o: (B, T, H, V) in v's dtype; the final pair (C, n) in float32, or None.
     """
@@ -66,7 +71,6 @@ def mlstm(q, k, v, i, f, *, scale=None, initial_state=None, output_final_state=F
     i = check_gate("i", i, (B, T, H), q.device).float()
     f = check_gate("f", f, (B, T, H), q.device).float()
     scale = check_scale(scale, K)
-    state0 = None
     if initial_state is not None:
         if not (isinstance(initial_state, (tuple, list)) and len(initial_state) == 2):
             raise ValueError("initial_state: expected the pair (C (N, H, K, V), n (N, H, K)) or None, "
@@ -74,8 +78,21 @@ def mlstm(q, k, v, i, f, *, scale=None, initial_state=None, output_final_state=F
         C0, n0 = initial_state
         check_tensor("initial_state[0] (C)", C0, shape=(None, H, K, V), device=q.device)
         check_tensor("initial_state[1] (n)", n0, shape=(C0.shape[0], H, K), device=q.device)
-        state0 = torch.cat([C0.float(), n0.float()[..., None]], -1)
-    # The engine runs on float32 copies and returns h in float32: o = h_C / |h_n| is
+    if sp is None and pick_backend(check_backend(backend), q) == "triton":
+        check_chunk_size(chunk_size)
+        if not isinstance(output_final_state, bool):
+            fail("output_final_state", "a bool", type(output_final_state).__name__)
+        offsets = check_cu_seqlens(cu_seqlens, B, T, q.device)
+        N = B if offsets is None else len(offsets) - 1
+        if initial_state is not None and initial_state[0].shape[0] != N:
+            fail("initial_state", f"N = {N} states (one per batch row or document)",
+                 f"{initial_state[0].shape[0]}")
+        from .triton_mlstm import triton_mlstm
+
+        return triton_mlstm(q, k, v, i, f, scale=scale, initial_state=initial_state,
+                            output_final_state=output_final_state, offsets=offsets)
+    state0 = None if initial_state is None else torch.cat([C0.float(), n0.float()[..., None]], -1)
+    # The diag engine runs on float32 copies and returns h in float32: o = h_C / |h_n| is
     # invariant to the scale of q, so the gradients through numerator and denominator
     # nearly cancel, and rounding h or its gradient to bf16 (as an engine on bf16 inputs
     # does) left gradient errors of ~10%.

@@ -19,8 +19,8 @@ below the diagonal), ``a_i = q_i.dq_i^inter``, ``b_j = k_j.dk_j^state`` and
 ``c = sum(2^G_C h_c * dh_c)``,
 ``dg_t = sum_{i>=t} (a_i + rowsum_i P - colsum_i P + [i = C] c) + sum_{j<t} b_j``.
 
-The per-key gate (GLA) has no kernel yet: :func:`triton_diag` runs it on the PyTorch
-chunk path (documented in the report of issue 4).
+The per-key gate (GLA) has its own kernels in ``triton_gla.py``; :func:`triton_diag`
+hands it over.
 """
 from __future__ import annotations
 
@@ -407,14 +407,10 @@ def triton_diag(q, k, v, g, *, scale: float, initial_state, output_final_state: 
     final state (N, H, K, V) float32 or None.
     """
     if g is not None and g.dim() == 4:
-        from ._family import per_document
-        from .chunk_diag import chunk_diag
+        from .triton_gla import triton_gla  # imported here: it imports this module
 
-        def fn(xs, state):
-            return chunk_diag(*xs, scale=scale, initial_state=state,
-                              output_final_state=output_final_state)
-
-        return per_document(fn, offsets, (q, k, v, g), initial_state, output_final_state)
+        return triton_gla(q, k, v, g, scale=scale, initial_state=initial_state,
+                          output_final_state=output_final_state, offsets=offsets)
     B, T = q.shape[:2]
     h0 = None if initial_state is None else initial_state.contiguous()
     o, ht = _diag_fwd_op(as_packed(q), as_packed(k), as_packed(v), as_packed(g), h0,

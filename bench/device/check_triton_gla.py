@@ -1,0 +1,181 @@
+"""Full-size GPU check of GLA's Triton kernels (per-key gate) against float64 references,
+and their forward+backward time.
+
+Run on the device: ``python bench/device/check_triton_gla.py OUT.json``. Each case
+compares outputs, final states and every gradient (tests/test_triton_gla.errors,
+reference in float64 on the GPU); thresholds: bf16 inputs 2e-2, float32 1e-3 (tf32
+allowed). T in {1, 63, 2048, 8192} and packed documents, mild and strong decays,
+K = V = 128 and K = 64 != V = 128. Then times forward+backward at B T = 32K (16 heads,
+K = V = 128, bf16) with backend='triton'. Exit status 0 only if every case passed.
+The sm_90 compile check below is not repeated here: it needs no GPU and runs in
+tests/test_triton_gla.py.
+
+``python bench/device/check_triton_gla.py --compile-only`` needs no GPU: it compiles the
+kernels for sm_90 (H100/H200) with their launch settings and fails if one needs more
+shared memory than the hardware has or spills registers in the bf16 configuration
+(tests/test_triton_gla.py runs it).
+"""
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from check_triton_delta import SM90_SHARED, TOL, _compile, cases, fwd_bwd_ms  # same directory
+
+
+def _source(dtype):
+    """``ASTSource`` for check_triton_delta._compile with triton_gla's argument types:
+    int32 plan pointers, a float32 scale, float32 gates, states and gate gradients,
+    inputs, their gradients and per-chunk states in ``dtype``."""
+    from triton.compiler.compiler import ASTSource
+
+    f32 = ("g", "gc", "dg", "s0", "s_out")
+
+    def source(fn, signature, constexprs):
+        sig = {n: t if t == "constexpr" or n in ("offs", "cidx", "coff", "scale") or n in f32
+               else f"*{dtype}" for n, t in signature.items()}
+        return ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+
+    return source
+
+
+def compile_sm90():
+    """Compile every kernel configuration for sm_90 on this machine (no GPU needed).
+    Returns rows (kernel, K, precision, shared bytes, ptxas register / spill line) and
+    whether all fit: shared memory under the limit, no spills where PREC is 'tf32'."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from seqpar.ops.linear import triton_gla as tg
+
+    ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
+    rows, ok = [], True
+    state, chunk = dict(num_warps=tg.NUM_WARPS), tg.CHUNK_LAUNCH
+    # K sets loop trip counts (unrolling), not tiles: the float32 configuration (shared
+    # memory only) at the largest K
+    for K, prec, dtype in ((64, "tf32", "bf16"), (128, "tf32", "bf16"), (128, "tf32x3", "fp32")):
+        dims = dict(H=16, K=K, BT=tg.BT, BK=tg.BK)
+        tiles = dict(dims, V=128, BV=tg.BV, BC=tg.BC, PREC=prec)
+        configs = [(tg._cumsum_kernel, dims, state)]
+        configs += [(tg._state_kernel, dict(dims, V=128, BV=tg.BV_STATE, REVERSE=rev,
+                                            HAS_S0=True, STORE_OUT=True, PREC=prec), state)
+                    for rev in (False, True)]
+        configs += [(tg._out_kernel, dict(tiles, BKD=tg.BKD, BACKWARD=bwd), chunk)
+                    for bwd in (False, True)]
+        configs.append((tg._dqk_kernel, dict(tiles, BK=tg.BK_DQK), chunk))
+        for fn, constexprs, opts in configs:
+            row = _compile(fn, constexprs, opts, ptxas, GPUTarget, _source(dtype), K, prec)
+            row["kernel"] += "".join(f" {f}" for f, v in constexprs.items() if v is True)
+            rows.append(row)
+    for r in rows:
+        fits = r["shared"] <= SM90_SHARED and (r["prec"] != "tf32" or " 0 bytes spill stores" in r["ptxas"])
+        ok &= fits
+        print(f"{'OK  ' if fits else 'FAIL'} {r['kernel']:24s} K={r['K']:3d} {r['prec']:6s} "
+              f"shared={r['shared']} {r['ptxas']}", flush=True)
+    return rows, ok
+
+
+def gla_cases():
+    """check_triton_delta's cases (T 1, 63, 2048, 8192, packed 8192; K = V = 128 and
+    K = 64 != V = 128; bf16 and float32; mild and strong decays)."""
+    return cases("gla")
+
+
+def stage_ms(B=1, T=32768, H=16, K=128, V=128, reps=5):
+    """Median milliseconds of each kernel launch of one forward+backward (bf16, CUDA):
+    where the time goes, for tuning."""
+    from seqpar.ops.linear import triton_gla as tg
+    from seqpar.ops.linear.triton_common import chunk_plan
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k = (torch.randn(1, B * T, H, K, generator=gen, device="cuda", dtype=torch.bfloat16)
+            for _ in range(2))
+    v, do = (torch.randn(1, B * T, H, V, generator=gen, device="cuda", dtype=torch.bfloat16)
+             for _ in range(2))
+    g = torch.nn.functional.logsigmoid(torch.randn(1, B * T, H, K, generator=gen, device="cuda") + 2)
+    plan = chunk_plan([b * T for b in range(B + 1)], q.device)
+    gc = tg._cumsum(g, plan)
+    h, _ = tg._state_pass(k, v, gc, None, plan, 0.1, False, True)
+    dh, _ = tg._state_pass(q, do, gc, None, plan, 0.1, True, False)
+    stages = {
+        "cumsum": lambda: tg._cumsum(g, plan),
+        "state fwd": lambda: tg._state_pass(k, v, gc, None, plan, 0.1, False, True),
+        "out": lambda: tg._out(q, k, v, h, gc, plan, 0.1, False),
+        "state bwd": lambda: tg._state_pass(q, do, gc, None, plan, 0.1, True, False),
+        "dv": lambda: tg._out(k, q, do, dh, gc, plan, 0.1, True),
+        "forward": lambda: tg.gla_forward(q, k, v, g, None, 0.1, plan.offsets.tolist()),
+        "backward": lambda: tg.gla_backward(q, k, v, g, None, do, None, 0.1,
+                                            plan.offsets.tolist()),
+    }
+    times = {}
+    for name, fn in stages.items():
+        ts = []
+        for i in range(reps + 1):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            if i:  # the first call compiles
+                ts.append(start.elapsed_time(end))
+        times[name] = sorted(ts)[len(ts) // 2]
+    times["dqk (backward - its other stages)"] = times["backward"] - sum(
+        times[n] for n in ("cumsum", "state fwd", "state bwd", "dv"))
+    return times
+
+
+def _tests():
+    """tests/test_triton_gla, imported only for the GPU checks: importing it on a machine
+    without CUDA switches Triton to its interpreter."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+    import test_triton_gla
+
+    return test_triton_gla
+
+
+def main(out):
+    t = _tests()
+    rows, ok = [], True
+    for case in gla_cases():
+        t0 = time.time()
+        try:
+            errs, err = t.errors("gla", **case, ref_device="cuda"), None
+        except Exception as e:  # record and go on: one failure must not hide the rest
+            errs, err = {}, repr(e)[:300]
+        tol = TOL[case["dtype"]]
+        passed = err is None and all(e < tol for e in errs.values())
+        ok &= passed
+        rows.append(dict(op="gla", **{k: (str(v) if k == "dtype" else v) for k, v in case.items()},
+                         tol=tol, passed=passed, error=err, errs=errs, seconds=time.time() - t0))
+        worst = max(errs.values()) if errs else float("nan")
+        print(f"{'PASS' if passed else 'FAIL'} gla {str(case['dtype'])[6:]:8s} T={case['T']:5d} "
+              f"cuts={len(case['cuts'])} strong={case['strong']} K={case['K']} worst={worst:.2e} "
+              f"{err or ''}", flush=True)
+    timing = {}
+    for B, T in ((4, 8192), (1, 32768)):
+        name = f"B={B} T={T}"
+        try:
+            timing[name] = fwd_bwd_ms(t, "gla", "triton", B=B, T=T)
+        except Exception as e:
+            timing[name] = repr(e)[:300]
+            ok = False
+        print(f"gla fwd+bwd {name} H=16 K=V=128 bf16 triton: {timing[name]} ms", flush=True)
+    try:
+        stages = stage_ms()
+    except Exception as e:
+        stages = repr(e)[:300]
+    print(f"gla stages B=1 T=32768 (ms): {stages}", flush=True)
+    Path(out).write_text(json.dumps(dict(
+        command="python bench/device/check_triton_gla.py", gpu=torch.cuda.get_device_name(),
+        torch=torch.__version__, triton=__import__("triton").__version__,
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), all_passed=ok,
+        timing_ms=timing, stage_ms=stages, cases=rows), indent=1))
+    return ok
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--compile-only":
+        sys.exit(0 if compile_sm90()[1] else 1)
+    sys.exit(0 if main(sys.argv[1]) else 1)

@@ -1,0 +1,464 @@
+"""Chunkwise Triton kernels for gated linear attention with a per-key log decay (GLA),
+forward and backward; float32 states and accumulation.
+
+Per chunk of ``BT`` tokens, with ``G_i`` the cumulative log2 decay of token ``i`` from
+the chunk start (a vector over the key channels, float32), ``G_C`` that of the chunk's
+last token and ``h_c`` the state entering chunk ``c``:
+
+* ``o_i = scale * (sum_{j<=i} A_ij v_j + (q_i * 2^G_i) h_c)`` with
+  ``A_ij = sum_k q_ik k_jk 2^(G_ik - G_jk)``;
+* ``h_{c+1} = 2^G_C * h_c + sum_j (k_j * 2^(G_C - G_j))^T v_j`` (sequential over chunks,
+  one program per document, head and (K, V) tile).
+
+The exponent of ``A_ij`` depends on the key channel, so ``A`` is not one matrix product
+of decayed inputs without a positive exponent somewhere. The chunk is cut into
+sub-chunks of ``BC = 16`` tokens. For the rows of the sub-chunk starting at ``p`` and the
+columns before ``p``, ``G_p`` is a reference point between the two:
+``A_ij = (q_i 2^(G_i - G_p)) . (k_j 2^(G_p - G_j))``, both exponents <= 0, one
+tensor-core product per sub-chunk boundary. The (BC, BC) diagonal blocks are summed
+elementwise, one column offset per step, with the exponent ``G_i - G_j`` masked to
+``j <= i``. No exponent is ever positive, so no decay overflows however strong.
+
+Backward: the reverse state pass gives ``dh_c`` (gradient of the state leaving chunk
+``c``), then a ``dv`` kernel (``A^T`` built the same way) and a ``(dq, dk, dg)`` kernel.
+Gate gradient: the cumulative gates are local to the chunk, so ``g_t`` acts only through
+``G_s`` (``s >= t`` in its chunk) and through the leaving state, which gives
+
+``dg_t = sum_{s>=t} (q_s dq_s - k_s dk_s) + sum_s k_s dk^state_s + sum_v 2^G_C h_c dh_c``
+
+(elementwise over key channels), where ``dk^state_s = 2^(G_C - G_s) (v_s dh_c^T)`` is the
+part of ``dk`` through the leaving state. Every term is a decayed product, bounded by
+products of input norms (no factor ``2^(+G)``, no undecayed cumulative quantity), so the
+subtractions cost no more than float32 rounding of such terms. ``dq`` and ``dk`` enter
+in float32, before they are rounded to the input dtype. The reverse cumulative sum is a
+product with a triangular matrix of ones.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_common import (BK, BT, BV, BV_STATE, as_packed, chunk_plan, dot_precision, mma,
+                            packed_offsets)
+from .triton_diag import _doc_bounds
+
+LOG2E = tl.constexpr(1.4426950408889634)
+NUM_WARPS = 4  # the sequential state pass
+# Launch settings of the chunk kernels, from compiling them for sm_90
+# (bench/device/check_triton_gla.py --compile-only): they hold several (BT, BT) and
+# (BT, BK) float32 tiles at once, and with 4 warps spilled 1-4 KB of registers; with 8
+# warps and software pipelining (3 stages) still up to 330 bytes, and the float32 ones
+# needed up to 230 of the 227 KB of shared memory; with 8 warps, 1 stage: no spills,
+# 24-41 KB.
+CHUNK_LAUNCH = dict(num_warps=8, num_stages=1)
+BC = 16  # sub-chunk of the intra-chunk decomposition: the smallest tensor-core tile
+BKD = 32  # key slice of the elementwise diagonal blocks: halves their live registers
+# Key tile of the (dq, dk, dg) kernel: with 64 it spilled 120-330 bytes on sm_90 even with
+# 8 warps. 32-wide output tiles are the width the state pass (BV_STATE) runs at on H100.
+BK_DQK = 32
+
+
+@triton.jit
+def _load(x, bos, rows, T_doc, i_h, cols, H: tl.constexpr, D: tl.constexpr):
+    """``x[bos + rows, i_h, cols]`` of a packed (1, TT, H, D) tensor, zero past the
+    document end and past D; ``rows`` and ``cols`` broadcast to the tile's shape."""
+    return tl.load(x + ((bos + rows) * H + i_h) * D + cols, mask=(rows < T_doc) & (cols < D),
+                   other=0.)
+
+
+@triton.jit
+def _tile(x, bos, T_doc, i_h, t0, d0, H: tl.constexpr, D: tl.constexpr, BR: tl.constexpr,
+          BD: tl.constexpr, TRANS: tl.constexpr):
+    """Rows ``t0 + [0, BR)`` and columns ``d0 + [0, BD)`` of head ``i_h`` of a packed
+    (1, TT, H, D) tensor's document at ``bos``, zero outside; (BR, BD), or (BD, BR) with
+    TRANS. A block pointer: no per-element addresses in registers."""
+    if TRANS:
+        p = tl.make_block_ptr(x + (bos * H + i_h) * D, (D, T_doc), (1, H * D), (d0, t0),
+                              (BD, BR), (0, 1))
+    else:
+        p = tl.make_block_ptr(x + (bos * H + i_h) * D, (T_doc, D), (H * D, 1), (t0, d0),
+                              (BR, BD), (1, 0))
+    return tl.load(p, boundary_check=(0, 1), padding_option="zero")
+
+
+@triton.jit
+def _store(x, b_x, bos, T_doc, i_h, t0, d0, H: tl.constexpr, D: tl.constexpr,
+           BR: tl.constexpr, BD: tl.constexpr):
+    """Store a (BR, BD) tile at the place :func:`_tile` loads it from (TRANS=False)."""
+    p = tl.make_block_ptr(x + (bos * H + i_h) * D, (T_doc, D), (H * D, 1), (t0, d0), (BR, BD),
+                          (1, 0))
+    tl.store(p, b_x.to(p.dtype.element_ty), boundary_check=(0, 1))
+
+
+@triton.jit
+def _gate_tile(gc, bos, T_doc, last, i_h, c, d0, H: tl.constexpr, K: tl.constexpr,
+               BT: tl.constexpr, BD: tl.constexpr, TRANS: tl.constexpr):
+    """Cumulative log2 gates of chunk ``c`` as :func:`_tile`, rows past the document end
+    repeating row ``last`` (as :func:`_load_g`)."""
+    kk = d0 + tl.arange(0, BD)
+    t = c * BT + tl.arange(0, BT)
+    g_last = tl.load(gc + ((bos + last) * H + i_h) * K + kk, mask=kk < K, other=0.)
+    b_g = _tile(gc, bos, T_doc, i_h, c * BT, d0, H, K, BT, BD, TRANS)
+    if TRANS:
+        return tl.where(t[None, :] < T_doc, b_g, g_last[:, None])
+    return tl.where(t[:, None] < T_doc, b_g, g_last[None, :])
+
+
+@triton.jit
+def _load_g(gc, bos, rows, last, i_h, cols, H: tl.constexpr, K: tl.constexpr):
+    """Cumulative log2 gates at ``rows`` (as :func:`_load`). Rows past the document end
+    repeat row ``last``: their inputs are zero, but a difference ``G_pad - G_j`` with a
+    real ``j`` must stay <= 0 so that 0 * 2^(...) never meets an overflowed exponent."""
+    return tl.load(gc + ((bos + tl.minimum(rows, last)) * H + i_h) * K + cols, mask=cols < K,
+                   other=0.)
+
+
+@triton.jit
+def _cumsum_kernel(g, gc, offs, cidx, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+                   BK: tl.constexpr):
+    """Cumulative log2 gates of one chunk and key tile, from the chunk start."""
+    i_k, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    t = c * BT + tl.arange(0, BT)
+    kk = i_k * BK + tl.arange(0, BK)
+    b_g = _load(g, bos, t[:, None], T_doc, i_h, kk[None, :], H, K)
+    tl.store(gc + ((bos + t[:, None]) * H + i_h) * K + kk[None, :],
+             tl.cumsum(b_g * LOG2E, axis=0), mask=(t[:, None] < T_doc) & (kk[None, :] < K))
+
+
+@triton.jit
+def _state_kernel(x, y, gc, h, s0, s_out, offs, coff, scale,
+                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                  BK: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr,
+                  HAS_S0: tl.constexpr, STORE_OUT: tl.constexpr, PREC: tl.constexpr):
+    """Sequential state pass of one document, head and (K, V) tile.
+
+    Forward (REVERSE=False, x=k, y=v): stores the state entering each chunk into h.
+    Backward (REVERSE=True, x=q, y=do): walks chunks last to first and stores the
+    gradient of the state leaving each chunk into h. s0 is the initial state (or dht),
+    s_out receives the final state (or dh0).
+    """
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(offs + n).to(tl.int64)
+    T_doc = tl.load(offs + n + 1).to(tl.int64) - bos
+    boc = tl.load(coff + n).to(tl.int64)
+    NC = tl.cdiv(T_doc, BT).to(tl.int32)
+    kk = i_k * BK + tl.arange(0, BK)
+    vv = i_v * BV + tl.arange(0, BV)
+    o_s = kk[:, None] * V + vv[None, :]
+    m_s = (kk[:, None] < K) & (vv[None, :] < V)
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_S0:
+        b_h += tl.load(s0 + i_nh * K * V + o_s, mask=m_s, other=0.).to(tl.float32)
+    for i in range(NC):
+        c = NC - 1 - i if REVERSE else i
+        tl.store(h + ((boc + c) * H + i_h) * K * V + o_s, b_h.to(h.dtype.element_ty), mask=m_s)
+        t = c * BT + tl.arange(0, BT)
+        last = tl.minimum(c * BT + BT, T_doc) - 1
+        b_x = _load(x, bos, t[None, :], T_doc, i_h, kk[:, None], H, K)
+        b_y = _load(y, bos, t[:, None], T_doc, i_h, vv[None, :], H, V)
+        b_g = _load_g(gc, bos, t[None, :], last, i_h, kk[:, None], H, K)
+        g_last = tl.load(gc + ((bos + last) * H + i_h) * K + kk, mask=kk < K, other=0.)
+        b_h *= tl.exp2(g_last)[:, None]
+        # forward: k_j 2^(G_C - G_j); backward: q_i 2^G_i
+        w = b_g if REVERSE else g_last[:, None] - b_g
+        b_x = (b_x * tl.exp2(w)).to(b_y.dtype)
+        if REVERSE:
+            b_h += scale * mma(b_x, b_y, PREC)
+        else:
+            b_h += mma(b_x, b_y, PREC)
+    if STORE_OUT:
+        tl.store(s_out + i_nh * K * V + o_s, b_h, mask=m_s)
+
+
+@triton.jit
+def _intra(a, b, gc, bos, c, T_doc, last, i_h, i_k, H: tl.constexpr, K: tl.constexpr,
+           BT: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, BKD: tl.constexpr,
+           BACKWARD: tl.constexpr, PREC: tl.constexpr):
+    """Key tile ``i_k``'s share of the decayed intra-chunk matrix, (BT, BT) float32.
+
+    Forward: ``A`` (rows a = q, columns b = k, kept ``j <= i``); backward: ``A^T`` (rows
+    a = k, columns b = q, kept ``i >= j``).
+    """
+    r = tl.arange(0, BT)
+    kk = i_k * BK + tl.arange(0, BK)
+    b_a = _tile(a, bos, T_doc, i_h, c * BT, i_k * BK, H, K, BT, BK, False)
+    g_a = _gate_tile(gc, bos, T_doc, last, i_h, c, i_k * BK, H, K, BT, BK, False)
+    b_bT = _tile(b, bos, T_doc, i_h, c * BT, i_k * BK, H, K, BT, BK, True)
+    g_bT = _gate_tile(gc, bos, T_doc, last, i_h, c, i_k * BK, H, K, BT, BK, True)
+    b_M = tl.zeros([BT, BT], dtype=tl.float32)
+    # not unrolled (tl.static_range): unrolled, more tiles stayed live and spilled on sm_90
+    for p in range(BC, BT, BC):
+        g_p = tl.load(gc + ((bos + tl.minimum(c * BT + p, last)) * H + i_h) * K + kk,
+                      mask=kk < K, other=0.)
+        late = (r >= p) & (r < p + BC)  # the sub-chunk starting at p (the q side)
+        early = r < p                   # the tokens before it (the k side)
+        if BACKWARD:
+            w_a = tl.where(early[:, None], tl.exp2(tl.where(early[:, None], g_p[None, :] - g_a, 0.)), 0.)
+            w_b = tl.where(late[None, :], tl.exp2(tl.where(late[None, :], g_bT - g_p[:, None], 0.)), 0.)
+        else:
+            w_a = tl.where(late[:, None], tl.exp2(tl.where(late[:, None], g_a - g_p[None, :], 0.)), 0.)
+            w_b = tl.where(early[None, :], tl.exp2(tl.where(early[None, :], g_p[:, None] - g_bT, 0.)), 0.)
+        b_M += mma((b_a * w_a).to(b_a.dtype), (b_bT * w_b).to(b_a.dtype), PREC)
+    for d0 in tl.static_range(0, BK, BKD):
+        kd = i_k * BK + d0 + tl.arange(0, BKD)
+        b_ad = _tile(a, bos, T_doc, i_h, c * BT, i_k * BK + d0, H, K, BT, BKD, False).to(tl.float32)
+        g_ad = _gate_tile(gc, bos, T_doc, last, i_h, c, i_k * BK + d0, H, K, BT, BKD, False)
+        for jj in range(BC):
+            # column jj of each row's diagonal block
+            src = (r // BC) * BC + jj
+            b_s = _load(b, bos, c * BT + src[:, None], T_doc, i_h, kd[None, :], H, K)
+            g_s = _load_g(gc, bos, c * BT + src[:, None], last, i_h, kd[None, :], H, K)
+            if BACKWARD:
+                keep = r % BC <= jj
+                d = g_s - g_ad
+            else:
+                keep = r % BC >= jj
+                d = g_ad - g_s
+            s = tl.sum(b_ad * b_s.to(tl.float32) * tl.exp2(tl.where(keep[:, None], d, 0.)), axis=1)
+            b_M += tl.where(keep[:, None] & (r[None, :] == src[:, None]), s[:, None], 0.)
+    return b_M
+
+
+@triton.jit
+def _out_kernel(a, b, y, h, gc, out, offs, cidx, scale,
+                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                BK: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr, BKD: tl.constexpr,
+                BACKWARD: tl.constexpr, PREC: tl.constexpr):
+    """Chunk outputs along V for one chunk and head, every V tile: forward ``o`` (a=q,
+    b=k, y=v, h: entering states), ``o = scale (A v + (q 2^G) h)``; backward ``dv``
+    (a=k, b=q, y=do, h: gradients of leaving states), ``dv = scale A^T do +
+    (k 2^(G_C - G)) dh``. The intra-chunk matrix is built once for all V tiles."""
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    t = c * BT + tl.arange(0, BT)
+    last = tl.minimum(c * BT + BT, T_doc) - 1
+    b_M = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        b_M += _intra(a, b, gc, bos, c, T_doc, last, i_h, i_k, H, K, BT, BK, BC, BKD,
+                      BACKWARD, PREC)
+    base_s = (i_t * H + i_h).to(tl.int64) * K * V
+    for i_v in range(tl.cdiv(V, BV)):
+        vv = i_v * BV + tl.arange(0, BV)
+        b_o = tl.zeros([BT, BV], dtype=tl.float32)
+        for i_k in range(tl.cdiv(K, BK)):
+            kk = i_k * BK + tl.arange(0, BK)
+            b_a = _tile(a, bos, T_doc, i_h, c * BT, i_k * BK, H, K, BT, BK, False)
+            g_a = _gate_tile(gc, bos, T_doc, last, i_h, c, i_k * BK, H, K, BT, BK, False)
+            if BACKWARD:
+                g_last = tl.load(gc + ((bos + last) * H + i_h) * K + kk, mask=kk < K, other=0.)
+                g_a = g_last[None, :] - g_a
+            p_h = tl.make_block_ptr(h + base_s, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
+            b_h = tl.load(p_h, boundary_check=(0, 1), padding_option="zero")
+            b_o += mma((b_a * tl.exp2(g_a)).to(b_a.dtype), b_h.to(b_a.dtype), PREC)
+        b_y = _tile(y, bos, T_doc, i_h, c * BT, i_v * BV, H, V, BT, BV, False)
+        if BACKWARD:
+            b_o += scale * mma(b_M.to(b_y.dtype), b_y, PREC)
+        else:
+            b_o = scale * (b_o + mma(b_M.to(b_y.dtype), b_y, PREC))
+        _store(out, b_o, bos, T_doc, i_h, c * BT, i_v * BV, H, V, BT, BV)
+
+
+@triton.jit
+def _dqk_kernel(q, k, v, do, h, dh, gc, dq, dk, dg, offs, cidx, scale,
+                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                BK: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr):
+    """dq, dk and dg of one chunk and key tile."""
+    i_k, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    r = tl.arange(0, BT)
+    t = c * BT + r
+    last = tl.minimum(c * BT + BT, T_doc) - 1
+    kk = i_k * BK + tl.arange(0, BK)
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dA = tl.zeros([BT, BT], dtype=tl.float32)   # [i, j] = do_i . v_j
+    b_dAt = tl.zeros([BT, BT], dtype=tl.float32)  # its transpose, by its own product
+    b_hdh = tl.zeros([BK], dtype=tl.float32)
+    base_s = (i_t * H + i_h).to(tl.int64) * K * V
+    for i_v in range(tl.cdiv(V, BV)):
+        b_do = _tile(do, bos, T_doc, i_h, c * BT, i_v * BV, H, V, BT, BV, False)
+        b_v = _tile(v, bos, T_doc, i_h, c * BT, i_v * BV, H, V, BT, BV, False)
+        b_doT = _tile(do, bos, T_doc, i_h, c * BT, i_v * BV, H, V, BT, BV, True)
+        b_vT = _tile(v, bos, T_doc, i_h, c * BT, i_v * BV, H, V, BT, BV, True)
+        p_hT = tl.make_block_ptr(h + base_s, (V, K), (1, V), (i_v * BV, i_k * BK), (BV, BK), (0, 1))
+        p_dhT = tl.make_block_ptr(dh + base_s, (V, K), (1, V), (i_v * BV, i_k * BK), (BV, BK), (0, 1))
+        b_hT = tl.load(p_hT, boundary_check=(0, 1), padding_option="zero")
+        b_dhT = tl.load(p_dhT, boundary_check=(0, 1), padding_option="zero")
+        b_dA += mma(b_do, b_vT, PREC)
+        b_dAt += mma(b_v, b_doT, PREC)
+        b_dq += mma(b_do, b_hT.to(b_do.dtype), PREC)
+        b_dk += mma(b_v, b_dhT.to(b_v.dtype), PREC)
+        b_hdh += tl.sum(b_hT.to(tl.float32) * b_dhT.to(tl.float32), axis=0)
+    b_q = _tile(q, bos, T_doc, i_h, c * BT, i_k * BK, H, K, BT, BK, False)
+    b_k = _tile(k, bos, T_doc, i_h, c * BT, i_k * BK, H, K, BT, BK, False)
+    b_g = _gate_tile(gc, bos, T_doc, last, i_h, c, i_k * BK, H, K, BT, BK, False)
+    g_last = tl.load(gc + ((bos + last) * H + i_h) * K + kk, mask=kk < K, other=0.)
+    b_dq *= scale * tl.exp2(b_g)
+    b_dk *= tl.exp2(g_last[None, :] - b_g)
+    # the gate-gradient terms through the leaving state (module docstring)
+    b_dg_c = tl.sum(b_dk * b_k.to(tl.float32), axis=0) + b_hdh * tl.exp2(g_last)
+    b_dA *= scale
+    b_dAt *= scale
+    for p in range(BC, BT, BC):
+        g_p = tl.load(gc + ((bos + tl.minimum(c * BT + p, last)) * H + i_h) * K + kk,
+                      mask=kk < K, other=0.)
+        late = (r >= p) & (r < p + BC)
+        early = r < p
+        w_q = tl.where(late[:, None], tl.exp2(tl.where(late[:, None], b_g - g_p[None, :], 0.)), 0.)
+        w_k = tl.where(early[:, None], tl.exp2(tl.where(early[:, None], g_p[None, :] - b_g, 0.)), 0.)
+        b_dq += w_q * mma(b_dA.to(b_k.dtype), (b_k * w_k).to(b_k.dtype), PREC)
+        b_dk += w_k * mma(b_dAt.to(b_q.dtype), (b_q * w_q).to(b_q.dtype), PREC)
+    for jj in range(BC):
+        # pairs in the diagonal blocks: dq's (i = row, j = src <= i), dk's (j = row, i = src >= j)
+        src = (r // BC) * BC + jj
+        b_ks = _load(k, bos, c * BT + src[:, None], T_doc, i_h, kk[None, :], H, K)
+        b_qs = _load(q, bos, c * BT + src[:, None], T_doc, i_h, kk[None, :], H, K)
+        g_s = _load_g(gc, bos, c * BT + src[:, None], last, i_h, kk[None, :], H, K)
+        lower = r % BC >= jj
+        upper = r % BC <= jj
+        e = tl.exp2(tl.where(lower[:, None], b_g - g_s, g_s - b_g))
+        sel = r[None, :] == src[:, None]
+        dA_s = tl.sum(tl.where(sel, b_dA, 0.), axis=1)
+        dAt_s = tl.sum(tl.where(sel, b_dAt, 0.), axis=1)
+        b_dq += tl.where(lower[:, None], dA_s[:, None] * e, 0.) * b_ks.to(tl.float32)
+        b_dk += tl.where(upper[:, None], dAt_s[:, None] * e, 0.) * b_qs.to(tl.float32)
+    _store(dq, b_dq, bos, T_doc, i_h, c * BT, i_k * BK, H, K, BT, BK)
+    _store(dk, b_dk, bos, T_doc, i_h, c * BT, i_k * BK, H, K, BT, BK)
+    # reverse cumulative sum over the chunk's tokens as a product with ones on and above
+    # the diagonal, in float32 ('ieee')
+    b_dg = mma(tl.where(r[:, None] <= r[None, :], 1., 0.),
+               b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk, "ieee")
+    _store(dg, b_dg + b_dg_c[None, :], bos, T_doc, i_h, c * BT, i_k * BK, H, K, BT, BK)
+
+
+def _state_dtype(x: torch.Tensor) -> torch.dtype:
+    # as triton_diag: 16-bit storage of per-chunk states for 16-bit inputs
+    return torch.float32 if x.dtype == torch.float32 else x.dtype
+
+
+def _cumsum(g, plan):
+    H, K = g.shape[2:]
+    gc = torch.empty_like(g)
+    _cumsum_kernel[(triton.cdiv(K, BK), plan.n_chunks, H)](g, gc, plan.offsets, plan.chunk_index,
+                                                            H=H, K=K, BT=BT, BK=BK)
+    return gc
+
+
+def _state_pass(x, y, gc, s0, plan, scale, reverse, store_out):
+    H, K, V = x.shape[2], x.shape[3], y.shape[3]
+    h = x.new_empty(plan.n_chunks, H, K, V, dtype=_state_dtype(x))
+    s_out = x.new_empty(plan.n_docs, H, K, V, dtype=torch.float32) if store_out else None
+    grid = (triton.cdiv(K, BK), triton.cdiv(V, BV_STATE), plan.n_docs * H)
+    _state_kernel[grid](x, y, gc, h, s0, s_out, plan.offsets, plan.chunk_offsets, scale,
+                        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV_STATE, REVERSE=reverse,
+                        HAS_S0=s0 is not None, STORE_OUT=store_out,
+                        PREC=dot_precision(x.dtype), num_warps=NUM_WARPS)
+    return h, s_out
+
+
+def _out(a, b, y, h, gc, plan, scale, backward):
+    H, K, V = a.shape[2], a.shape[3], y.shape[3]
+    out = torch.empty_like(y)
+    _out_kernel[(plan.n_chunks, H)](a, b, y, h, gc, out, plan.offsets, plan.chunk_index, scale,
+                                    H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, BC=BC, BKD=BKD,
+                                    BACKWARD=backward, PREC=dot_precision(a.dtype),
+                                    **CHUNK_LAUNCH)
+    return out
+
+
+def gla_forward(q, k, v, g, h0, scale: float, offsets: list[int]):
+    """Packed inputs q, k (1, TT, H, K), v (1, TT, H, V), g (1, TT, H, K) float32 log
+    decay, h0 None or (N, H, K, V). Returns o (1, TT, H, V) in v's dtype and the final
+    state (N, H, K, V) float32."""
+    plan = chunk_plan(offsets, q.device)
+    gc = _cumsum(g, plan)
+    h, ht = _state_pass(k, v, gc, h0, plan, scale, False, True)
+    return _out(q, k, v, h, gc, plan, scale, False), ht
+
+
+def gla_backward(q, k, v, g, h0, do, dht, scale: float, offsets: list[int]):
+    """Gradients of :func:`gla_forward`: dq, dk, dv like their inputs, dg (1, TT, H, K)
+    float32, dh0 (N, H, K, V) float32 or None."""
+    H, K, V = q.shape[2], q.shape[3], v.shape[3]
+    plan = chunk_plan(offsets, q.device)
+    gc = _cumsum(g, plan)
+    h, _ = _state_pass(k, v, gc, h0, plan, scale, False, False)
+    dh, dh0 = _state_pass(q, do, gc, dht, plan, scale, True, h0 is not None)
+    dv = _out(k, q, do, dh, gc, plan, scale, True)
+    dq, dk, dg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(g)
+    _dqk_kernel[(triton.cdiv(K, BK_DQK), plan.n_chunks, H)](
+        q, k, v, do, h, dh, gc, dq, dk, dg, plan.offsets, plan.chunk_index, scale,
+        H=H, K=K, V=V, BT=BT, BK=BK_DQK, BV=BV, BC=BC, PREC=dot_precision(q.dtype),
+        **CHUNK_LAUNCH)
+    return dq, dk, dv, dg, dh0
+
+
+# torch.library registration: compile traces these as single nodes (no graph break).
+# Custom ops cannot return None, so an absent dh0 comes back as an empty tensor.
+_EMPTY = (0,)
+
+
+@torch.library.custom_op("seqpar::gla_fwd", mutates_args=())
+def _gla_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                h0: torch.Tensor | None, scale: float, offsets: list[int]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    return gla_forward(q, k, v, g, h0, scale, offsets)
+
+
+@_gla_fwd_op.register_fake
+def _(q, k, v, g, h0, scale, offsets):
+    N, H, K, V = len(offsets) - 1, q.shape[2], q.shape[3], v.shape[3]
+    return torch.empty_like(v), q.new_empty(N, H, K, V, dtype=torch.float32)
+
+
+@torch.library.custom_op("seqpar::gla_bwd", mutates_args=())
+def _gla_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                h0: torch.Tensor | None, do: torch.Tensor, dht: torch.Tensor | None,
+                scale: float, offsets: list[int]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv, dg, dh0 = gla_backward(q, k, v, g, h0, do, dht, scale, offsets)
+    return dq, dk, dv, dg, q.new_empty(_EMPTY, dtype=torch.float32) if dh0 is None else dh0
+
+
+@_gla_bwd_op.register_fake
+def _(q, k, v, g, h0, do, dht, scale, offsets):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g),
+            q.new_empty(_EMPTY, dtype=torch.float32) if h0 is None
+            else torch.empty_like(h0, dtype=torch.float32))
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, g, h0, scale, offsets = inputs
+    ctx.save_for_backward(q, k, v, g, h0)
+    ctx.scale, ctx.offsets = scale, offsets
+
+
+def _backward(ctx, do, dht):
+    q, k, v, g, h0 = ctx.saved_tensors
+    if do is None:
+        do = torch.zeros_like(v)
+    dq, dk, dv, dg, dh0 = _gla_bwd_op(q, k, v, g, h0, do.contiguous(),
+                                      None if dht is None else dht.contiguous(),
+                                      ctx.scale, ctx.offsets)
+    return dq, dk, dv, dg, None if h0 is None else dh0.to(h0.dtype), None, None
+
+
+torch.library.register_autograd("seqpar::gla_fwd", _backward, setup_context=_setup)
+
+
+def triton_gla(q, k, v, g, *, scale: float, initial_state, output_final_state: bool, offsets):
+    """GLA (per-key log decay) on CUDA (or the Triton interpreter).
+
+    q, k: (B, T, H, K); v: (B, T, H, V) float16/bfloat16/float32; g: (B, T, H, K) log
+    decay (<= 0), float32; initial_state: (N, H, K, V) or None; offsets: document offsets
+    (list, B == 1) or None. Returns o (B, T, H, V) in v's dtype and the final state
+    (N, H, K, V) float32 or None.
+    """
+    B, T = q.shape[:2]
+    h0 = None if initial_state is None else initial_state.contiguous()
+    o, ht = _gla_fwd_op(as_packed(q), as_packed(k), as_packed(v), as_packed(g), h0,
+                        float(scale), packed_offsets(B, T, offsets))
+    return o.reshape(v.shape), (ht if output_final_state else None)
