@@ -52,6 +52,22 @@ def run_delta(q, k, v, g, beta, *, scale: float, initial_state, output_final_sta
     return per_document(fn, offsets, (q, k, v, g, beta), initial_state, output_final_state)
 
 
+def check_options(output_final_state, chunk_size, backend) -> int:
+    """Validate the keywords every linear-family op shares; returns the chunk size."""
+    chunk_size = check_chunk_size(chunk_size)
+    check_backend(backend)
+    if not isinstance(output_final_state, bool):
+        fail("output_final_state", "a bool", type(output_final_state).__name__)
+    return chunk_size
+
+
+def documents(cu_seqlens, B: int, T: int, device) -> tuple[list[int] | None, int]:
+    """Validated document offsets (None without packing) and the number of sequences N
+    that initial and final states have: B, or the number of packed documents."""
+    offsets = check_cu_seqlens(cu_seqlens, B, T, device)
+    return offsets, (B if offsets is None else len(offsets) - 1)
+
+
 def linear_call(kind: str, q, k, v, g=None, beta=None, *, gate: str | None, scale,
                 initial_state, output_final_state, cu_seqlens, chunk_size, backend, sp):
     """Validate a linear-family call and run it on one device or through ``sp``.
@@ -66,16 +82,12 @@ def linear_call(kind: str, q, k, v, g=None, beta=None, *, gate: str | None, scal
     if beta is not None:
         beta = check_gate("beta", beta, (B, T, H), q.device)
     scale = check_scale(scale, K)
-    chunk_size = check_chunk_size(chunk_size)
-    check_backend(backend)
-    if not isinstance(output_final_state, bool):
-        fail("output_final_state", "a bool", type(output_final_state).__name__)
+    chunk_size = check_options(output_final_state, chunk_size, backend)
     if sp is not None:
         return sp.linear(kind, q, k, v, g, beta, scale=scale, initial_state=initial_state,
                          output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                          chunk_size=chunk_size, backend=backend)
-    offsets = check_cu_seqlens(cu_seqlens, B, T, q.device)
-    N = B if offsets is None else len(offsets) - 1
+    offsets, N = documents(cu_seqlens, B, T, q.device)
     check_state("initial_state", initial_state, (N, H, K, V), q.device)
     run = run_diag if kind == "diag" else run_delta
     extra = (g,) if kind == "diag" else (g, beta)

@@ -15,10 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._validate import (check_backend, check_chunk_size, check_cu_seqlens, check_gate,
-                         check_qkv, check_scale, check_tensor, fail)
+from .._validate import check_backend, check_gate, check_qkv, check_scale, check_tensor, fail
 from ._family import pick_backend, reference_scan
-from ._run import linear_call
+from ._run import check_options, documents, linear_call
 
 
 def mlstm_step(q, k, v, i, f, state, scale=None):
@@ -79,11 +78,8 @@ def mlstm(q, k, v, i, f, *, scale=None, initial_state=None, output_final_state=F
         check_tensor("initial_state[0] (C)", C0, shape=(None, H, K, V), device=q.device)
         check_tensor("initial_state[1] (n)", n0, shape=(C0.shape[0], H, K), device=q.device)
     if sp is None and pick_backend(check_backend(backend), q) == "triton":
-        check_chunk_size(chunk_size)
-        if not isinstance(output_final_state, bool):
-            fail("output_final_state", "a bool", type(output_final_state).__name__)
-        offsets = check_cu_seqlens(cu_seqlens, B, T, q.device)
-        N = B if offsets is None else len(offsets) - 1
+        check_options(output_final_state, chunk_size, backend)
+        offsets, N = documents(cu_seqlens, B, T, q.device)
         if initial_state is not None and initial_state[0].shape[0] != N:
             fail("initial_state", f"N = {N} states (one per batch row or document)",
                  f"{initial_state[0].shape[0]}")
