@@ -12,14 +12,15 @@ the reference on the same bf16 values), for DeltaNet and Gated DeltaNet, over T 
 T not a multiple of the 64-token chunk, B > 1, packed documents (a boundary inside a
 chunk, a one-token document), initial states, strong decays (a_t down to ~e^-15),
 K != V, V not a power of two and K over 64 (the 128-wide key tile); the inversion
-kernel alone, on a matrix whose powers grow binomially; a
+kernel alone, on a matrix whose powers grow binomially; the WY kernels against
+``chunk_delta.wy_terms``; a
 ``torch.compile(fullgraph=True)`` trace through the custom ops; that 'auto' picks
 these kernels where it picks Triton (CUDA); the head-dim limit. Under the interpreter the kernels'
 products are exact float32, so tf32 rounding on the GPU is checked only by
 bench/device/check_triton_delta.py.
 
-Budget: about a minute on 2 cores (measured 46 s for the six tests; the interpreter
-runs each kernel program in numpy).
+Budget: about two minutes on 2 cores (measured 76-113 s for the eight tests, 16-51 s of
+them compiling for sm_90; the interpreter runs each kernel program in numpy).
 """
 from __future__ import annotations
 
@@ -137,10 +138,41 @@ def test_unit_lower_inverse():
     assert rel_err(dA, dA_ref.tril(-1)) < 1e-6
 
 
+def test_wy_kernels_match_wy_terms():
+    """The WY kernels (A and its inverse N, W) against chunk_delta.wy_terms on the same
+    chunks, float32: two documents, one ending inside a chunk, strong decays."""
+    from seqpar.ops.linear import triton_delta as td
+    from seqpar.ops.linear.chunk_delta import wy_terms
+    from seqpar.ops.linear.chunk_diag import _chunks
+
+    xs, _ = _inputs("gated_delta_rule", 1, 100, 2, 16, 24, 1, True, False, torch.float32, 9)
+    q, k, v, g, beta = (x.to(DEVICE) for x in xs)
+    _, _, ai, w, _, _ = td.delta_forward(q, k, v, g, beta, None, 0.25, [0, 90, 100])
+    docs = []
+    for s, e in ((0, 90), (90, 100)):  # each document in chunks of 64, zero-padded
+        n = -(-(e - s) // td.BT)
+        docs.append([_chunks(x[:, s:e], n, td.BT) for x in (q, k, v, g, beta)])
+    eye = torch.eye(td.BT, device=DEVICE)
+    got_n = []
+
+    def inverse(A):  # records (I + A)^{-1}
+        got_n.append(torch.linalg.solve_triangular(A + eye, eye.expand_as(A), upper=False,
+                                                   unitriangular=True))
+        return got_n[-1]
+
+    refs = [wy_terms(qc, kc, vc, gc[..., None], bc[..., None], 0.25, inverse=inverse)
+            for qc, kc, vc, gc, bc in docs]
+    W_ref = torch.cat([r[1][0] for r in refs], 1).transpose(0, 1)  # (NT, H, BT, K)
+    N_ref = torch.cat([n[0] for n in got_n], 1).transpose(0, 1)
+    assert rel_err(ai, N_ref) < 1e-5
+    assert rel_err(w, W_ref) < 1e-5
+
+
 def test_kernels_fit_sm90():
     """The kernels compile for sm_90 with their launch settings within the shared-memory
-    limit, and the bf16 configuration spills no registers: failures the interpreter cannot
-    show (the default software pipelining needed 270-400 KB of shared memory)."""
+    limit, and the bf16 configuration spills no registers beyond the allowance of
+    check_triton_delta._kernels: failures the interpreter cannot show (the default software
+    pipelining needed 270-400 KB of shared memory)."""
     import subprocess
     from pathlib import Path
 

@@ -17,8 +17,8 @@ these kernels where it resolves to Triton; and an sm_90 compile of the kernels (
 memory, register spills). Under the interpreter the kernels' products are exact float32,
 so tf32 rounding on the GPU is checked only by bench/device/check_triton_gla.py.
 
-Budget: 77-102 s on 2 cores for the four tests (measured, with other jobs running):
-about 65-80 s for the reference comparisons, 14 s for the sm_90 compile, 7 s for
+Budget: 67-95 s on 2 cores for the four tests (measured, with other jobs running):
+about 50-80 s for the reference comparisons, 11 s for the sm_90 compile, 6 s for
 torch.compile; the interpreter runs each kernel program in numpy.
 """
 from __future__ import annotations

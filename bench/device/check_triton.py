@@ -137,7 +137,7 @@ def compile_check():
     return max(rel_err(a, b) for a, b in zip(got, eager))
 
 
-def main(out, op_names):
+def main(out, op_names, strong=None):
     # imported here: importing tests/test_triton without CUDA switches Triton to its
     # interpreter, which --compile-only must not
     from test_triton import OPS, errors
@@ -145,6 +145,8 @@ def main(out, op_names):
     rows, ok = [], True
     for op in op_names or OPS:
         for case in cases(op):
+            if strong is not None and str(case["strong"]) != strong:
+                continue
             t0 = time.time()
             try:
                 errs = errors(op, **case, ref_device="cuda")
@@ -180,6 +182,8 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", nargs="?", help="JSON results path (not with --compile-only)")
     p.add_argument("--ops", nargs="+", help="ops to check (default: all)")
+    p.add_argument("--strong", choices=["False", "True", "norm"],
+                   help="only the cases with this input kind (e.g. norm: mLSTM's strong normalizer)")
     p.add_argument("--compile-only", action="store_true")
     p.add_argument("--mlstm-warps", action="store_true",
                    help="only time mlstm at 4 and 8 warps (see mlstm_warps), OUT.json")
@@ -190,4 +194,4 @@ if __name__ == "__main__":
         p.error("OUT.json is required")
     if a.mlstm_warps:
         sys.exit(mlstm_warps(a.out))
-    sys.exit(0 if main(a.out, a.ops) else 1)
+    sys.exit(0 if main(a.out, a.ops, a.strong) else 1)

@@ -27,15 +27,15 @@ from check_triton_delta import SM90_SHARED, TOL, _compile, cases, fwd_bwd_ms  # 
 
 def _source(dtype):
     """``ASTSource`` for check_triton_delta._compile with triton_gla's argument types:
-    int32 plan pointers, a float32 scale, float32 gates, states and gate gradients,
-    inputs, their gradients and per-chunk states in ``dtype``."""
+    int32 plan pointers, a float32 scale, float32 gates, states, gate gradients and dA;
+    inputs, their gradients, per-chunk states and A in ``dtype``."""
     from triton.compiler.compiler import ASTSource
 
-    f32 = ("g", "gc", "dg", "s0", "s_out")
+    f32 = ("g", "gc", "dg", "dA", "dq_d", "dk_d", "h0", "ht", "dht", "dh0")
 
     def source(fn, signature, constexprs):
-        sig = {n: t if t == "constexpr" or n in ("offs", "cidx", "coff", "scale") or n in f32
-               else f"*{dtype}" for n, t in signature.items()}
+        sig = {n: "i32" if n == "NH" else t if t == "constexpr" or n in ("offs", "cidx", "coff", "scale")
+               or n in f32 else f"*{dtype}" for n, t in signature.items()}
         return ASTSource(fn=fn, signature=sig, constexprs=constexprs)
 
     return source
@@ -57,14 +57,18 @@ def compile_sm90():
     # memory only) at the largest K
     for K, prec, dtype in ((64, "tf32", "bf16"), (128, "tf32", "bf16"), (128, "tf32x3", "fp32")):
         dims = dict(H=16, K=K, BT=tg.BT, BK=tg.BK)
-        tiles = dict(dims, V=128, BV=tg.BV, BC=tg.BC, PREC=prec)
+        tiles = dict(dims, V=128, BV=tg.BV, PREC=prec)
         configs = [(tg._cumsum_kernel, dims, state)]
-        configs += [(tg._state_kernel, dict(dims, V=128, BV=tg.BV_STATE, REVERSE=rev,
-                                            HAS_S0=True, STORE_OUT=True, PREC=prec), state)
-                    for rev in (False, True)]
-        configs += [(tg._out_kernel, dict(tiles, BKD=tg.BKD, BACKWARD=bwd), chunk)
-                    for bwd in (False, True)]
-        configs.append((tg._dqk_kernel, dict(tiles, BK=tg.BK_DQK), chunk))
+        configs.append((tg._state_kernel, dict(dims, V=128, BV=tg.BV_STATE, HAS_H0=True,
+                                               PREC=prec), state))
+        configs.append((tg._state_pair_kernel, dict(dims, V=128, BV=tg.BV_STATE, HAS_H0=True,
+                                                    HAS_DHT=True, PREC=prec), state))
+        configs.append((tg._intra_kernel, dict(dims, BC=tg.BC, PREC=prec), chunk))
+        configs.append((tg._diag_kernel, dict(dims, BC=tg.BC), dict(num_warps=tg.DIAG_WARPS)))
+        configs += [(tg._out_kernel, dict(tiles, BACKWARD=bwd), chunk) for bwd in (False, True)]
+        configs.append((tg._dA_kernel, dict(H=16, V=128, BT=tg.BT, BV=tg.BV, PREC=prec), chunk))
+        configs.append((tg._dqk_diag_kernel, dict(dims, BC=tg.BC), dict(num_warps=tg.DIAG_WARPS)))
+        configs.append((tg._dqk_kernel, dict(tiles, BK=tg.BK_DQK, BC=tg.BC), chunk))
         for fn, constexprs, opts in configs:
             row = _compile(fn, constexprs, opts, ptxas, GPUTarget, _source(dtype), K, prec)
             row["kernel"] += "".join(f" {f}" for f, v in constexprs.items() if v is True)
@@ -84,8 +88,9 @@ def gla_cases():
 
 
 def stage_ms(B=1, T=32768, H=16, K=128, V=128, reps=5):
-    """Median milliseconds of each kernel launch of one forward+backward (bf16, CUDA):
-    where the time goes, for tuning."""
+    """Median milliseconds of each stage (kernel launch, or two) of one forward+backward
+    (bf16, CUDA), and of the whole forward and backward: where the time goes, for
+    tuning."""
     from seqpar.ops.linear import triton_gla as tg
     from seqpar.ops.linear.triton_common import chunk_plan
 
@@ -96,18 +101,24 @@ def stage_ms(B=1, T=32768, H=16, K=128, V=128, reps=5):
              for _ in range(2))
     g = torch.nn.functional.logsigmoid(torch.randn(1, B * T, H, K, generator=gen, device="cuda") + 2)
     plan = chunk_plan([b * T for b in range(B + 1)], q.device)
-    gc = tg._cumsum(g, plan)
-    h, _ = tg._state_pass(k, v, gc, None, plan, 0.1, False, True)
-    dh, _ = tg._state_pass(q, do, gc, None, plan, 0.1, True, False)
+    offsets = plan.offsets.tolist()
+    scale = K ** -0.5
+    _, _, gc, A = tg.gla_forward(q, k, v, g, None, scale, offsets)
+    h, dh, _ = tg._state_pair(q, k, v, do, gc, None, None, plan, scale)
+    dA = tg._dA(do, v, plan, scale)
+    parts = tg._dqk_diag(q, k, gc, dA, plan)
     stages = {
         "cumsum": lambda: tg._cumsum(g, plan),
-        "state fwd": lambda: tg._state_pass(k, v, gc, None, plan, 0.1, False, True),
-        "out": lambda: tg._out(q, k, v, h, gc, plan, 0.1, False),
-        "state bwd": lambda: tg._state_pass(q, do, gc, None, plan, 0.1, True, False),
-        "dv": lambda: tg._out(k, q, do, dh, gc, plan, 0.1, True),
-        "forward": lambda: tg.gla_forward(q, k, v, g, None, 0.1, plan.offsets.tolist()),
-        "backward": lambda: tg.gla_backward(q, k, v, g, None, do, None, 0.1,
-                                            plan.offsets.tolist()),
+        "state fwd": lambda: tg._state_pass(k, v, gc, None, plan),
+        "A (intra + diag)": lambda: tg._intra(q, k, gc, plan, scale),
+        "out": lambda: tg._out(q, v, h, gc, A, plan, scale, False),
+        "state fwd + bwd (backward)": lambda: tg._state_pair(q, k, v, do, gc, None, None, plan, scale),
+        "dv": lambda: tg._out(k, do, dh, gc, A, plan, scale, True),
+        "dA": lambda: tg._dA(do, v, plan, scale),
+        "dqk diag": lambda: tg._dqk_diag(q, k, gc, dA, plan),
+        "dqk": lambda: tg._dqk(q, k, v, do, h, dh, gc, dA, *parts, plan, scale),
+        "forward": lambda: tg.gla_forward(q, k, v, g, None, scale, offsets),
+        "backward": lambda: tg.gla_backward(q, k, v, gc, A, None, do, None, scale, offsets),
     }
     times = {}
     for name, fn in stages.items():
@@ -121,8 +132,6 @@ def stage_ms(B=1, T=32768, H=16, K=128, V=128, reps=5):
             if i:  # the first call compiles
                 ts.append(start.elapsed_time(end))
         times[name] = sorted(ts)[len(ts) // 2]
-    times["dqk (backward - its other stages)"] = times["backward"] - sum(
-        times[n] for n in ("cumsum", "state fwd", "state bwd", "dv"))
     return times
 
 

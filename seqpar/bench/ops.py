@@ -204,6 +204,7 @@ def plot(rows, path):
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)  # plot() runs after every row
 
 
 def main(argv=None):

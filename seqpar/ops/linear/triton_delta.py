@@ -1,31 +1,51 @@
 """Delta-rule engine behind ``backend='triton'`` (DeltaNet, Gated DeltaNet): the WY form
-of :mod:`.chunk_delta` with its sequential inter-chunk state pass as a Triton kernel.
+of :mod:`.chunk_delta` as Triton kernels reading the packed stream ``(1, TT, H, D)``
+directly through the chunk plan of :mod:`.triton_common` (rows past a document's end
+load as zeros, which are inert: beta = 0 writes nothing, k = 0 reads nothing).
 
-Per chunk ``c`` (``BT`` tokens, never straddling a document) with the state-independent
-terms of :func:`.chunk_delta.wy_terms` (``W``, ``U``, the decayed keys ``k_dec``, the
-chunk decay ``d = exp(G_C)``, ``P`` and ``q_dec``: PyTorch batched ops with autograd,
-except ``(I + A)^{-1}``, one blocked-inversion Triton program per chunk,
-:func:`unit_lower_inverse`) and the state ``S_c`` entering the chunk:
+Per chunk (``BT`` tokens, never straddling a document) with cumulative log2 gate ``G``
+(``triton_diag._cumsum``; ``e^x`` below is ``2^x`` of log2-scaled exponents), scale s:
 
-* forward kernel (one program per document, head and V tile, chunks in order):
-  ``v'_c = U_c - W_c S_c``, ``o_c = P_c v'_c + q_dec_c S_c``,
-  ``S_{c+1} = d_c S_c + k_dec_c^T v'_c``.
+* ``_wy_a_kernel``: ``A_ij = beta_i (k_i.k_j) e^(G_i - G_j)`` for ``j < i``;
+  :func:`unit_lower_inverse` gives ``N = (I + A)^{-1}``;
+* ``_wy_wu_kernel``: ``W = N (beta k e^G)``, ``U = N (beta v)``;
+* ``_fwd_kernel`` (sequential over chunks; one program per document, head and V tile;
+  the state enters as ``S_c``): ``v'_c = U_c - W_c S_c``,
+  ``S_{c+1} = e^G_C S_c + (k e^(G_C - G))^T v'_c``; stores ``S_c`` and ``v'``;
+* ``triton_diag._pair_kernel`` on ``(q, k, v')``: ``o = P v' + s q e^G S_c`` with
+  ``P = s (q k^T) e^(G_i - G_j)``, ``j <= i`` (the diagonal family's output kernel, as
+  the delta rule's output is linear attention over ``v'``).
 
-Its backward is the reverse kernel: with ``dS`` the gradient of the state leaving chunk
-``c`` (the final-state gradient for the last chunk) and ``do_c`` the output gradient,
-``dv'_c = P_c^T do_c + k_dec_c dS`` and ``dS <- d_c dS + q_dec_c^T do_c - W_c^T dv'_c``;
-then ``dU = dv'``, ``dW = -dv' S_c^T``, ``dk_dec = v'_c dS^T``, ``dd_c = <S_c, dS>``,
-``dP = do v'^T``, ``dq_dec = do S_c^T``
-as batched products. Every operand of the kernels is float32: with 16-bit operands
-(bf16 rounding of the state and of v') the interpreter measured errors up to 1.1e-2 at
-T = 140 for bf16 inputs, against 1.9e-3 with float32 operands, because
-``v' = U - W S`` cancels once the state has learned the values. Products run as tf32
-(16-bit inputs) or three-pass tf32 (float32 inputs) on GPU, :func:`dot_precision`.
+Backward, with ``dS`` the gradient of the state leaving a chunk:
 
-Everything is laid out per chunk: the packed stream (or ``B`` rows as ``B`` documents)
-is gathered into ``(H, NT, BT, D)`` with zero rows past each document's end (inert in
-the WY form: beta = 0 writes nothing, k = 0 reads nothing, g = 0 decays nothing), and
-outputs are gathered back. ``chunk_size`` is ignored: the chunk is ``BT`` = 64.
+* ``_dv_local_kernel`` (parallel): ``P^T do``, the state-free part of ``dv'``;
+* ``_bwd_kernel`` (reverse, sequential): ``dv' = P^T do + k e^(G_C - G) dS``,
+  ``dS <- e^G_C dS + s (q e^G)^T do - W^T dv'``;
+* ``triton_diag._dqk_kernel`` on ``(q, k, v', do, S_c, dS)``: dq complete, and the parts
+  of dk and of the gate gradient that come through ``P``, ``q e^G``, ``k e^(G_C - G)``
+  and ``e^G_C``;
+* ``_wy_bwd_kernel``: the rest through ``W``, ``U`` and ``A``. With ``dY = N^T dv'``
+  (the gradient of ``beta v``) and ``dX = -dY S_c^T`` (of ``beta k e^G``), the gradient
+  of A is ``dA = -(dX W^T + dY U^T) = -dY v'^T`` (strictly lower), which needs
+  neither W nor U; ``dA^T`` comes from its own products (no transposes of register tiles);
+* ``triton_diag._dg_kernel``: ``dg_t`` from the per-row terms, each a product of decayed
+  quantities (every exponent <= 0, nothing undecayed cancels).
+
+Precision: every product with a state, ``N``, ``W``, ``U``, ``v'`` or their gradients
+has float32 operands (tf32 on GPU for 16-bit inputs, three-pass tf32 for float32;
+:func:`dot_precision`); only products of two inputs (``k k^T``, ``q k^T``) take 16-bit
+operands (exact products, float32 sums). With 16-bit operands in the state pass the
+interpreter measured errors up to 1.1e-2 at T = 140 for bf16 inputs, against 1.9e-3 with
+float32 operands, because ``v' = U - W S`` cancels once the state has learned the
+values. ``v'`` is stored in float32 too: the output ``P v' + s q e^G S_c`` cancels like
+``v'`` itself (bf16 ``v'`` measured o errors of 9e-3 under the interpreter, against
+3.3e-3 with float32 ``v'``, which is the interpreter's bf16 store alone: it truncates
+where the GPU rounds to nearest, twice the error). States, ``W``, ``U``, ``N`` and
+``dv'`` are float32. The diagonal family's kernels round the states and the (BT, BT)
+matrices to q's dtype for their products with q and k, where the output's two terms
+(and dq's) cancel: they get float32 copies of q and k (bf16 q, k there measured o 6.8e-3
+(DeltaNet) and dq 9.3e-3 (Gated) at T = 1 under the interpreter, against 3.4e-3 and
+4.2e-3 with the copies, where the interpreter's truncating bf16 stores alone give 3.3e-3).
 """
 from __future__ import annotations
 
@@ -34,8 +54,9 @@ import triton
 import triton.language as tl
 
 from .._validate import fail
-from .chunk_delta import wy_terms
-from .triton_common import BT, BV_STATE, dot_precision, mma, packed_offsets
+from .triton_common import (BK, BT, BV, BV_STATE, as_packed, chunk_plan, dot_precision, mma,
+                            packed_offsets)
+from .triton_diag import _cumsum, _dg_kernel, _doc_bounds, _dqk_kernel, _gates, _pair_kernel
 
 NUM_WARPS = 4
 MAX_DIM = 128  # K and V: the state tile spans all of K, and one K tile is at most 128 wide
@@ -47,87 +68,256 @@ def _k_tile(K: int) -> int:
 
 
 @triton.jit
-def _fwd_kernel(w, u, kd, p, qd, dec, h0, o, h, vn, ht, coff, NT,
+def _wy_a_kernel(k, beta, gc, a, offs, cidx, H: tl.constexpr, K: tl.constexpr,
+                 BT: tl.constexpr, BK: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr):
+    """A of one chunk and head (strictly lower, float32) into a (NT, H, BT, BT)."""
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (T_doc, K), (H * K, 1), (c * BT, 0), (BT, BK), (1, 0))
+    p_kT = tl.make_block_ptr(k + (bos * H + i_h) * K, (K, T_doc), (1, H * K), (0, c * BT), (BK, BT), (0, 1))
+    b_a = mma(tl.load(p_k, boundary_check=(0, 1), padding_option="zero"),
+              tl.load(p_kT, boundary_check=(0, 1), padding_option="zero"), PREC)
+    o = tl.arange(0, BT)
+    t = c * BT + o
+    b_beta = tl.load(beta + (bos + t) * H + i_h, mask=t < T_doc, other=0.).to(tl.float32)
+    lower = o[:, None] > o[None, :]
+    if USE_G:
+        b_g, _ = _gates(gc, bos, c, T_doc, i_h, H, BT)
+        b_a *= tl.exp2(tl.where(lower, b_g[:, None] - b_g[None, :], 0.))
+    b_a = tl.where(lower, b_a * b_beta[:, None], 0.)
+    tl.store(a + (i_t * H + i_h).to(tl.int64) * BT * BT + o[:, None] * BT + o[None, :], b_a)
+
+
+@triton.jit
+def _wy_apply(ai, x, out, b_row, bos, c, T_doc, i_h, i_c, H: tl.constexpr, D: tl.constexpr,
+              BT: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+    """``out = N (b_row x)`` for one chunk of x (packed, D wide) into out (NT, H, BT, D),
+    D tile by D tile."""
+    o = tl.arange(0, BT)
+    b_n = tl.load(ai + i_c * BT * BT + o[:, None] * BT + o[None, :])
+    for i_d in range(tl.cdiv(D, BD)):
+        p_x = tl.make_block_ptr(x + (bos * H + i_h) * D, (T_doc, D), (H * D, 1), (c * BT, i_d * BD), (BT, BD), (1, 0))
+        b_x = tl.load(p_x, boundary_check=(0, 1), padding_option="zero").to(tl.float32) * b_row[:, None]
+        p_o = tl.make_block_ptr(out + i_c * BT * D, (BT, D), (D, 1), (0, i_d * BD), (BT, BD), (1, 0))
+        tl.store(p_o, mma(b_n, b_x, PREC), boundary_check=(0, 1))
+
+
+@triton.jit
+def _wy_wu_kernel(k, v, beta, gc, ai, w, u, offs, cidx, H: tl.constexpr, K: tl.constexpr,
+                  V: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, USE_G: tl.constexpr,
+                  PREC: tl.constexpr):
+    """``W = N (beta k e^G)`` into w (NT, H, BT, K) and ``U = N (beta v)`` into
+    u (NT, H, BT, V) for one chunk and head, N from ai (NT, H, BT, BT); float32."""
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    i_c = (i_t * H + i_h).to(tl.int64)
+    t = c * BT + tl.arange(0, BT)
+    b_beta = tl.load(beta + (bos + t) * H + i_h, mask=t < T_doc, other=0.).to(tl.float32)
+    _wy_apply(ai, v, u, b_beta, bos, c, T_doc, i_h, i_c, H, V, BT, BD, PREC)
+    if USE_G:
+        b_g, _ = _gates(gc, bos, c, T_doc, i_h, H, BT)
+        b_beta *= tl.exp2(b_g)
+    _wy_apply(ai, k, w, b_beta, bos, c, T_doc, i_h, i_c, H, K, BT, BD, PREC)
+
+
+@triton.jit
+def _doc_span(offs, coff, n):
+    """Start token, token count and first chunk of document n."""
+    bos = tl.load(offs + n).to(tl.int64)
+    T_doc = tl.load(offs + n + 1).to(tl.int64) - bos
+    return bos, T_doc, tl.load(coff + n).to(tl.int64)
+
+
+@triton.jit
+def _fwd_kernel(k, w, u, gc, h0, h, vn, ht, offs, coff,
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                 BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
                 HAS_H0: tl.constexpr, PREC: tl.constexpr):
-    """Forward state pass of one document, head and V tile: the chunk outputs into o,
-    the state entering each chunk into h and v' into vn (both for the backward), the
-    final state into ht."""
+    """Forward state pass of one document, head and V tile: the state entering each
+    chunk into h (NT, H, K, V), v' into vn (packed, v's dtype), the final state into
+    ht."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     n, i_h = i_nh // H, i_nh % H
-    boc = tl.load(coff + n)
-    NC = tl.load(coff + n + 1) - boc
+    bos, T_doc, boc = _doc_span(offs, coff, n)
     b_s = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
         p_s = tl.make_block_ptr(h0 + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
         b_s += tl.load(p_s, boundary_check=(0, 1), padding_option="zero")
-    for c in range(NC):
-        i_c = (i_h * NT + boc + c).to(tl.int64)
+    for c in range(tl.cdiv(T_doc, BT).to(tl.int32)):
+        i_c = (boc + c) * H + i_h
         p_h = tl.make_block_ptr(h + i_c * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
         tl.store(p_h, b_s, boundary_check=(0, 1))
         p_w = tl.make_block_ptr(w + i_c * BT * K, (BT, K), (K, 1), (0, 0), (BT, BK), (1, 0))
-        p_q = tl.make_block_ptr(qd + i_c * BT * K, (BT, K), (K, 1), (0, 0), (BT, BK), (1, 0))
-        p_kT = tl.make_block_ptr(kd + i_c * BT * K, (K, BT), (1, K), (0, 0), (BK, BT), (0, 1))
-        p_p = tl.make_block_ptr(p + i_c * BT * BT, (BT, BT), (BT, 1), (0, 0), (BT, BT), (1, 0))
         p_u = tl.make_block_ptr(u + i_c * BT * V, (BT, V), (V, 1), (0, i_v * BV), (BT, BV), (1, 0))
-        p_vn = tl.make_block_ptr(vn + i_c * BT * V, (BT, V), (V, 1), (0, i_v * BV), (BT, BV), (1, 0))
-        p_o = tl.make_block_ptr(o + i_c * BT * V, (BT, V), (V, 1), (0, i_v * BV), (BT, BV), (1, 0))
+        p_kT = tl.make_block_ptr(k + (bos * H + i_h) * K, (K, T_doc), (1, H * K), (0, c * BT), (BK, BT), (0, 1))
+        p_vn = tl.make_block_ptr(vn + (bos * H + i_h) * V, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
         b_w = tl.load(p_w, boundary_check=(0, 1), padding_option="zero")
         b_v = tl.load(p_u, boundary_check=(0, 1), padding_option="zero")
         b_v -= mma(b_w, b_s, PREC)
-        tl.store(p_vn, b_v, boundary_check=(0, 1))
-        b_q = tl.load(p_q, boundary_check=(0, 1), padding_option="zero")
-        b_p = tl.load(p_p)
-        b_o = mma(b_q, b_s, PREC) + mma(b_p, b_v, PREC)
-        tl.store(p_o, b_o, boundary_check=(0, 1))
+        tl.store(p_vn, b_v.to(p_vn.dtype.element_ty), boundary_check=(0, 1))
+        b_kT = tl.load(p_kT, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+        # decays scale the small (BT, BV) operand, not the (BK, BT) one: fewer registers
         if USE_G:
-            b_s *= tl.load(dec + i_h * NT + boc + c)
-        b_kT = tl.load(p_kT, boundary_check=(0, 1), padding_option="zero")
+            b_g, g_last = _gates(gc, bos, c, T_doc, i_h, H, BT)
+            b_s *= tl.exp2(g_last)
+            b_v *= tl.exp2(g_last - b_g)[:, None]
         b_s += mma(b_kT, b_v, PREC)
     p_t = tl.make_block_ptr(ht + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
     tl.store(p_t, b_s, boundary_check=(0, 1))
 
 
 @triton.jit
-def _bwd_kernel(w, kd, p, qd, dec, do, dht, dvt, dsl, dh0, coff, NT,
+def _dv_local_kernel(q, k, do, gc, dvl, offs, cidx, scale, H: tl.constexpr, K: tl.constexpr,
+                     V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                     USE_G: tl.constexpr, PREC: tl.constexpr):
+    """``P^T do`` of one chunk, head and V tile into dvl (packed, float32): the part of
+    dv' that needs no state, off the sequential pass."""
+    i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    b_pT = tl.zeros([BT, BT], dtype=tl.float32)  # [j, i] = k_j.q_i
+    for i_k in range(tl.cdiv(K, BK)):
+        p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
+        p_qT = tl.make_block_ptr(q + (bos * H + i_h) * K, (K, T_doc), (1, H * K), (i_k * BK, c * BT), (BK, BT), (0, 1))
+        b_pT += mma(tl.load(p_k, boundary_check=(0, 1), padding_option="zero"),
+                    tl.load(p_qT, boundary_check=(0, 1), padding_option="zero"), PREC)
+    o = tl.arange(0, BT)
+    anti = o[:, None] <= o[None, :]
+    if USE_G:
+        b_g, _ = _gates(gc, bos, c, T_doc, i_h, H, BT)
+        b_pT *= tl.exp2(tl.where(anti, b_g[None, :] - b_g[:, None], 0.))
+    b_pT = tl.where(anti, b_pT * scale, 0.)
+    p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
+    p_o = tl.make_block_ptr(dvl + (bos * H + i_h) * V, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
+    b_do = tl.load(p_do, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+    tl.store(p_o, mma(b_pT, b_do, PREC), boundary_check=(0, 1))
+
+
+@triton.jit
+def _bwd_kernel(q, k, w, gc, do, dht, dvt, dsl, dh0, offs, coff, scale,
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                 BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
                 HAS_DHT: tl.constexpr, PREC: tl.constexpr):
-    """Reverse state pass of one document, head and V tile, last chunk first: stores
-    the gradient of the state leaving each chunk into dsl, the gradient of v' into dvt
-    and the gradient of the initial state into dh0."""
+    """Reverse state pass of one document, head and V tile, last chunk first: the
+    gradient of the state leaving each chunk into dsl (NT, H, K, V), the gradient of v'
+    into dvt (packed, float32; holds ``P^T do`` on entry) and the gradient of the
+    initial state into dh0."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     n, i_h = i_nh // H, i_nh % H
-    boc = tl.load(coff + n)
-    NC = tl.load(coff + n + 1) - boc
+    bos, T_doc, boc = _doc_span(offs, coff, n)
+    NC = tl.cdiv(T_doc, BT).to(tl.int32)
     b_ds = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DHT:
         p_s = tl.make_block_ptr(dht + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
         b_ds += tl.load(p_s, boundary_check=(0, 1), padding_option="zero")
     for i in range(NC):
         c = NC - 1 - i
-        i_c = (i_h * NT + boc + c).to(tl.int64)
+        i_c = (boc + c) * H + i_h
         p_l = tl.make_block_ptr(dsl + i_c * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
         tl.store(p_l, b_ds, boundary_check=(0, 1))
-        p_k = tl.make_block_ptr(kd + i_c * BT * K, (BT, K), (K, 1), (0, 0), (BT, BK), (1, 0))
+        p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (T_doc, K), (H * K, 1), (c * BT, 0), (BT, BK), (1, 0))
+        p_dvt = tl.make_block_ptr(dvt + (bos * H + i_h) * V, (T_doc, V), (H * V, 1), (c * BT, i_v * BV),
+                                  (BT, BV), (1, 0))
+        p_qT = tl.make_block_ptr(q + (bos * H + i_h) * K, (K, T_doc), (1, H * K), (0, c * BT), (BK, BT), (0, 1))
+        p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
         p_wT = tl.make_block_ptr(w + i_c * BT * K, (K, BT), (1, K), (0, 0), (BK, BT), (0, 1))
-        p_qT = tl.make_block_ptr(qd + i_c * BT * K, (K, BT), (1, K), (0, 0), (BK, BT), (0, 1))
-        p_pT = tl.make_block_ptr(p + i_c * BT * BT, (BT, BT), (1, BT), (0, 0), (BT, BT), (0, 1))
-        p_do = tl.make_block_ptr(do + i_c * BT * V, (BT, V), (V, 1), (0, i_v * BV), (BT, BV), (1, 0))
-        p_dvt = tl.make_block_ptr(dvt + i_c * BT * V, (BT, V), (V, 1), (0, i_v * BV), (BT, BV), (1, 0))
-        b_do = tl.load(p_do, boundary_check=(0, 1), padding_option="zero")
-        b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero")
-        b_pT = tl.load(p_pT)
-        b_dv = mma(b_pT, b_do, PREC) + mma(b_k, b_ds, PREC)
-        tl.store(p_dvt, b_dv, boundary_check=(0, 1))
+        b_kds = mma(tl.load(p_k, boundary_check=(0, 1), padding_option="zero").to(tl.float32), b_ds, PREC)
+        b_do = tl.load(p_do, boundary_check=(0, 1), padding_option="zero").to(tl.float32) * scale
+        # decays scale the small (BT, BV) operands and results, not the (BT, BK) ones
         if USE_G:
-            b_ds *= tl.load(dec + i_h * NT + boc + c)
+            b_g, g_last = _gates(gc, bos, c, T_doc, i_h, H, BT)
+            b_kds *= tl.exp2(g_last - b_g)[:, None]
+            b_ds *= tl.exp2(g_last)
+            b_do *= tl.exp2(b_g)[:, None]
+        b_dv = tl.load(p_dvt, boundary_check=(0, 1), padding_option="zero") + b_kds
+        tl.store(p_dvt, b_dv, boundary_check=(0, 1))
+        b_qT = tl.load(p_qT, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
         b_wT = tl.load(p_wT, boundary_check=(0, 1), padding_option="zero")
-        b_qT = tl.load(p_qT, boundary_check=(0, 1), padding_option="zero")
         b_ds += mma(b_qT, b_do, PREC) - mma(b_wT, b_dv, PREC)
     p_0 = tl.make_block_ptr(dh0 + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
     tl.store(p_0, b_ds, boundary_check=(0, 1))
+
+
+@triton.jit
+def _wy_bwd_kernel(k, v, beta, gc, ai, h, vn, dvt, dk_part, dk, dv, dbeta, r_out, b_out,
+                   offs, cidx, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                   USE_G: tl.constexpr, PREC: tl.constexpr):
+    """Gradients through W, U and A of one chunk and head: dv, dbeta, dk (dk_part, from
+    ``_dqk_kernel``, plus the terms through ``beta k e^G`` and A), and this kernel's
+    share of the gate terms (r into r_out; b_out gets zeros). Tiles of at most 32
+    columns keep the float32 products in registers; ``dY = N^T dv'`` is recomputed per
+    K tile rather than held, and N is reloaded where used (from cache)."""
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    i_c = (i_t * H + i_h).to(tl.int64)
+    o = tl.arange(0, BT)
+    t = c * BT + o
+    m = t < T_doc
+    p_n = ai + i_c * BT * BT + o[:, None] * BT + o[None, :]
+    p_nT = ai + i_c * BT * BT + o[None, :] * BT + o[:, None]
+    b_beta = tl.load(beta + (bos + t) * H + i_h, mask=m, other=0.).to(tl.float32)
+    b_dA = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dAt = tl.zeros([BT, BT], dtype=tl.float32)  # its transpose, by its own products
+    b_db = tl.zeros([BT], dtype=tl.float32)
+    base_v = (bos * H + i_h) * V
+    base_k = (bos * H + i_h) * K
+    for i_v in range(tl.cdiv(V, BV)):
+        p_dvt = tl.make_block_ptr(dvt + base_v, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
+        p_dvtT = tl.make_block_ptr(dvt + base_v, (V, T_doc), (1, H * V), (i_v * BV, c * BT), (BV, BT), (0, 1))
+        p_vn = tl.make_block_ptr(vn + base_v, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
+        p_vnT = tl.make_block_ptr(vn + base_v, (V, T_doc), (1, H * V), (i_v * BV, c * BT), (BV, BT), (0, 1))
+        p_v = tl.make_block_ptr(v + base_v, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
+        p_dv = tl.make_block_ptr(dv + base_v, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
+        b_dy = mma(tl.load(p_nT), tl.load(p_dvt, boundary_check=(0, 1), padding_option="zero"), PREC)
+        b_v = tl.load(p_v, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+        b_db += tl.sum(b_dy * b_v, axis=1)
+        tl.store(p_dv, (b_dy * b_beta[:, None]).to(p_dv.dtype.element_ty), boundary_check=(0, 1))
+        b_dA -= mma(b_dy, tl.load(p_vnT, boundary_check=(0, 1), padding_option="zero"), PREC)
+        b_dyT = mma(tl.load(p_dvtT, boundary_check=(0, 1), padding_option="zero"), tl.load(p_n), PREC)
+        b_dAt -= mma(tl.load(p_vn, boundary_check=(0, 1), padding_option="zero"), b_dyT, PREC)
+    b_kk = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        p_k = tl.make_block_ptr(k + base_k, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
+        p_kT = tl.make_block_ptr(k + base_k, (K, T_doc), (1, H * K), (i_k * BK, c * BT), (BK, BT), (0, 1))
+        b_kk += mma(tl.load(p_k, boundary_check=(0, 1), padding_option="zero").to(tl.float32),
+                    tl.load(p_kT, boundary_check=(0, 1), padding_option="zero").to(tl.float32), PREC)
+    lower = o[:, None] > o[None, :]
+    upper = o[:, None] < o[None, :]
+    # M = dA e^(G_i - G_j) below the diagonal, Mt its transpose
+    if USE_G:
+        b_g, _ = _gates(gc, bos, c, T_doc, i_h, H, BT)
+        b_e = tl.exp2(b_g)
+        b_m = tl.where(lower, b_dA * tl.exp2(tl.where(lower, b_g[:, None] - b_g[None, :], 0.)), 0.)
+        b_mt = tl.where(upper, b_dAt * tl.exp2(tl.where(upper, b_g[None, :] - b_g[:, None], 0.)), 0.)
+    else:
+        b_e = tl.full([BT], 1., tl.float32)
+        b_m = tl.where(lower, b_dA, 0.)
+        b_mt = tl.where(upper, b_dAt, 0.)
+    b_mkk = b_m * b_kk
+    b_db += tl.sum(b_mkk, axis=1)
+    # rows of dA * A minus its columns (the columns as rows of the transpose)
+    b_r = tl.sum(b_mkk * b_beta[:, None], axis=1) - tl.sum(b_mt * b_kk * b_beta[None, :], axis=1)
+    for i_k in range(tl.cdiv(K, BK)):
+        b_dx = tl.zeros([BT, BK], dtype=tl.float32)  # gradient of beta k e^G: -dY S^T
+        for i_v in range(tl.cdiv(V, BV)):
+            p_dvt = tl.make_block_ptr(dvt + base_v, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
+            p_hT = tl.make_block_ptr(h + i_c * K * V, (V, K), (1, V), (i_v * BV, i_k * BK), (BV, BK), (0, 1))
+            b_dy = mma(tl.load(p_nT), tl.load(p_dvt, boundary_check=(0, 1), padding_option="zero"), PREC)
+            b_dx -= mma(b_dy, tl.load(p_hT, boundary_check=(0, 1), padding_option="zero"), PREC)
+        p_k = tl.make_block_ptr(k + base_k, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
+        p_dkp = tl.make_block_ptr(dk_part + base_k, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
+        p_dk = tl.make_block_ptr(dk + base_k, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
+        b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+        b_xk = tl.sum(b_dx * b_k, axis=1) * b_e  # dX_i . k_i e^G_i
+        b_db += b_xk
+        b_r += b_beta * b_xk
+        b_dk = tl.load(p_dkp, boundary_check=(0, 1), padding_option="zero") + (b_beta * b_e)[:, None] * b_dx
+        b_dk += b_beta[:, None] * mma(b_m, b_k, PREC) + mma(b_mt, b_k * b_beta[:, None], PREC)
+        tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), boundary_check=(0, 1))
+    tl.store(dbeta + (bos + t) * H + i_h, b_db.to(dbeta.dtype.element_ty), mask=m)
+    if USE_G:
+        tl.store(r_out + (bos + t) * H + i_h, b_r, mask=m)
+        tl.store(b_out + (bos + t) * H + i_h, tl.zeros([BT], dtype=tl.float32), mask=m)
 
 
 @triton.jit
@@ -224,122 +414,163 @@ torch.library.register_autograd("seqpar::unit_lower_inverse", _inverse_backward,
                                 setup_context=_inverse_setup)
 
 
-def _launch_args(w, chunk_starts, prec):
-    H, _, _, K = w.shape
-    coff = torch.tensor(chunk_starts, dtype=torch.int32, device=w.device)
-    # num_stages=1: pipelining the per-chunk loads of float32 (BT, 128) tiles needs
-    # 270-400 KB of shared memory at 2-3 stages, over the H100's 227 KB (measured by
-    # compiling for sm_90 on CPU); with one stage 74-82 KB, 220/186 registers, no spills.
-    return coff, dict(H=H, K=K, BT=BT, BK=_k_tile(K), BV=BV_STATE, PREC=prec,
-                      num_warps=NUM_WARPS, num_stages=1)
+def _n_chunks(offsets: list[int]) -> int:
+    return sum(triton.cdiv(e - s, BT) for s, e in zip(offsets, offsets[1:]))
 
 
-def _grid(V, chunk_starts, H):
-    return (triton.cdiv(V, BV_STATE), (len(chunk_starts) - 1) * H)
+# num_stages=1 for the sequential passes: pipelining their per-chunk loads of float32
+# (BT, 128) tiles needs 270-400 KB of shared memory at 2-3 stages, over the H100's 227 KB
+# (measured by compiling for sm_90 on CPU); bench/device/check_triton_delta.py checks it.
+STATE_META = dict(BT=BT, BV=BV_STATE, num_warps=NUM_WARPS, num_stages=1)
+# _wy_bwd_kernel holds four (BT, BT) float32 tiles: with 4 warps or pipelined loads it
+# spilled 0.4-5 KB when compiled for sm_90; 8 warps, one stage: no spills.
+WY_BWD_META = dict(num_warps=8, num_stages=1)
+
+
+def delta_forward(q, k, v, g, beta, h0, scale: float, offsets: list[int]):
+    """Packed inputs q, k (1, TT, H, K), v (1, TT, H, V), g None or (1, TT, H) float32,
+    beta (1, TT, H), h0 None or (N, H, K, V) float32. Returns o (1, TT, H, V) in v's
+    dtype, the final states (N, H, K, V) float32 and, for the backward, N (NT, H, BT, BT),
+    W (NT, H, BT, K), the entering states (NT, H, K, V) and v' (1, TT, H, V), all
+    float32."""
+    _, TT, H, K = q.shape
+    V = v.shape[-1]
+    plan = chunk_plan(offsets, q.device)
+    NT, use_g, bk, prec = plan.n_chunks, g is not None, _k_tile(K), dot_precision(v.dtype)
+    gc = _cumsum(g, plan, H) if use_g else None
+    f32 = dict(device=q.device, dtype=torch.float32)
+    a = torch.empty(NT, H, BT, BT, **f32)
+    _wy_a_kernel[(NT, H)](k, beta, gc, a, plan.offsets, plan.chunk_index, H=H, K=K, BT=BT,
+                          BK=bk, USE_G=use_g, PREC=prec, num_warps=NUM_WARPS)
+    ai = unit_lower_inverse(a)
+    w, u = torch.empty(NT, H, BT, K, **f32), torch.empty(NT, H, BT, V, **f32)
+    _wy_wu_kernel[(NT, H)](k, v, beta, gc, ai, w, u, plan.offsets, plan.chunk_index, H=H, K=K,
+                           V=V, BT=BT, BD=BV_STATE, USE_G=use_g, PREC=prec,
+                           num_warps=NUM_WARPS)
+    h, vn = torch.empty(NT, H, K, V, **f32), torch.empty(v.shape, **f32)
+    ht = torch.empty(plan.n_docs, H, K, V, **f32)
+    _fwd_kernel[(triton.cdiv(V, BV_STATE), plan.n_docs * H)](
+        k, w, u, gc, h0, h, vn, ht, plan.offsets, plan.chunk_offsets, H=H, K=K, V=V, BK=bk,
+        USE_G=use_g, HAS_H0=h0 is not None, PREC=prec, **STATE_META)
+    o = torch.empty_like(v)
+    # float32 q and k: _pair_kernel rounds the states and P to q's dtype for its products,
+    # and the output's two terms cancel (see the module docstring)
+    _pair_kernel[(triton.cdiv(V, BV), NT, H)](q.float(), k.float(), vn, h, gc, o, plan.offsets,
+                                              plan.chunk_index,
+                                              scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+                                              USE_G=use_g, BACKWARD=False,
+                                              PREC=prec, num_warps=NUM_WARPS)
+    return o, ht, ai, w, h, vn
+
+
+def delta_backward(q, k, v, g, beta, ai, w, h, vn, do, dht, scale: float, offsets: list[int]):
+    """Gradients of :func:`delta_forward` (its saved N, W, states and v' passed back):
+    dq, dk, dv, dbeta like their inputs, dg (1, TT, H) float32 or None, dh0 (N, H, K, V)
+    float32."""
+    _, TT, H, K = q.shape
+    V = v.shape[-1]
+    plan = chunk_plan(offsets, q.device)
+    NT, use_g, bk, prec = plan.n_chunks, g is not None, _k_tile(K), dot_precision(v.dtype)
+    gc = _cumsum(g, plan, H) if use_g else None
+    f32 = dict(device=q.device, dtype=torch.float32)
+    dvt = torch.empty(v.shape, **f32)
+    _dv_local_kernel[(triton.cdiv(V, BV_STATE), NT, H)](
+        q, k, do, gc, dvt, plan.offsets, plan.chunk_index, scale, H=H, K=K, V=V, BT=BT, BK=BK,
+        BV=BV_STATE, USE_G=use_g, PREC=prec, num_warps=NUM_WARPS)
+    dsl = torch.empty(NT, H, K, V, **f32)
+    dh0 = torch.empty(plan.n_docs, H, K, V, **f32)
+    _bwd_kernel[(triton.cdiv(V, BV_STATE), plan.n_docs * H)](
+        q, k, w, gc, do, dht, dvt, dsl, dh0, plan.offsets, plan.chunk_offsets, scale, H=H, K=K,
+        V=V, BK=bk, USE_G=use_g, HAS_DHT=dht is not None, PREC=prec,
+        **STATE_META)
+    NK = triton.cdiv(K, BK)
+    dq, dk_part = torch.empty_like(q), torch.empty(q.shape, **f32)
+    # gate terms: one slot per K tile of _dqk_kernel, the last for _wy_bwd_kernel
+    r_part = b_part = None
+    if use_g:
+        r_part, b_part = torch.empty(NK + 1, TT, H, **f32), torch.empty(NK + 1, TT, H, **f32)
+    # float32 operands, as for _pair_kernel in the forward (and do must match v');
+    # num_stages=2: with float32 operands, 3 stages need 262656 bytes of shared memory
+    _dqk_kernel[(NK, NT, H)](q.float(), k.float(), vn, do.float(), h, dsl, gc, dq, dk_part, r_part, b_part, plan.offsets,
+                             plan.chunk_index, scale, TT, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+                             USE_G=use_g, PREC=prec, num_warps=NUM_WARPS, num_stages=2)
+    dk, dv, dbeta = torch.empty_like(k), torch.empty_like(v), torch.empty_like(beta)
+    _wy_bwd_kernel[(NT, H)](k, v, beta, gc, ai, h, vn, dvt, dk_part, dk, dv, dbeta,
+                            r_part[NK] if use_g else None, b_part[NK] if use_g else None,
+                            plan.offsets, plan.chunk_index, H=H, K=K, V=V, BT=BT,
+                            BK=BV_STATE, BV=BV_STATE, USE_G=use_g, PREC=prec, **WY_BWD_META)
+    dg = None
+    if use_g:
+        dg = torch.empty_like(g)
+        _dg_kernel[(NT, H)](r_part, b_part, dg, plan.offsets, plan.chunk_index, TT, H=H, BT=BT,
+                            NK=NK + 1)
+    return dq, dk, dv, dg, dbeta, dh0
 
 
 # torch.library registration: compile traces these as single nodes (no graph break).
-# Custom ops cannot return None, so the backward returns dh0 even without an initial state.
-@torch.library.custom_op("seqpar::delta_state_fwd", mutates_args=())
-def _state_fwd_op(w: torch.Tensor, u: torch.Tensor, kd: torch.Tensor, p: torch.Tensor,
-                  qd: torch.Tensor, dec: torch.Tensor | None, h0: torch.Tensor | None,
-                  chunk_starts: list[int], prec: str
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """w, kd, qd (H, NT, BT, K), u (H, NT, BT, V), p (H, NT, BT, BT), dec None or
-    (H, NT), h0 None or (N, H, K, V), all float32; chunk_starts (N + 1) first chunk of
-    each document. Returns the chunk outputs o (H, NT, BT, V), the final states
-    (N, H, K, V), and for the backward only (not differentiable) the entering states
-    h (H, NT, K, V) and v' (H, NT, BT, V); all float32."""
-    H, NT, _, K = w.shape
-    V = u.shape[-1]
-    o, vn = torch.empty_like(u), torch.empty_like(u)
-    h = w.new_empty(H, NT, K, V)
-    ht = w.new_empty(len(chunk_starts) - 1, H, K, V)
-    coff, meta = _launch_args(w, chunk_starts, prec)
-    _fwd_kernel[_grid(V, chunk_starts, H)](w, u, kd, p, qd, dec, h0, o, h, vn, ht, coff, NT,
-                                           V=V, USE_G=dec is not None, HAS_H0=h0 is not None,
-                                           **meta)
-    return o, ht, h, vn
+# Custom ops cannot return None, so an absent gate gradient comes back as an empty tensor
+# and the backward returns dh0 even without an initial state.
+_EMPTY = (0,)
 
 
-@_state_fwd_op.register_fake
-def _(w, u, kd, p, qd, dec, h0, chunk_starts, prec):
-    H, NT, _, K = w.shape
-    V = u.shape[-1]
-    return (torch.empty_like(u), w.new_empty(len(chunk_starts) - 1, H, K, V),
-            w.new_empty(H, NT, K, V), torch.empty_like(u))
+@torch.library.custom_op("seqpar::delta_fwd", mutates_args=())
+def _delta_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
+                  beta: torch.Tensor, h0: torch.Tensor | None, scale: float, offsets: list[int]
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                             torch.Tensor, torch.Tensor]:
+    return delta_forward(q, k, v, g, beta, h0, scale, offsets)
 
 
-@torch.library.custom_op("seqpar::delta_state_bwd", mutates_args=())
-def _state_bwd_op(w: torch.Tensor, kd: torch.Tensor, p: torch.Tensor, qd: torch.Tensor,
-                  dec: torch.Tensor | None, do: torch.Tensor, dht: torch.Tensor | None,
-                  chunk_starts: list[int], prec: str
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reverse pass: the gradient of v' (H, NT, BT, V), of the state leaving each chunk
-    (H, NT, K, V) and of the initial states (N, H, K, V), float32."""
-    H, NT, _, K = w.shape
-    V = do.shape[-1]
-    dvt = torch.empty_like(do)
-    dsl = w.new_empty(H, NT, K, V)
-    dh0 = w.new_empty(len(chunk_starts) - 1, H, K, V)
-    coff, meta = _launch_args(w, chunk_starts, prec)
-    _bwd_kernel[_grid(V, chunk_starts, H)](w, kd, p, qd, dec, do, dht, dvt, dsl, dh0, coff, NT,
-                                           V=V, USE_G=dec is not None, HAS_DHT=dht is not None,
-                                           **meta)
-    return dvt, dsl, dh0
+@_delta_fwd_op.register_fake
+def _(q, k, v, g, beta, h0, scale, offsets):
+    H, K, V, NT = q.shape[2], q.shape[3], v.shape[3], _n_chunks(offsets)
+    f32 = dict(dtype=torch.float32)
+    return (torch.empty_like(v), q.new_empty(len(offsets) - 1, H, K, V, **f32),
+            q.new_empty(NT, H, BT, BT, **f32), q.new_empty(NT, H, BT, K, **f32),
+            q.new_empty(NT, H, K, V, **f32), v.new_empty(v.shape, **f32))
 
 
-@_state_bwd_op.register_fake
-def _(w, kd, p, qd, dec, do, dht, chunk_starts, prec):
-    H, NT, _, K = w.shape
-    V = do.shape[-1]
-    return (torch.empty_like(do), w.new_empty(H, NT, K, V),
-            w.new_empty(len(chunk_starts) - 1, H, K, V))
+@torch.library.custom_op("seqpar::delta_bwd", mutates_args=())
+def _delta_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
+                  beta: torch.Tensor, ai: torch.Tensor, w: torch.Tensor, h: torch.Tensor,
+                  vn: torch.Tensor, do: torch.Tensor, dht: torch.Tensor | None, scale: float,
+                  offsets: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                               torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv, dg, dbeta, dh0 = delta_backward(q, k, v, g, beta, ai, w, h, vn, do, dht, scale,
+                                                offsets)
+    return dq, dk, dv, q.new_empty(_EMPTY, dtype=torch.float32) if dg is None else dg, dbeta, dh0
+
+
+@_delta_bwd_op.register_fake
+def _(q, k, v, g, beta, ai, w, h, vn, do, dht, scale, offsets):
+    H, K, V = q.shape[2], q.shape[3], v.shape[3]
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            q.new_empty(_EMPTY, dtype=torch.float32) if g is None else torch.empty_like(g),
+            torch.empty_like(beta), q.new_empty(len(offsets) - 1, H, K, V, dtype=torch.float32))
 
 
 def _setup(ctx, inputs, output):
-    w, u, kd, p, qd, dec, h0, chunk_starts, prec = inputs
-    _, _, h, vn = output
-    ctx.save_for_backward(w, kd, p, qd, dec, h, vn)
-    ctx.chunk_starts, ctx.prec = chunk_starts, prec
-    ctx.has_h0 = h0 is not None
+    q, k, v, g, beta, h0, scale, offsets = inputs
+    _, _, ai, w, h, vn = output
+    ctx.save_for_backward(q, k, v, g, beta, ai, w, h, vn)
+    ctx.scale, ctx.offsets, ctx.has_h0 = scale, offsets, h0 is not None
     ctx.set_materialize_grads(False)  # unused outputs' gradients arrive as None, not zeros
 
 
-def _backward(ctx, do, dht, dh, dvn):
-    if dh is not None or dvn is not None:
-        raise RuntimeError("delta_state_fwd: h and v' are saved for the backward only; "
+def _backward(ctx, do, dht, dai, dw, dh, dvn):
+    if any(x is not None for x in (dai, dw, dh, dvn)):
+        raise RuntimeError("delta_fwd: N, W, h and v' are saved for the backward only; "
                            "nothing may differentiate through them")
-    w, kd, p, qd, dec, h, vn = ctx.saved_tensors
-    do = torch.zeros_like(vn) if do is None else do.contiguous()
-    dvt, dsl, dh0 = _state_bwd_op(w, kd, p, qd, dec, do, None if dht is None else dht.contiguous(),
-                                  ctx.chunk_starts, ctx.prec)
-    ht = h.transpose(-1, -2)
-    dw, dqd = -(dvt @ ht), do @ ht
-    dkd = vn @ dsl.transpose(-1, -2)
-    dp = do @ vn.transpose(-1, -2)
-    ddec = None if dec is None else (h * dsl).sum((-2, -1))
-    return dw, dvt, dkd, dp, dqd, ddec, (dh0 if ctx.has_h0 else None), None, None
+    q, k, v, g, beta, ai, w, h, vn = ctx.saved_tensors
+    do = torch.zeros_like(v) if do is None else do.contiguous()
+    dq, dk, dv, dg, dbeta, dh0 = _delta_bwd_op(q, k, v, g, beta, ai, w, h, vn, do,
+                                               None if dht is None else dht.contiguous(),
+                                               ctx.scale, ctx.offsets)
+    return (dq, dk, dv, None if g is None else dg, dbeta, dh0 if ctx.has_h0 else None,
+            None, None)
 
 
-torch.library.register_autograd("seqpar::delta_state_fwd", _backward, setup_context=_setup)
-
-
-def _chunk_rows(offsets: list[int], device):
-    """Row gather plan: ``rows`` (NT BT,) index of each chunk row in the packed stream
-    (``offsets[-1]``, an appended zero row, past a document's end); ``keep`` (TT,) the
-    chunk rows holding tokens, in stream order; ``starts`` (N + 1) first chunk of each
-    document."""
-    rows, keep, starts = [], [], [0]
-    for s, e in zip(offsets, offsets[1:]):
-        nc = triton.cdiv(e - s, BT)
-        r = torch.arange(s, s + nc * BT)
-        rows.append(torch.where(r < e, r, offsets[-1]))
-        # sizes from offsets alone (no nonzero), so torch.compile traces it without a break
-        keep.append(torch.arange(starts[-1] * BT, starts[-1] * BT + e - s))
-        starts.append(starts[-1] + nc)
-    rows, keep = torch.cat(rows), torch.cat(keep)
-    return rows.to(device), keep.to(device), starts
+torch.library.register_autograd("seqpar::delta_fwd", _backward, setup_context=_setup)
 
 
 def triton_delta(q, k, v, g, beta, *, scale: float, initial_state, output_final_state: bool,
@@ -353,21 +584,7 @@ def triton_delta(q, k, v, g, beta, *, scale: float, initial_state, output_final_
     for name, d in (("k", K), ("v", V)):
         if d > MAX_DIM:
             fail(name, f"head dim <= {MAX_DIM} for backend='triton'", d)
-    rows, keep, starts = _chunk_rows(packed_offsets(B, T, offsets), q.device)
-    NT = len(rows) // BT
-
-    def chunked(x):  # (B, T, H, ...) -> (1, H, NT, BT, ...) float32, zero rows padded in
-        x = x.reshape(B * T, *x.shape[2:]).float()
-        x = torch.cat([x, x.new_zeros(1, *x.shape[1:])])[rows]
-        return x.reshape(NT, BT, *x.shape[1:]).movedim(2, 0).unsqueeze(0)
-
-    P, W, U, q_dec, k_dec, dec = wy_terms(
-        chunked(q), chunked(k), chunked(v), None if g is None else chunked(g)[..., None],
-        chunked(beta)[..., None], scale, inverse=unit_lower_inverse)
     h0 = None if initial_state is None else initial_state.float().contiguous()
-    o, ht, _, _ = _state_fwd_op(W[0].contiguous(), U[0].contiguous(), k_dec[0].contiguous(),
-                                P[0].contiguous(), q_dec[0].contiguous(),
-                                None if dec is None else dec[0, ..., 0, 0].contiguous(), h0,
-                                starts, dot_precision(v.dtype))
-    o = o.movedim(0, 2).reshape(NT * BT, H, V)[keep]  # (H, NT, BT, V) -> (TT, H, V)
-    return o.reshape(B, T, H, V).to(v.dtype), (ht if output_final_state else None)
+    o, ht, *_ = _delta_fwd_op(as_packed(q), as_packed(k), as_packed(v), as_packed(g),
+                              as_packed(beta), h0, float(scale), packed_offsets(B, T, offsets))
+    return o.reshape(v.shape), (ht if output_final_state else None)

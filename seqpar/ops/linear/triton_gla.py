@@ -19,8 +19,21 @@ tensor-core product per sub-chunk boundary. The (BC, BC) diagonal blocks are sum
 elementwise, one column offset per step, with the exponent ``G_i - G_j`` masked to
 ``j <= i``. No exponent is ever positive, so no decay overflows however strong.
 
-Backward: the reverse state pass gives ``dh_c`` (gradient of the state leaving chunk
-``c``), then a ``dv`` kernel (``A^T`` built the same way) and a ``(dq, dk, dg)`` kernel.
+Kernels: the forward builds ``scale * A`` once per chunk and head (``_intra_kernel``:
+the off-diagonal blocks as products, (BT, BT) tiles; ``_diag_kernel``: the diagonal
+blocks, one program per sub-chunk, small tiles, so that many programs per SM hide the
+latency of its sequential steps), stores it ((NT, H, BT, BT), in the inputs' dtype for
+16-bit inputs, which its products use anyway) and forms ``o`` from it with two products
+(``_out_kernel``). The backward gets ``A`` and the cumulative gates from the forward
+and runs two independent state passes in one launch (``_state_pair_kernel``): the
+entering states again (not saved: they would add twice q's memory per layer) and the
+reverse pass, which gives ``dh_c`` (gradient of the state leaving chunk ``c``); then
+``dv = (scale A)^T do + (k 2^(G_C - G)) dh`` (``_out_kernel`` again, no rebuild of
+``A``), ``dA = scale do v^T`` once per chunk and head (``_dA_kernel``), the diagonal
+blocks' shares of dq and dk per sub-chunk (``_dqk_diag_kernel``, float32) and the rest
+of dq, dk and dg per chunk and key tile (``_dqk_kernel``: products with the states and
+with ``dA`` through the sub-chunk reference points).
+
 Gate gradient: the cumulative gates are local to the chunk, so ``g_t`` acts only through
 ``G_s`` (``s >= t`` in its chunk) and through the leaving state, which gives
 
@@ -45,16 +58,16 @@ from .triton_diag import _doc_bounds
 
 LOG2E = tl.constexpr(1.4426950408889634)
 NUM_WARPS = 4  # the sequential state pass
-# Launch settings of the chunk kernels, from compiling them for sm_90
+# Launch settings of the (BT, BT)-tile kernels, from compiling them for sm_90
 # (bench/device/check_triton_gla.py --compile-only): they hold several (BT, BT) and
 # (BT, BK) float32 tiles at once, and with 4 warps spilled 1-4 KB of registers; with 8
 # warps and software pipelining (3 stages) still up to 330 bytes, and the float32 ones
-# needed up to 230 of the 227 KB of shared memory; with 8 warps, 1 stage: no spills,
-# 24-41 KB.
+# needed up to 230 of the 227 KB of shared memory; with 8 warps, 1 stage: no spills in
+# bf16, 16-96 KB.
 CHUNK_LAUNCH = dict(num_warps=8, num_stages=1)
 BC = 16  # sub-chunk of the intra-chunk decomposition: the smallest tensor-core tile
-BKD = 32  # key slice of the elementwise diagonal blocks: halves their live registers
-# Key tile of the (dq, dk, dg) kernel: with 64 it spilled 120-330 bytes on sm_90 even with
+DIAG_WARPS = 4  # _diag_kernel, _dqk_diag_kernel: (BC, BK) tiles
+# Key tile of the (dq, dk, dg) kernel: with 64 it spilled 420-430 bytes on sm_90 even with
 # 8 warps. 32-wide output tiles are the width the state pass (BV_STATE) runs at on H100.
 BK_DQK = 32
 
@@ -128,18 +141,18 @@ def _cumsum_kernel(g, gc, offs, cidx, H: tl.constexpr, K: tl.constexpr, BT: tl.c
 
 
 @triton.jit
-def _state_kernel(x, y, gc, h, s0, s_out, offs, coff, scale,
-                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                  BK: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr,
-                  HAS_S0: tl.constexpr, STORE_OUT: tl.constexpr, PREC: tl.constexpr):
-    """Sequential state pass of one document, head and (K, V) tile.
+def _state_scan(x, y, gc, h, s0, s_out, offs, coff, scale, i_k, i_v, i_nh,
+                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                BK: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr,
+                HAS_S0: tl.constexpr, STORE_OUT: tl.constexpr, PREC: tl.constexpr):
+    """Sequential state pass of document and head ``i_nh`` and (K, V) tile
+    ``(i_k, i_v)``.
 
     Forward (REVERSE=False, x=k, y=v): stores the state entering each chunk into h.
     Backward (REVERSE=True, x=q, y=do): walks chunks last to first and stores the
     gradient of the state leaving each chunk into h. s0 is the initial state (or dht),
     s_out receives the final state (or dh0).
     """
-    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, i_h = i_nh // H, i_nh % H
     bos = tl.load(offs + n).to(tl.int64)
     T_doc = tl.load(offs + n + 1).to(tl.int64) - bos
@@ -174,121 +187,209 @@ def _state_kernel(x, y, gc, h, s0, s_out, offs, coff, scale,
 
 
 @triton.jit
-def _intra(a, b, gc, bos, c, T_doc, last, i_h, i_k, H: tl.constexpr, K: tl.constexpr,
-           BT: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, BKD: tl.constexpr,
-           BACKWARD: tl.constexpr, PREC: tl.constexpr):
-    """Key tile ``i_k``'s share of the decayed intra-chunk matrix, (BT, BT) float32.
-
-    Forward: ``A`` (rows a = q, columns b = k, kept ``j <= i``); backward: ``A^T`` (rows
-    a = k, columns b = q, kept ``i >= j``).
-    """
-    r = tl.arange(0, BT)
-    kk = i_k * BK + tl.arange(0, BK)
-    b_a = _tile(a, bos, T_doc, i_h, c * BT, i_k * BK, H, K, BT, BK, False)
-    g_a = _gate_tile(gc, bos, T_doc, last, i_h, c, i_k * BK, H, K, BT, BK, False)
-    b_bT = _tile(b, bos, T_doc, i_h, c * BT, i_k * BK, H, K, BT, BK, True)
-    g_bT = _gate_tile(gc, bos, T_doc, last, i_h, c, i_k * BK, H, K, BT, BK, True)
-    b_M = tl.zeros([BT, BT], dtype=tl.float32)
-    # not unrolled (tl.static_range): unrolled, more tiles stayed live and spilled on sm_90
-    for p in range(BC, BT, BC):
-        g_p = tl.load(gc + ((bos + tl.minimum(c * BT + p, last)) * H + i_h) * K + kk,
-                      mask=kk < K, other=0.)
-        late = (r >= p) & (r < p + BC)  # the sub-chunk starting at p (the q side)
-        early = r < p                   # the tokens before it (the k side)
-        if BACKWARD:
-            w_a = tl.where(early[:, None], tl.exp2(tl.where(early[:, None], g_p[None, :] - g_a, 0.)), 0.)
-            w_b = tl.where(late[None, :], tl.exp2(tl.where(late[None, :], g_bT - g_p[:, None], 0.)), 0.)
-        else:
-            w_a = tl.where(late[:, None], tl.exp2(tl.where(late[:, None], g_a - g_p[None, :], 0.)), 0.)
-            w_b = tl.where(early[None, :], tl.exp2(tl.where(early[None, :], g_p[:, None] - g_bT, 0.)), 0.)
-        b_M += mma((b_a * w_a).to(b_a.dtype), (b_bT * w_b).to(b_a.dtype), PREC)
-    for d0 in tl.static_range(0, BK, BKD):
-        kd = i_k * BK + d0 + tl.arange(0, BKD)
-        b_ad = _tile(a, bos, T_doc, i_h, c * BT, i_k * BK + d0, H, K, BT, BKD, False).to(tl.float32)
-        g_ad = _gate_tile(gc, bos, T_doc, last, i_h, c, i_k * BK + d0, H, K, BT, BKD, False)
-        for jj in range(BC):
-            # column jj of each row's diagonal block
-            src = (r // BC) * BC + jj
-            b_s = _load(b, bos, c * BT + src[:, None], T_doc, i_h, kd[None, :], H, K)
-            g_s = _load_g(gc, bos, c * BT + src[:, None], last, i_h, kd[None, :], H, K)
-            if BACKWARD:
-                keep = r % BC <= jj
-                d = g_s - g_ad
-            else:
-                keep = r % BC >= jj
-                d = g_ad - g_s
-            s = tl.sum(b_ad * b_s.to(tl.float32) * tl.exp2(tl.where(keep[:, None], d, 0.)), axis=1)
-            b_M += tl.where(keep[:, None] & (r[None, :] == src[:, None]), s[:, None], 0.)
-    return b_M
+def _state_kernel(k, v, gc, h, h0, ht, offs, coff,
+                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                  BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr,
+                  PREC: tl.constexpr):
+    """The forward state pass (:func:`_state_scan`): entering states h and the final
+    state ht, one program per (K tile, V tile, document and head)."""
+    _state_scan(k, v, gc, h, h0, ht, offs, coff, 1., tl.program_id(0), tl.program_id(1),
+                tl.program_id(2), H, K, V, BT, BK, BV, False, HAS_H0, True, PREC)
 
 
 @triton.jit
-def _out_kernel(a, b, y, h, gc, out, offs, cidx, scale,
-                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                BK: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr, BKD: tl.constexpr,
-                BACKWARD: tl.constexpr, PREC: tl.constexpr):
-    """Chunk outputs along V for one chunk and head, every V tile: forward ``o`` (a=q,
-    b=k, y=v, h: entering states), ``o = scale (A v + (q 2^G) h)``; backward ``dv``
-    (a=k, b=q, y=do, h: gradients of leaving states), ``dv = scale A^T do +
-    (k 2^(G_C - G)) dh``. The intra-chunk matrix is built once for all V tiles."""
+def _state_pair_kernel(k, v, q, do, gc, h, dh, h0, dht, dh0, offs, coff, scale, NH,
+                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                       BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr,
+                       HAS_DHT: tl.constexpr, PREC: tl.constexpr):
+    """The backward's two independent state passes in one launch: programs with a third
+    index below NH (documents x heads) rerun the forward pass (entering states h), the
+    others run the reverse pass (dh; dh0 where there is an initial state). Both sets of
+    sequential programs are in flight at once, so the GPU holds twice as many (one long
+    document: 128 programs of a pass on 132 SMs)."""
+    i_k, i_v, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if i_p < NH:
+        _state_scan(k, v, gc, h, h0, dh0, offs, coff, scale, i_k, i_v, i_p, H, K, V, BT, BK,
+                    BV, False, HAS_H0, False, PREC)
+    else:
+        _state_scan(q, do, gc, dh, dht, dh0, offs, coff, scale, i_k, i_v, i_p - NH, H, K, V,
+                    BT, BK, BV, True, HAS_DHT, HAS_H0, PREC)
+
+
+@triton.jit
+def _intra_kernel(q, k, gc, A, offs, cidx, scale,
+                  H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                  BC: tl.constexpr, PREC: tl.constexpr):
+    """``scale * A`` of one chunk and head outside the diagonal (BC, BC) blocks: a
+    (BT, BT) row-major block of A (zero above the diagonal blocks), in A's dtype; the
+    products through the sub-chunk reference points (module docstring)."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
-    t = c * BT + tl.arange(0, BT)
+    r = tl.arange(0, BT)
     last = tl.minimum(c * BT + BT, T_doc) - 1
-    b_M = tl.zeros([BT, BT], dtype=tl.float32)
+    b_A = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
-        b_M += _intra(a, b, gc, bos, c, T_doc, last, i_h, i_k, H, K, BT, BK, BC, BKD,
-                      BACKWARD, PREC)
-    base_s = (i_t * H + i_h).to(tl.int64) * K * V
-    for i_v in range(tl.cdiv(V, BV)):
-        vv = i_v * BV + tl.arange(0, BV)
-        b_o = tl.zeros([BT, BV], dtype=tl.float32)
-        for i_k in range(tl.cdiv(K, BK)):
-            kk = i_k * BK + tl.arange(0, BK)
-            b_a = _tile(a, bos, T_doc, i_h, c * BT, i_k * BK, H, K, BT, BK, False)
-            g_a = _gate_tile(gc, bos, T_doc, last, i_h, c, i_k * BK, H, K, BT, BK, False)
-            if BACKWARD:
-                g_last = tl.load(gc + ((bos + last) * H + i_h) * K + kk, mask=kk < K, other=0.)
-                g_a = g_last[None, :] - g_a
-            p_h = tl.make_block_ptr(h + base_s, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
-            b_h = tl.load(p_h, boundary_check=(0, 1), padding_option="zero")
-            b_o += mma((b_a * tl.exp2(g_a)).to(b_a.dtype), b_h.to(b_a.dtype), PREC)
-        b_y = _tile(y, bos, T_doc, i_h, c * BT, i_v * BV, H, V, BT, BV, False)
-        if BACKWARD:
-            b_o += scale * mma(b_M.to(b_y.dtype), b_y, PREC)
-        else:
-            b_o = scale * (b_o + mma(b_M.to(b_y.dtype), b_y, PREC))
-        _store(out, b_o, bos, T_doc, i_h, c * BT, i_v * BV, H, V, BT, BV)
+        kk = i_k * BK + tl.arange(0, BK)
+        b_q = _tile(q, bos, T_doc, i_h, c * BT, i_k * BK, H, K, BT, BK, False)
+        g_q = _gate_tile(gc, bos, T_doc, last, i_h, c, i_k * BK, H, K, BT, BK, False)
+        b_kT = _tile(k, bos, T_doc, i_h, c * BT, i_k * BK, H, K, BT, BK, True)
+        g_kT = _gate_tile(gc, bos, T_doc, last, i_h, c, i_k * BK, H, K, BT, BK, True)
+        # not unrolled (tl.static_range): unrolled, more tiles stayed live and spilled on sm_90
+        for p in range(BC, BT, BC):
+            g_p = tl.load(gc + ((bos + tl.minimum(c * BT + p, last)) * H + i_h) * K + kk,
+                          mask=kk < K, other=0.)
+            late = (r >= p) & (r < p + BC)  # the sub-chunk starting at p (the q side)
+            early = r < p                   # the tokens before it (the k side)
+            w_q = tl.where(late[:, None], tl.exp2(tl.where(late[:, None], g_q - g_p[None, :], 0.)), 0.)
+            w_k = tl.where(early[None, :], tl.exp2(tl.where(early[None, :], g_p[:, None] - g_kT, 0.)), 0.)
+            b_A += mma((b_q * w_q).to(b_q.dtype), (b_kT * w_k).to(b_q.dtype), PREC)
+    # the diagonal blocks are :func:`_diag_kernel`'s: each entry has one writer
+    tl.store(A + (i_t * H + i_h).to(tl.int64) * BT * BT + r[:, None] * BT + r[None, :],
+             (scale * b_A).to(A.dtype.element_ty), mask=(r[:, None] // BC) != (r[None, :] // BC))
 
 
 @triton.jit
-def _dqk_kernel(q, k, v, do, h, dh, gc, dq, dk, dg, offs, cidx, scale,
+def _diag_kernel(q, k, gc, A, offs, cidx, scale,
+                 H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                 BC: tl.constexpr):
+    """The (BC, BC) diagonal block of ``scale * A`` of one sub-chunk, chunk and head,
+    summed elementwise over the keys (``A_ij`` for ``j <= i``, zero above), one column
+    per step. Small tiles and one program per sub-chunk: many programs per SM hide the
+    latency of the sequential steps."""
+    i_s, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    last = tl.minimum(c * BT + BT, T_doc) - 1
+    t0 = c * BT + i_s * BC
+    r = tl.arange(0, BC)
+    b_D = tl.zeros([BC, BC], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        kk = i_k * BK + tl.arange(0, BK)
+        b_q = _load(q, bos, t0 + r[:, None], T_doc, i_h, kk[None, :], H, K).to(tl.float32)
+        g_q = _load_g(gc, bos, t0 + r[:, None], last, i_h, kk[None, :], H, K)
+        for jj in range(BC):
+            b_kj = _load(k, bos, t0 + jj, T_doc, i_h, kk, H, K).to(tl.float32)
+            g_j = _load_g(gc, bos, t0 + jj, last, i_h, kk, H, K)
+            keep = r >= jj
+            s = tl.sum(b_q * b_kj[None, :] * tl.exp2(tl.where(keep[:, None], g_q - g_j[None, :], 0.)),
+                       axis=1)
+            b_D += tl.where(keep[:, None] & (r[None, :] == jj), s[:, None], 0.)
+    p_D = A + (i_t * H + i_h).to(tl.int64) * BT * BT + (i_s * BC) * (BT + 1)
+    tl.store(p_D + r[:, None] * BT + r[None, :], (scale * b_D).to(A.dtype.element_ty))
+
+
+@triton.jit
+def _out_kernel(a, y, h, gc, A, out, offs, cidx, scale,
+                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                BK: tl.constexpr, BV: tl.constexpr, BACKWARD: tl.constexpr,
+                PREC: tl.constexpr):
+    """One (BT, BV) output tile of one chunk and head from the stored ``scale * A``
+    (:func:`_intra_kernel`): forward ``o`` (a=q, y=v, h: entering states),
+    ``o = (scale A) v + scale (q 2^G) h``; backward ``dv`` (a=k, y=do, h: gradients of
+    the leaving states, which carry the scale), ``dv = (scale A)^T do +
+    (k 2^(G_C - G)) dh``."""
+    i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    last = tl.minimum(c * BT + BT, T_doc) - 1
+    base_s = (i_t * H + i_h).to(tl.int64) * K * V
+    b_o = tl.zeros([BT, BV], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        kk = i_k * BK + tl.arange(0, BK)
+        b_a = _tile(a, bos, T_doc, i_h, c * BT, i_k * BK, H, K, BT, BK, False)
+        g_a = _gate_tile(gc, bos, T_doc, last, i_h, c, i_k * BK, H, K, BT, BK, False)
+        if BACKWARD:
+            g_last = tl.load(gc + ((bos + last) * H + i_h) * K + kk, mask=kk < K, other=0.)
+            g_a = g_last[None, :] - g_a
+        p_h = tl.make_block_ptr(h + base_s, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
+        b_h = tl.load(p_h, boundary_check=(0, 1), padding_option="zero")
+        b_o += mma((b_a * tl.exp2(g_a)).to(b_a.dtype), b_h.to(b_a.dtype), PREC)
+    if not BACKWARD:
+        b_o *= scale
+    base_A = (i_t * H + i_h).to(tl.int64) * BT * BT
+    if BACKWARD:  # A^T through swapped strides
+        p_A = tl.make_block_ptr(A + base_A, (BT, BT), (1, BT), (0, 0), (BT, BT), (0, 1))
+    else:
+        p_A = tl.make_block_ptr(A + base_A, (BT, BT), (BT, 1), (0, 0), (BT, BT), (1, 0))
+    b_y = _tile(y, bos, T_doc, i_h, c * BT, i_v * BV, H, V, BT, BV, False)
+    b_o += mma(tl.load(p_A).to(b_y.dtype), b_y, PREC)
+    _store(out, b_o, bos, T_doc, i_h, c * BT, i_v * BV, H, V, BT, BV)
+
+
+@triton.jit
+def _dA_kernel(do, v, dA, offs, cidx, scale, H: tl.constexpr, V: tl.constexpr,
+               BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """``dA = scale do v^T`` of one chunk and head: a (BT, BT) row-major float32 block,
+    every entry (the masks are applied where it is used, in :func:`_dqk_kernel`)."""
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    b_dA = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        b_do = _tile(do, bos, T_doc, i_h, c * BT, i_v * BV, H, V, BT, BV, False)
+        b_vT = _tile(v, bos, T_doc, i_h, c * BT, i_v * BV, H, V, BT, BV, True)
+        b_dA += mma(b_do, b_vT, PREC)
+    p_dA = tl.make_block_ptr(dA + (i_t * H + i_h).to(tl.int64) * BT * BT, (BT, BT), (BT, 1),
+                             (0, 0), (BT, BT), (1, 0))
+    tl.store(p_dA, scale * b_dA)
+
+
+@triton.jit
+def _dqk_diag_kernel(q, k, gc, dA, dq_d, dk_d, offs, cidx,
+                     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                     BC: tl.constexpr):
+    """The shares of dq and dk through the diagonal (BC, BC) blocks of A, of one
+    sub-chunk, chunk and head (float32, (1, TT, H, K)): ``dq_i += sum_{j<=i} dA_ij
+    2^(G_i - G_j) k_j`` and ``dk_j += sum_{i>=j} dA_ij 2^(G_i - G_j) q_i`` within the
+    sub-chunk, one partner token per step (as :func:`_diag_kernel`)."""
+    i_s, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    last = tl.minimum(c * BT + BT, T_doc) - 1
+    t0 = c * BT + i_s * BC
+    r = tl.arange(0, BC)
+    p_dA = dA + (i_t * H + i_h).to(tl.int64) * BT * BT + (i_s * BC) * (BT + 1)
+    for i_k in range(tl.cdiv(K, BK)):
+        kk = i_k * BK + tl.arange(0, BK)
+        g_b = _load_g(gc, bos, t0 + r[:, None], last, i_h, kk[None, :], H, K)
+        b_dq = tl.zeros([BC, BK], dtype=tl.float32)
+        b_dk = tl.zeros([BC, BK], dtype=tl.float32)
+        for jj in range(BC):
+            b_kj = _load(k, bos, t0 + jj, T_doc, i_h, kk, H, K).to(tl.float32)
+            b_qj = _load(q, bos, t0 + jj, T_doc, i_h, kk, H, K).to(tl.float32)
+            g_j = _load_g(gc, bos, t0 + jj, last, i_h, kk, H, K)
+            dA_col = tl.load(p_dA + r * BT + jj)  # dA[row, jj]
+            dA_row = tl.load(p_dA + jj * BT + r)  # dA[jj, row]
+            lower = (r >= jj)[:, None]
+            upper = (r <= jj)[:, None]
+            d = g_b - g_j[None, :]
+            b_dq += tl.where(lower, dA_col[:, None] * tl.exp2(tl.where(lower, d, 0.)), 0.) * b_kj[None, :]
+            b_dk += tl.where(upper, dA_row[:, None] * tl.exp2(tl.where(upper, -d, 0.)), 0.) * b_qj[None, :]
+        m = (t0 + r[:, None] < T_doc) & (kk[None, :] < K)
+        o_d = ((bos + t0 + r[:, None]) * H + i_h) * K + kk[None, :]
+        tl.store(dq_d + o_d, b_dq, mask=m)
+        tl.store(dk_d + o_d, b_dk, mask=m)
+
+
+@triton.jit
+def _dqk_kernel(q, k, v, do, h, dh, gc, dA, dq_d, dk_d, dq, dk, dg, offs, cidx, scale,
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                 BK: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr):
-    """dq, dk and dg of one chunk and key tile."""
+    """dq, dk and dg of one chunk and key tile, from ``dA = scale do v^T``
+    (:func:`_dA_kernel`) and the diagonal blocks' shares of dq and dk
+    (:func:`_dqk_diag_kernel`)."""
     i_k, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
     r = tl.arange(0, BT)
-    t = c * BT + r
     last = tl.minimum(c * BT + BT, T_doc) - 1
     kk = i_k * BK + tl.arange(0, BK)
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
-    b_dA = tl.zeros([BT, BT], dtype=tl.float32)   # [i, j] = do_i . v_j
-    b_dAt = tl.zeros([BT, BT], dtype=tl.float32)  # its transpose, by its own product
     b_hdh = tl.zeros([BK], dtype=tl.float32)
     base_s = (i_t * H + i_h).to(tl.int64) * K * V
     for i_v in range(tl.cdiv(V, BV)):
         b_do = _tile(do, bos, T_doc, i_h, c * BT, i_v * BV, H, V, BT, BV, False)
         b_v = _tile(v, bos, T_doc, i_h, c * BT, i_v * BV, H, V, BT, BV, False)
-        b_doT = _tile(do, bos, T_doc, i_h, c * BT, i_v * BV, H, V, BT, BV, True)
-        b_vT = _tile(v, bos, T_doc, i_h, c * BT, i_v * BV, H, V, BT, BV, True)
         p_hT = tl.make_block_ptr(h + base_s, (V, K), (1, V), (i_v * BV, i_k * BK), (BV, BK), (0, 1))
         p_dhT = tl.make_block_ptr(dh + base_s, (V, K), (1, V), (i_v * BV, i_k * BK), (BV, BK), (0, 1))
         b_hT = tl.load(p_hT, boundary_check=(0, 1), padding_option="zero")
         b_dhT = tl.load(p_dhT, boundary_check=(0, 1), padding_option="zero")
-        b_dA += mma(b_do, b_vT, PREC)
-        b_dAt += mma(b_v, b_doT, PREC)
         b_dq += mma(b_do, b_hT.to(b_do.dtype), PREC)
         b_dk += mma(b_v, b_dhT.to(b_v.dtype), PREC)
         b_hdh += tl.sum(b_hT.to(tl.float32) * b_dhT.to(tl.float32), axis=0)
@@ -300,8 +401,10 @@ def _dqk_kernel(q, k, v, do, h, dh, gc, dq, dk, dg, offs, cidx, scale,
     b_dk *= tl.exp2(g_last[None, :] - b_g)
     # the gate-gradient terms through the leaving state (module docstring)
     b_dg_c = tl.sum(b_dk * b_k.to(tl.float32), axis=0) + b_hdh * tl.exp2(g_last)
-    b_dA *= scale
-    b_dAt *= scale
+    p_dA = dA + (i_t * H + i_h).to(tl.int64) * BT * BT
+    # [i, j] = dA_ij and its transpose, loaded through swapped strides
+    b_dA = tl.load(p_dA + r[:, None] * BT + r[None, :])
+    b_dAt = tl.load(p_dA + r[None, :] * BT + r[:, None])
     for p in range(BC, BT, BC):
         g_p = tl.load(gc + ((bos + tl.minimum(c * BT + p, last)) * H + i_h) * K + kk,
                       mask=kk < K, other=0.)
@@ -311,20 +414,8 @@ def _dqk_kernel(q, k, v, do, h, dh, gc, dq, dk, dg, offs, cidx, scale,
         w_k = tl.where(early[:, None], tl.exp2(tl.where(early[:, None], g_p[None, :] - b_g, 0.)), 0.)
         b_dq += w_q * mma(b_dA.to(b_k.dtype), (b_k * w_k).to(b_k.dtype), PREC)
         b_dk += w_k * mma(b_dAt.to(b_q.dtype), (b_q * w_q).to(b_q.dtype), PREC)
-    for jj in range(BC):
-        # pairs in the diagonal blocks: dq's (i = row, j = src <= i), dk's (j = row, i = src >= j)
-        src = (r // BC) * BC + jj
-        b_ks = _load(k, bos, c * BT + src[:, None], T_doc, i_h, kk[None, :], H, K)
-        b_qs = _load(q, bos, c * BT + src[:, None], T_doc, i_h, kk[None, :], H, K)
-        g_s = _load_g(gc, bos, c * BT + src[:, None], last, i_h, kk[None, :], H, K)
-        lower = r % BC >= jj
-        upper = r % BC <= jj
-        e = tl.exp2(tl.where(lower[:, None], b_g - g_s, g_s - b_g))
-        sel = r[None, :] == src[:, None]
-        dA_s = tl.sum(tl.where(sel, b_dA, 0.), axis=1)
-        dAt_s = tl.sum(tl.where(sel, b_dAt, 0.), axis=1)
-        b_dq += tl.where(lower[:, None], dA_s[:, None] * e, 0.) * b_ks.to(tl.float32)
-        b_dk += tl.where(upper[:, None], dAt_s[:, None] * e, 0.) * b_qs.to(tl.float32)
+    b_dq += _tile(dq_d, bos, T_doc, i_h, c * BT, i_k * BK, H, K, BT, BK, False)
+    b_dk += _tile(dk_d, bos, T_doc, i_h, c * BT, i_k * BK, H, K, BT, BK, False)
     _store(dq, b_dq, bos, T_doc, i_h, c * BT, i_k * BK, H, K, BT, BK)
     _store(dk, b_dk, bos, T_doc, i_h, c * BT, i_k * BK, H, K, BT, BK)
     # reverse cumulative sum over the chunk's tokens as a product with ones on and above
@@ -347,52 +438,100 @@ def _cumsum(g, plan):
     return gc
 
 
-def _state_pass(x, y, gc, s0, plan, scale, reverse, store_out):
-    H, K, V = x.shape[2], x.shape[3], y.shape[3]
-    h = x.new_empty(plan.n_chunks, H, K, V, dtype=_state_dtype(x))
-    s_out = x.new_empty(plan.n_docs, H, K, V, dtype=torch.float32) if store_out else None
-    grid = (triton.cdiv(K, BK), triton.cdiv(V, BV_STATE), plan.n_docs * H)
-    _state_kernel[grid](x, y, gc, h, s0, s_out, plan.offsets, plan.chunk_offsets, scale,
-                        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV_STATE, REVERSE=reverse,
-                        HAS_S0=s0 is not None, STORE_OUT=store_out,
-                        PREC=dot_precision(x.dtype), num_warps=NUM_WARPS)
-    return h, s_out
+def _state_pass(k, v, gc, h0, plan):
+    H, K, V = k.shape[2], k.shape[3], v.shape[3]
+    h = k.new_empty(plan.n_chunks, H, K, V, dtype=_state_dtype(k))
+    ht = k.new_empty(plan.n_docs, H, K, V, dtype=torch.float32)
+    _state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV_STATE), plan.n_docs * H)](
+        k, v, gc, h, h0, ht, plan.offsets, plan.chunk_offsets, H=H, K=K, V=V, BT=BT, BK=BK,
+        BV=BV_STATE, HAS_H0=h0 is not None, PREC=dot_precision(k.dtype), num_warps=NUM_WARPS)
+    return h, ht
 
 
-def _out(a, b, y, h, gc, plan, scale, backward):
+def _state_pair(q, k, v, do, gc, h0, dht, plan, scale):
+    """The backward's state passes (:func:`_state_pair_kernel`): entering states h and
+    leaving-state gradients dh (NT, H, K, V), dh0 (N, H, K, V) float32 or None."""
+    H, K, V = q.shape[2], q.shape[3], v.shape[3]
+    h = q.new_empty(plan.n_chunks, H, K, V, dtype=_state_dtype(q))
+    dh = torch.empty_like(h)
+    dh0 = q.new_empty(plan.n_docs, H, K, V, dtype=torch.float32) if h0 is not None else None
+    NH = plan.n_docs * H
+    _state_pair_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV_STATE), 2 * NH)](
+        k, v, q, do, gc, h, dh, h0, dht, dh0, plan.offsets, plan.chunk_offsets, scale, NH,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV_STATE, HAS_H0=h0 is not None,
+        HAS_DHT=dht is not None, PREC=dot_precision(q.dtype), num_warps=NUM_WARPS)
+    return h, dh, dh0
+
+
+def _intra(q, k, gc, plan, scale):
+    H, K = q.shape[2], q.shape[3]
+    A = q.new_empty(plan.n_chunks, H, BT, BT, dtype=_state_dtype(q))
+    args = (q, k, gc, A, plan.offsets, plan.chunk_index, scale)
+    _intra_kernel[(plan.n_chunks, H)](*args, H=H, K=K, BT=BT, BK=BK, BC=BC,
+                                      PREC=dot_precision(q.dtype), **CHUNK_LAUNCH)
+    _diag_kernel[(BT // BC, plan.n_chunks, H)](*args, H=H, K=K, BT=BT, BK=BK, BC=BC,
+                                               num_warps=DIAG_WARPS)
+    return A
+
+
+def _out(a, y, h, gc, A, plan, scale, backward):
     H, K, V = a.shape[2], a.shape[3], y.shape[3]
     out = torch.empty_like(y)
-    _out_kernel[(plan.n_chunks, H)](a, b, y, h, gc, out, plan.offsets, plan.chunk_index, scale,
-                                    H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, BC=BC, BKD=BKD,
-                                    BACKWARD=backward, PREC=dot_precision(a.dtype),
-                                    **CHUNK_LAUNCH)
+    _out_kernel[(triton.cdiv(V, BV), plan.n_chunks, H)](
+        a, y, h, gc, A, out, plan.offsets, plan.chunk_index, scale, H=H, K=K, V=V, BT=BT,
+        BK=BK, BV=BV, BACKWARD=backward, PREC=dot_precision(a.dtype), **CHUNK_LAUNCH)
     return out
+
+
+def _dA(do, v, plan, scale):
+    H = do.shape[2]
+    dA = torch.empty(plan.n_chunks, H, BT, BT, dtype=torch.float32, device=do.device)
+    _dA_kernel[(plan.n_chunks, H)](do, v, dA, plan.offsets, plan.chunk_index, scale, H=H,
+                                   V=v.shape[3], BT=BT, BV=BV, PREC=dot_precision(do.dtype),
+                                   **CHUNK_LAUNCH)
+    return dA
+
+
+def _dqk_diag(q, k, gc, dA, plan):
+    H, K = q.shape[2], q.shape[3]
+    dq_d, dk_d = torch.empty_like(gc), torch.empty_like(gc)
+    _dqk_diag_kernel[(BT // BC, plan.n_chunks, H)](q, k, gc, dA, dq_d, dk_d, plan.offsets,
+                                                   plan.chunk_index, H=H, K=K, BT=BT, BK=BK,
+                                                   BC=BC, num_warps=DIAG_WARPS)
+    return dq_d, dk_d
+
+
+def _dqk(q, k, v, do, h, dh, gc, dA, dq_d, dk_d, plan, scale):
+    H, K = q.shape[2], q.shape[3]
+    dq, dk, dg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(gc)
+    _dqk_kernel[(triton.cdiv(K, BK_DQK), plan.n_chunks, H)](
+        q, k, v, do, h, dh, gc, dA, dq_d, dk_d, dq, dk, dg, plan.offsets, plan.chunk_index,
+        scale, H=H, K=K, V=v.shape[3], BT=BT, BK=BK_DQK, BV=BV, BC=BC,
+        PREC=dot_precision(q.dtype), **CHUNK_LAUNCH)
+    return dq, dk, dg
 
 
 def gla_forward(q, k, v, g, h0, scale: float, offsets: list[int]):
     """Packed inputs q, k (1, TT, H, K), v (1, TT, H, V), g (1, TT, H, K) float32 log
-    decay, h0 None or (N, H, K, V). Returns o (1, TT, H, V) in v's dtype and the final
-    state (N, H, K, V) float32."""
+    decay, h0 None or (N, H, K, V). Returns o (1, TT, H, V) in v's dtype, the final
+    state (N, H, K, V) float32, and for the backward the cumulative log2 gates gc
+    (1, TT, H, K) float32 and ``scale * A`` (NT, H, BT, BT) (per chunk, row-major; float32
+    for float32 inputs, else the inputs' dtype, which the products with it use anyway)."""
     plan = chunk_plan(offsets, q.device)
     gc = _cumsum(g, plan)
-    h, ht = _state_pass(k, v, gc, h0, plan, scale, False, True)
-    return _out(q, k, v, h, gc, plan, scale, False), ht
+    h, ht = _state_pass(k, v, gc, h0, plan)
+    A = _intra(q, k, gc, plan, scale)
+    return _out(q, v, h, gc, A, plan, scale, False), ht, gc, A
 
 
-def gla_backward(q, k, v, g, h0, do, dht, scale: float, offsets: list[int]):
-    """Gradients of :func:`gla_forward`: dq, dk, dv like their inputs, dg (1, TT, H, K)
-    float32, dh0 (N, H, K, V) float32 or None."""
-    H, K, V = q.shape[2], q.shape[3], v.shape[3]
+def gla_backward(q, k, v, gc, A, h0, do, dht, scale: float, offsets: list[int]):
+    """Gradients of :func:`gla_forward` from its gc and A: dq, dk, dv like their inputs,
+    dg (1, TT, H, K) float32, dh0 (N, H, K, V) float32 or None."""
     plan = chunk_plan(offsets, q.device)
-    gc = _cumsum(g, plan)
-    h, _ = _state_pass(k, v, gc, h0, plan, scale, False, False)
-    dh, dh0 = _state_pass(q, do, gc, dht, plan, scale, True, h0 is not None)
-    dv = _out(k, q, do, dh, gc, plan, scale, True)
-    dq, dk, dg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(g)
-    _dqk_kernel[(triton.cdiv(K, BK_DQK), plan.n_chunks, H)](
-        q, k, v, do, h, dh, gc, dq, dk, dg, plan.offsets, plan.chunk_index, scale,
-        H=H, K=K, V=V, BT=BT, BK=BK_DQK, BV=BV, BC=BC, PREC=dot_precision(q.dtype),
-        **CHUNK_LAUNCH)
+    h, dh, dh0 = _state_pair(q, k, v, do, gc, h0, dht, plan, scale)
+    dv = _out(k, do, dh, gc, A, plan, scale, True)
+    dA = _dA(do, v, plan, scale)
+    dq, dk, dg = _dqk(q, k, v, do, h, dh, gc, dA, *_dqk_diag(q, k, gc, dA, plan), plan, scale)
     return dq, dk, dv, dg, dh0
 
 
@@ -404,43 +543,48 @@ _EMPTY = (0,)
 @torch.library.custom_op("seqpar::gla_fwd", mutates_args=())
 def _gla_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                 h0: torch.Tensor | None, scale: float, offsets: list[int]
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return gla_forward(q, k, v, g, h0, scale, offsets)
 
 
 @_gla_fwd_op.register_fake
 def _(q, k, v, g, h0, scale, offsets):
     N, H, K, V = len(offsets) - 1, q.shape[2], q.shape[3], v.shape[3]
-    return torch.empty_like(v), q.new_empty(N, H, K, V, dtype=torch.float32)
+    NT = sum(triton.cdiv(e - s, BT) for s, e in zip(offsets, offsets[1:]))
+    return (torch.empty_like(v), q.new_empty(N, H, K, V, dtype=torch.float32),
+            torch.empty_like(g), q.new_empty(NT, H, BT, BT, dtype=_state_dtype(q)))
 
 
 @torch.library.custom_op("seqpar::gla_bwd", mutates_args=())
-def _gla_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-                h0: torch.Tensor | None, do: torch.Tensor, dht: torch.Tensor | None,
-                scale: float, offsets: list[int]
+def _gla_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gc: torch.Tensor,
+                A: torch.Tensor, h0: torch.Tensor | None, do: torch.Tensor,
+                dht: torch.Tensor | None, scale: float, offsets: list[int]
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv, dg, dh0 = gla_backward(q, k, v, g, h0, do, dht, scale, offsets)
+    dq, dk, dv, dg, dh0 = gla_backward(q, k, v, gc, A, h0, do, dht, scale, offsets)
     return dq, dk, dv, dg, q.new_empty(_EMPTY, dtype=torch.float32) if dh0 is None else dh0
 
 
 @_gla_bwd_op.register_fake
-def _(q, k, v, g, h0, do, dht, scale, offsets):
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g),
+def _(q, k, v, gc, A, h0, do, dht, scale, offsets):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(gc),
             q.new_empty(_EMPTY, dtype=torch.float32) if h0 is None
             else torch.empty_like(h0, dtype=torch.float32))
 
 
 def _setup(ctx, inputs, output):
     q, k, v, g, h0, scale, offsets = inputs
-    ctx.save_for_backward(q, k, v, g, h0)
+    _, _, gc, A = output
+    # gc replaces g (same size; the backward needs only the cumulative gates)
+    ctx.save_for_backward(q, k, v, gc, A, h0)
+    ctx.mark_non_differentiable(gc, A)
     ctx.scale, ctx.offsets = scale, offsets
 
 
-def _backward(ctx, do, dht):
-    q, k, v, g, h0 = ctx.saved_tensors
+def _backward(ctx, do, dht, _dgc, _dA):
+    q, k, v, gc, A, h0 = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(v)
-    dq, dk, dv, dg, dh0 = _gla_bwd_op(q, k, v, g, h0, do.contiguous(),
+    dq, dk, dv, dg, dh0 = _gla_bwd_op(q, k, v, gc, A, h0, do.contiguous(),
                                       None if dht is None else dht.contiguous(),
                                       ctx.scale, ctx.offsets)
     return dq, dk, dv, dg, None if h0 is None else dh0.to(h0.dtype), None, None
@@ -459,6 +603,6 @@ def triton_gla(q, k, v, g, *, scale: float, initial_state, output_final_state: b
     """
     B, T = q.shape[:2]
     h0 = None if initial_state is None else initial_state.contiguous()
-    o, ht = _gla_fwd_op(as_packed(q), as_packed(k), as_packed(v), as_packed(g), h0,
-                        float(scale), packed_offsets(B, T, offsets))
+    o, ht, _, _ = _gla_fwd_op(as_packed(q), as_packed(k), as_packed(v), as_packed(g), h0,
+                              float(scale), packed_offsets(B, T, offsets))
     return o.reshape(v.shape), (ht if output_final_state else None)
