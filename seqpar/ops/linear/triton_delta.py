@@ -56,7 +56,8 @@ import triton.language as tl
 from .._validate import fail
 from .triton_common import (BK, BT, BV, BV_STATE, as_packed, chunk_plan, dot_precision, mma,
                             packed_offsets)
-from .triton_diag import _cumsum, _dg_kernel, _doc_bounds, _dqk_kernel, _gates, _pair_kernel
+from .triton_diag import (_cumsum, _dg_kernel, _doc_bounds, _doc_span, _dqk_kernel, _gates,
+                          _pair_kernel)
 
 NUM_WARPS = 4
 MAX_DIM = 128  # K and V: the state tile spans all of K, and one K tile is at most 128 wide
@@ -118,14 +119,6 @@ def _wy_wu_kernel(k, v, beta, gc, ai, w, u, offs, cidx, H: tl.constexpr, K: tl.c
         b_g, _ = _gates(gc, bos, c, T_doc, i_h, H, BT)
         b_beta *= tl.exp2(b_g)
     _wy_apply(ai, k, w, b_beta, bos, c, T_doc, i_h, i_c, H, K, BT, BD, PREC)
-
-
-@triton.jit
-def _doc_span(offs, coff, n):
-    """Start token, token count and first chunk of document n."""
-    bos = tl.load(offs + n).to(tl.int64)
-    T_doc = tl.load(offs + n + 1).to(tl.int64) - bos
-    return bos, T_doc, tl.load(coff + n).to(tl.int64)
 
 
 @triton.jit

@@ -45,6 +45,14 @@ def _doc_bounds(offs, cidx, i_t):
 
 
 @triton.jit
+def _doc_span(offs, coff, n):
+    """Start token, token count and first chunk of document n."""
+    bos = tl.load(offs + n).to(tl.int64)
+    T_doc = tl.load(offs + n + 1).to(tl.int64) - bos
+    return bos, T_doc, tl.load(coff + n).to(tl.int64)
+
+
+@triton.jit
 def _gates(gc, bos, c, T_doc, i_h, H: tl.constexpr, BT: tl.constexpr):
     """Cumulative log2 gates of one chunk and the last one.
 
@@ -83,9 +91,7 @@ def _state_kernel(x, y, gc, h, s0, s_out, offs, coff, scale,
     """
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, i_h = i_nh // H, i_nh % H
-    bos = tl.load(offs + n).to(tl.int64)
-    T_doc = tl.load(offs + n + 1).to(tl.int64) - bos
-    boc = tl.load(coff + n).to(tl.int64)
+    bos, T_doc, boc = _doc_span(offs, coff, n)
     NC = tl.cdiv(T_doc, BT).to(tl.int32)
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_S0:
@@ -172,6 +178,30 @@ def _pair_kernel(a, b, y, h, gc, out, offs, cidx, scale,
 
 
 @triton.jit
+def _dqk_tiles(do, v, h, dh, bos, c, T_doc, i_h, i_v, i_k, base_s, H: tl.constexpr,
+               K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+               BV: tl.constexpr):
+    """The V-tile loads of a dq/dk kernel: do and v of the chunk (BT, BV) and their
+    transposes (BV, BT), and the transposed state tiles h^T, dh^T (BV, BK) at base_s."""
+    p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (T_doc, V), (H * V, 1),
+                             (c * BT, i_v * BV), (BT, BV), (1, 0))
+    p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (T_doc, V), (H * V, 1),
+                            (c * BT, i_v * BV), (BT, BV), (1, 0))
+    p_doT = tl.make_block_ptr(do + (bos * H + i_h) * V, (V, T_doc), (1, H * V),
+                              (i_v * BV, c * BT), (BV, BT), (0, 1))
+    p_vT = tl.make_block_ptr(v + (bos * H + i_h) * V, (V, T_doc), (1, H * V),
+                             (i_v * BV, c * BT), (BV, BT), (0, 1))
+    p_hT = tl.make_block_ptr(h + base_s, (V, K), (1, V), (i_v * BV, i_k * BK), (BV, BK), (0, 1))
+    p_dhT = tl.make_block_ptr(dh + base_s, (V, K), (1, V), (i_v * BV, i_k * BK), (BV, BK), (0, 1))
+    return (tl.load(p_do, boundary_check=(0, 1), padding_option="zero"),
+            tl.load(p_v, boundary_check=(0, 1), padding_option="zero"),
+            tl.load(p_doT, boundary_check=(0, 1), padding_option="zero"),
+            tl.load(p_vT, boundary_check=(0, 1), padding_option="zero"),
+            tl.load(p_hT, boundary_check=(0, 1), padding_option="zero"),
+            tl.load(p_dhT, boundary_check=(0, 1), padding_option="zero"))
+
+
+@triton.jit
 def _dqk_kernel(q, k, v, do, h, dh, gc, dq, dk, r_part, b_part, offs, cidx, scale, TT,
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                 BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr):
@@ -186,22 +216,8 @@ def _dqk_kernel(q, k, v, do, h, dh, gc, dq, dk, r_part, b_part, offs, cidx, scal
     b_hdh = tl.zeros([BK], dtype=tl.float32)
     base_s = (i_t * H + i_h).to(tl.int64) * K * V
     for i_v in range(tl.cdiv(V, BV)):
-        p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (T_doc, V), (H * V, 1),
-                                 (c * BT, i_v * BV), (BT, BV), (1, 0))
-        p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (T_doc, V), (H * V, 1),
-                                (c * BT, i_v * BV), (BT, BV), (1, 0))
-        p_doT = tl.make_block_ptr(do + (bos * H + i_h) * V, (V, T_doc), (1, H * V),
-                                  (i_v * BV, c * BT), (BV, BT), (0, 1))
-        p_vT = tl.make_block_ptr(v + (bos * H + i_h) * V, (V, T_doc), (1, H * V),
-                                 (i_v * BV, c * BT), (BV, BT), (0, 1))
-        p_hT = tl.make_block_ptr(h + base_s, (V, K), (1, V), (i_v * BV, i_k * BK), (BV, BK), (0, 1))
-        p_dhT = tl.make_block_ptr(dh + base_s, (V, K), (1, V), (i_v * BV, i_k * BK), (BV, BK), (0, 1))
-        b_do = tl.load(p_do, boundary_check=(0, 1), padding_option="zero")
-        b_v = tl.load(p_v, boundary_check=(0, 1), padding_option="zero")
-        b_doT = tl.load(p_doT, boundary_check=(0, 1), padding_option="zero")
-        b_vT = tl.load(p_vT, boundary_check=(0, 1), padding_option="zero")
-        b_hT = tl.load(p_hT, boundary_check=(0, 1), padding_option="zero")
-        b_dhT = tl.load(p_dhT, boundary_check=(0, 1), padding_option="zero")
+        b_do, b_v, b_doT, b_vT, b_hT, b_dhT = _dqk_tiles(do, v, h, dh, bos, c, T_doc, i_h, i_v, i_k,
+                                                          base_s, H, K, V, BT, BK, BV)
         b_dA += mma(b_do, b_vT, PREC)
         b_dAt += mma(b_v, b_doT, PREC)
         b_dq += mma(b_do, b_hT.to(b_do.dtype), PREC)

@@ -54,7 +54,7 @@ import triton.language as tl
 
 from .triton_common import (BK, BT, BV, BV_STATE, as_packed, chunk_plan, dot_precision, mma,
                             packed_offsets)
-from .triton_diag import _doc_bounds
+from .triton_diag import _doc_bounds, _doc_span
 
 LOG2E = tl.constexpr(1.4426950408889634)
 NUM_WARPS = 4  # the sequential state pass
@@ -154,9 +154,7 @@ def _state_scan(x, y, gc, h, s0, s_out, offs, coff, scale, i_k, i_v, i_nh,
     s_out receives the final state (or dh0).
     """
     n, i_h = i_nh // H, i_nh % H
-    bos = tl.load(offs + n).to(tl.int64)
-    T_doc = tl.load(offs + n + 1).to(tl.int64) - bos
-    boc = tl.load(coff + n).to(tl.int64)
+    bos, T_doc, boc = _doc_span(offs, coff, n)
     NC = tl.cdiv(T_doc, BT).to(tl.int32)
     kk = i_k * BK + tl.arange(0, BK)
     vv = i_v * BV + tl.arange(0, BV)

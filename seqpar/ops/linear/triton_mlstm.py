@@ -39,7 +39,7 @@ import triton.language as tl
 
 from .triton_common import (BK, BT, BV, BV_STATE, as_packed, chunk_plan, dot_precision, mma,
                             packed_offsets)
-from .triton_diag import _cumsum, _dg_kernel, _doc_bounds, _gates
+from .triton_diag import _cumsum, _dg_kernel, _doc_bounds, _doc_span, _dqk_tiles, _gates
 
 # triton_diag's launch setting, run on H100. At 4 warps the bf16 kernels spill registers
 # on sm_90 (_dqk_kernel ~3.6 KB, as triton_diag's ~3 KB); at 8 they do not:
@@ -81,9 +81,7 @@ def _state_walk(x, y, gc, wc, wn, h, hn, s0, n0, s_out, n_out, offs, coff, scale
     ``n`` slice is stored by the programs of the first V tile.
     """
     n, i_h = i_nh // H, i_nh % H
-    bos = tl.load(offs + n).to(tl.int64)
-    T_doc = tl.load(offs + n + 1).to(tl.int64) - bos
-    boc = tl.load(coff + n).to(tl.int64)
+    bos, T_doc, boc = _doc_span(offs, coff, n)
     NC = tl.cdiv(T_doc, BT).to(tl.int32)
     o_k = i_k * BK + tl.arange(0, BK)
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
@@ -243,22 +241,8 @@ def _dqk_kernel(q, k, v, do, h, hn, dh, dhn, gc, ig, rm, cu, dq, dk, r_part, b_p
     b_hdh = tl.zeros([BK], dtype=tl.float32)
     base_s = (i_t * H + i_h).to(tl.int64) * K * V
     for i_v in range(tl.cdiv(V, BV)):
-        p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (T_doc, V), (H * V, 1),
-                                 (c * BT, i_v * BV), (BT, BV), (1, 0))
-        p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (T_doc, V), (H * V, 1),
-                                (c * BT, i_v * BV), (BT, BV), (1, 0))
-        p_doT = tl.make_block_ptr(do + (bos * H + i_h) * V, (V, T_doc), (1, H * V),
-                                  (i_v * BV, c * BT), (BV, BT), (0, 1))
-        p_vT = tl.make_block_ptr(v + (bos * H + i_h) * V, (V, T_doc), (1, H * V),
-                                 (i_v * BV, c * BT), (BV, BT), (0, 1))
-        p_hT = tl.make_block_ptr(h + base_s, (V, K), (1, V), (i_v * BV, i_k * BK), (BV, BK), (0, 1))
-        p_dhT = tl.make_block_ptr(dh + base_s, (V, K), (1, V), (i_v * BV, i_k * BK), (BV, BK), (0, 1))
-        b_do = tl.load(p_do, boundary_check=(0, 1), padding_option="zero")
-        b_v = tl.load(p_v, boundary_check=(0, 1), padding_option="zero")
-        b_doT = tl.load(p_doT, boundary_check=(0, 1), padding_option="zero")
-        b_vT = tl.load(p_vT, boundary_check=(0, 1), padding_option="zero")
-        b_hT = tl.load(p_hT, boundary_check=(0, 1), padding_option="zero")
-        b_dhT = tl.load(p_dhT, boundary_check=(0, 1), padding_option="zero")
+        b_do, b_v, b_doT, b_vT, b_hT, b_dhT = _dqk_tiles(do, v, h, dh, bos, c, T_doc, i_h, i_v, i_k,
+                                                          base_s, H, K, V, BT, BK, BV)
         b_dA += mma(b_do, b_vT, PREC)
         b_dAt += mma(b_v, b_doT, PREC)
         b_dq += _dot32(b_do, b_hT, PREC, False)
