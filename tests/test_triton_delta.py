@@ -34,7 +34,7 @@ if "seqpar.ops.linear.triton_delta" in sys.modules and os.environ.get("TRITON_IN
     raise RuntimeError("seqpar.ops.linear.triton_delta imported before TRITON_INTERPRET=1 was set")
 
 import test_triton  # noqa: E402  (sets TRITON_INTERPRET)
-from test_triton import DEVICE, FIXED, TOL, cases  # noqa: E402
+from test_triton import DEVICE, FIXED, TOL, assert_sm90_compiles, cases  # noqa: E402
 
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -173,15 +173,4 @@ def test_kernels_fit_sm90():
     limit, and the bf16 configuration spills no registers beyond the allowance of
     check_triton_delta._kernels: failures the interpreter cannot show (the default software
     pipelining needed 270-400 KB of shared memory)."""
-    import subprocess
-    from pathlib import Path
-
-    import triton
-
-    if not (Path(triton.__file__).parent / "backends/nvidia/bin/ptxas").exists():
-        pytest.skip("Triton's NVIDIA backend (ptxas) is not installed")
-    root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, str(root / "bench/device/check_triton_delta.py"),
-                        "--compile-only"], env={**os.environ, "TRITON_INTERPRET": "0"},
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert_sm90_compiles("check_triton_delta.py")

@@ -33,9 +33,8 @@ if "seqpar.ops.linear.triton_gla" in sys.modules and os.environ.get("TRITON_INTE
     raise RuntimeError("seqpar.ops.linear.triton_gla imported before TRITON_INTERPRET=1 was set")
 
 import test_triton  # noqa: E402  (sets TRITON_INTERPRET)
-from test_triton import FIXED, TOL, _leaves, cases  # noqa: E402,F401  (_leaves: check_triton_gla)
+from test_triton import FIXED, TOL, assert_sm90_compiles, cases  # noqa: E402
 
-import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from hypothesis import example, given, settings  # noqa: E402
 
@@ -110,15 +109,4 @@ def test_kernels_fit_sm90():
     """The kernels compile for sm_90 with their launch settings within the shared-memory
     limit, and the bf16 configuration spills no registers: failures the interpreter cannot
     show (with 4 warps and 64-wide key tiles the chunk kernels spilled 1-4 KB)."""
-    import subprocess
-    from pathlib import Path
-
-    import triton
-
-    if not (Path(triton.__file__).parent / "backends/nvidia/bin/ptxas").exists():
-        pytest.skip("Triton's NVIDIA backend (ptxas) is not installed")
-    root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, str(root / "bench/device/check_triton_gla.py"),
-                        "--compile-only"], env={**os.environ, "TRITON_INTERPRET": "0"},
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert_sm90_compiles("check_triton_gla.py")
