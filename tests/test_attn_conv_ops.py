@@ -380,6 +380,25 @@ def test_long_conv_matches_reference(B, T, C, frac, dtype, seed):
     assert_within(errs, dtype, (B, T, C, L, dtype))
 
 
+@settings(max_examples=15)
+@given(cuts=st.lists(st.integers(1, 119), min_size=1, max_size=4, unique=True),
+       frac=st.floats(0, 1), dtype=DTYPES, seed=st.integers(0, 2**31 - 1))
+@example(cuts=[1, 119], frac=1.0, dtype=torch.float32, seed=3)  # one-token documents
+def test_long_conv_packed_matches_reference(cuts, frac, dtype, seed):
+    """Packed documents: no lag reaches across a document start (the reference convolves
+    each document alone); a kernel as long as the whole stream is cut per document."""
+    T, C = 120, 3
+    L = max(1, round(frac * T))
+    gen = torch.Generator().manual_seed(seed)
+    x = _randn(gen, 1, T, C, dtype=dtype)
+    kernel = (torch.randn(C, L, generator=gen) / L ** 0.5).to(dtype)
+    cu = torch.tensor([0, *sorted(cuts), T], dtype=torch.int32)
+    errs = compare(lambda x, k: (ops.long_conv(x, k, cu_seqlens=cu),),
+                   lambda x, k: (ops.long_conv_reference(x, k, cu_seqlens=cu),),
+                   (x, kernel), ["x", "kernel"], ["y"], seed + 1)
+    assert_within(errs, dtype, (cuts, L, dtype))
+
+
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("T,L", [(4096, 4096), (4095, 700)])
 def test_long_conv_long_sequence(T, L, device):
@@ -499,7 +518,7 @@ def test_sp_receives_validated_call():
     # A shard may be shorter than the kernel; sp checks L against the global length.
     x, kernel = torch.randn(1, 4, 3), torch.randn(3, 8)
     assert ops.long_conv(x, kernel, sp=sp) == "sp-result"
-    assert sp.call == ("long_conv", (x, kernel), {})
+    assert sp.call == ("long_conv", (x, kernel), dict(cu_seqlens=None))
     with pytest.raises(ValueError, match="kernel:"):
         ops.long_conv(x, torch.randn(2, 8), sp=sp)
 

@@ -262,9 +262,7 @@ def _sp_case(sp, kind):
     from seqpar.parallel import shard
 
     torch.manual_seed(0)
-    # Hyena has no SP path for packed documents (ops.long_conv takes no cu_seqlens).
-    pattern = ALL if kind == "batch" else [n for n in ALL if n != "hyena"]
-    model = _hybrid(pattern=pattern, n_layers=len(pattern))
+    model = _hybrid(pattern=ALL, n_layers=len(ALL))
     B, T = (2, 16) if kind == "batch" else (1, 16)
     ids = torch.randint(0, 64, (B, T))
     w = torch.randn(B, T, 64)
@@ -297,12 +295,6 @@ def _sp_worker(rank, store_dir, path):
             out[case] = _sp_case(SequenceParallel(layout=layout), kind)
         except Exception:  # noqa: BLE001 - reported by the test of this case
             out[case] = traceback.format_exc()
-    try:
-        sp = SequenceParallel()
-        _mixer("hyena")(torch.randn(1, 8, D), cu_seqlens=torch.tensor([0, 5, 16], dtype=torch.int32), sp=sp)
-        out["hyena-packed"] = "no error"
-    except ValueError as e:
-        out["hyena-packed"] = str(e)
     every = [None] * SP_WORLD
     dist.all_gather_object(every, out)
     if rank == 0:
@@ -331,8 +323,3 @@ def test_sp_logits_and_grads_match_single_process(sp_results, case):
         bad = {k: v for k, v in r.items() if not v < 1e-5}
         assert not bad, f"rank {rank}: {bad}"
 
-
-@pytest.mark.dist
-def test_sp_hyena_packed_is_refused(sp_results):
-    for res in sp_results:
-        assert res["hyena-packed"].startswith("cu_seqlens: expected None for a Hyena layer under sp")

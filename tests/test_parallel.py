@@ -234,13 +234,15 @@ def short_conv_case(sp, packed, seed, T=24, w=4):
                    replicated=(1,) if packed else ())
 
 
-def long_conv_case(sp, seed, T=24, L=17):
+def long_conv_case(sp, packed, seed, T=24, L=17):
     gen = torch.Generator().manual_seed(seed)
-    B, C = 2, 8
+    B, C = (1 if packed else 2), 8
     x, kernel = torch.randn(B, T, C, generator=gen), torch.randn(C, L, generator=gen)
+    # documents crossing every shard boundary at P = 2 and 4, and a one-token document
+    cu = torch.tensor([0, 5, 6, 19, T], dtype=torch.int32) if packed else None
 
     def fn(x, kernel, sp):
-        return (ops.long_conv(x, kernel, sp=sp),)
+        return (ops.long_conv(x, kernel, cu_seqlens=cu, sp=sp),)
 
     return compare(sp, fn, [x, kernel], [True, False], [torch.randn(B, T, C, generator=gen)], [1])
 
@@ -340,6 +342,10 @@ def errors_case(sp):
                                   "divisible by the SP world size", "'ring'"),
         "long_conv C % P": _raises(lambda: ops.long_conv(torch.randn(1, 4, P + 1), torch.randn(P + 1, 3), sp=con),
                                    "divisible by the SP world size"),
+        "long_conv cu_seqlens past the global length": _raises(
+            lambda: ops.long_conv(torch.randn(1, 4, 2 * P), torch.randn(2 * P, 3), sp=con,
+                                  cu_seqlens=torch.tensor([0, 2, 4 * P + 1], dtype=torch.int32)),
+            "cu_seqlens"),
         "short_conv halo too wide": _raises(lambda: ops.short_conv(torch.randn(1, 2, 3), torch.randn(3, 4), sp=con),
                                             "w - 1 <= 2"),
         "shard shapes differ": _raises(lambda: ops.linear_attn(*[torch.randn(1, 4 + 2 * r, 2, 4)] * 3, sp=con),
@@ -402,7 +408,9 @@ def _cases(world):
         for packed in (False, True):
             out.append((f"short_conv/{layout}/{'packed' if packed else 'batch'}", dict(layout=layout),
                         lambda sp, p=packed: short_conv_case(sp, p, seed=world)))
-        out.append((f"long_conv/{layout}", dict(layout=layout), lambda sp: long_conv_case(sp, seed=world)))
+        for packed in (False, True):
+            out.append((f"long_conv/{layout}/{'packed' if packed else 'batch'}", dict(layout=layout),
+                        lambda sp, p=packed: long_conv_case(sp, p, seed=world)))
         out.append((f"hybrid/{layout}", dict(layout=layout), lambda sp: hybrid_case(sp, seed=world)))
         out.append((f"helpers/{layout}", dict(layout=layout), helpers_case))
         for lin, att in (("scan", "ring"), ("allgather", "allgather")):

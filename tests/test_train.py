@@ -44,9 +44,7 @@ TOL = 1e-5
 # update; a wrong shard or a rank that skipped its update errs by O(1). (Clipping is
 # checked through the global gradient norm, at TOL: Adam's first step hardly sees it.)
 TOL_UPDATE = 1e-3
-# Every mixer; Hyena has no SP path for packed documents, so the packed model leaves it out.
-ALL_MIXERS = ",".join(MIXERS)
-PACKED_MIXERS = ",".join(m for m in MIXERS if m != "hyena")
+ALL_MIXERS = ",".join(MIXERS)  # every mixer
 SMALL = dict(d_model=32, n_heads=2, head_dim=16, chunk_size=16, max_seq_len=64)
 
 
@@ -137,7 +135,7 @@ def resume_losses(data: Path, root: Path, env: DistEnv) -> dict:
     its step-4 checkpoint and is resumed."""
     n = 4
     base = dict(steps=2 * n, save_every=n, sp=env.sp)
-    full = run(small_cfg(data, root / "full", PACKED_MIXERS, **base), env)
+    full = run(small_cfg(data, root / "full", ALL_MIXERS, **base), env)
     crash_at = n + 2
     original = Trainer.step
 
@@ -148,12 +146,12 @@ def resume_losses(data: Path, root: Path, env: DistEnv) -> dict:
 
     Trainer.step = crashing
     try:
-        run(small_cfg(data, root / "cut", PACKED_MIXERS, **base), env)
+        run(small_cfg(data, root / "cut", ALL_MIXERS, **base), env)
     except KeyboardInterrupt:
         pass
     finally:
         Trainer.step = original
-    resumed = run(small_cfg(data, root / "cut", PACKED_MIXERS, resume="latest", **base), env)
+    resumed = run(small_cfg(data, root / "cut", ALL_MIXERS, resume="latest", **base), env)
     records = [json.loads(x) for x in (root / "cut" / "metrics.jsonl").read_text().splitlines()]
     return {"full": (full.steps, full.losses, full.eval_loss),
             "resumed": (resumed.steps, resumed.losses, resumed.eval_loss),
@@ -168,10 +166,10 @@ def _worker(rank, world, store_dir):
     root = Path(store_dir)
     data = write_corpus(root / "corpus.jsonl")
     cases = {
-        "sp2/packed": lambda: step_errors(data, root / "a", mesh_env(2), PACKED_MIXERS, True, 1, 64),
+        "sp2/packed": lambda: step_errors(data, root / "a", mesh_env(2), ALL_MIXERS, True, 1, 64),
         "sp2/rows/ac": lambda: step_errors(data, root / "b", mesh_env(2), ALL_MIXERS, False, 2, 64,
                                            ac=True),
-        "dp2/packed": lambda: step_errors(data, root / "c", mesh_env(1), PACKED_MIXERS, True, 2, 32),
+        "dp2/packed": lambda: step_errors(data, root / "c", mesh_env(1), ALL_MIXERS, True, 2, 32),
         "resume/sp2": lambda: resume_losses(data, root / "r", mesh_env(2)),
     }
     out = {}
@@ -333,7 +331,6 @@ def no_work(monkeypatch):
     (["--mixers", "gdn,transformer"], {}, "'transformer'"),
     (["--sp", "2", "--sp-strategy", "alltoall", "--set", "n_heads=3"], {"WORLD_SIZE": "2"},
      "head counts divisible by --sp = 2"),
-    (["--sp", "2", "--mixers", "gdn,hyena"], {"WORLD_SIZE": "2"}, "--no-packing"),
     (["--data", "/no/such/path"], {}, "--data: expected an existing"),
     (["--steps", "10", "--stop-at", "11"], {}, "--stop-at"),
     (["--set", "d_model=wide"], {}, "--set"),

@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..ops._validate import fail
 from ._common import Mixer, check_hidden, check_positive_int
 
 
@@ -131,17 +130,14 @@ class Hyena(Mixer):
                 state: HyenaCache | None = None, output_state: bool = False):
         """Mix ``x (B, T, D)``; returns ``(y (B, T, D), HyenaCache or None)``.
 
-        cu_seqlens: packed documents (B == 1); each is convolved on its own. Not
-            supported together with ``sp`` (ValueError).
+        cu_seqlens: packed documents (B == 1); each is convolved on its own, with
+            ``sp`` too (the global offsets on every rank).
         position_ids: unused (the filter is a function of the lag). sp: both
         convolutions run sequence-parallel on this rank's shard. state: the input
         history to continue from (recomputed, see the module docstring).
         """
         B, T = check_hidden(x, self.d_model)
         self.check_state(state, cu_seqlens, sp, output_state)
-        if sp is not None and cu_seqlens is not None:
-            fail("cu_seqlens", "None for a Hyena layer under sp (ops.long_conv has no "
-                 "sequence-parallel path for packed documents)", "packed offsets")
         if state is not None:
             x = torch.cat([state.x, x], 1)
         y = self._mix(x, cu_seqlens, sp)[:, -T:]
@@ -157,15 +153,8 @@ class Hyena(Mixer):
         return self.o_proj(z * x0)
 
     def _long_conv(self, z, cu_seqlens, sp):
-        T = z.shape[1]
-        if sp is not None:
-            return ops.long_conv(z, self.filter(T * sp.world), sp=sp)
-        kernel = self.filter(T)
-        if cu_seqlens is None:
-            return ops.long_conv(z, kernel)
-        offsets = cu_seqlens.tolist()
-        return torch.cat([ops.long_conv(z[:, s:e], kernel[:, : e - s])
-                          for s, e in zip(offsets, offsets[1:])], 1)
+        T = z.shape[1] * (1 if sp is None else sp.world)
+        return ops.long_conv(z, self.filter(T), cu_seqlens=cu_seqlens, sp=sp)
 
     def flops_per_token(self, seq_len: int) -> float:
         """FFT convolution per channel: three real FFTs of length 2T at about

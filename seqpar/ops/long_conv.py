@@ -3,14 +3,15 @@
 ``y_t = sum_{u <= t} kernel[:, u] * x_{t-u}`` with a per-channel kernel of length
 ``L <= T`` (zero past L). A circular convolution of length ``n >= T + L - 1`` equals the
 linear one on the first T outputs (nothing wraps around into them); ``n`` is rounded up
-to a 2^a 3^b 5^c size, which FFT libraries handle fastest.
+to a 2^a 3^b 5^c size, which FFT libraries handle fastest. Packed documents
+(``cu_seqlens``) are convolved one by one: lags never reach across a document start.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ._validate import check_tensor, fail
+from ._validate import check_cu_seqlens, check_tensor, fail
 
 
 def next_fast_len(m: int) -> int:
@@ -48,22 +49,33 @@ def _check_length(L: int, T: int) -> None:
         fail("kernel", f"a length L <= T = {T} (shape (C, L))", f"L = {L}")
 
 
-def long_conv(x, kernel, sp=None):
+def long_conv(x, kernel, cu_seqlens=None, sp=None):
     """Causal per-channel long convolution by FFT.
 
     Args:
         x: (B, T, C) float16/bfloat16/float32/float64.
         kernel: (C, L), 1 <= L <= T, any float dtype.
-        sp: a ``seqpar.parallel.SequenceParallel``; each rank passes its own shard of x
-            and the whole kernel (L is then checked against the global length by sp).
+        cu_seqlens: int32 (N + 1,) offsets of packed documents (B == 1) or None; each
+            document is convolved on its own (the first ``len`` kernel taps apply).
+        sp: a ``seqpar.parallel.SequenceParallel``; each rank passes its own shard of x,
+            the whole kernel and the global ``cu_seqlens`` (L is then checked against the
+            global length by sp).
     Returns:
         y: (B, T, C) in x's dtype. Computed in float32 (float64 if x or the kernel is
         float64).
     """
     B, T, C, L = _check(x, kernel)
     if sp is not None:
-        return sp.long_conv(x, kernel)
+        return sp.long_conv(x, kernel, cu_seqlens=cu_seqlens)
     _check_length(L, T)
+    offsets = check_cu_seqlens(cu_seqlens, B, T, x.device)
+    if offsets is None:
+        return _fft_conv(x, kernel)
+    return torch.cat([_fft_conv(x[:, s:e], kernel[:, :e - s]) for s, e in zip(offsets, offsets[1:])], 1)
+
+
+def _fft_conv(x, kernel):
+    T, L = x.shape[1], kernel.shape[1]
     cd = torch.promote_types(torch.promote_types(x.dtype, kernel.dtype), torch.float32)
     n = next_fast_len(T + L - 1)
     xf = torch.fft.rfft(x.to(cd), n=n, dim=1)  # (B, n//2+1, C)
@@ -72,11 +84,21 @@ def long_conv(x, kernel, sp=None):
     return y.to(x.dtype)
 
 
-def long_conv_reference(x, kernel, lags: int = 256):
+def long_conv_reference(x, kernel, lags: int = 256, cu_seqlens=None):
     """Float64 reference of :func:`long_conv`: the direct sum over lags, ``lags`` at a
-    time (each block of lags is one product with sliding windows of the zero-padded x)."""
+    time (each block of lags is one product with sliding windows of the zero-padded x),
+    per packed document when ``cu_seqlens`` is given."""
     B, T, C, L = _check(x, kernel)
     _check_length(L, T)
+    offsets = check_cu_seqlens(cu_seqlens, B, T, x.device)
+    if offsets is not None:
+        return torch.cat([_direct_conv(x[:, s:e], kernel[:, :e - s], lags)
+                          for s, e in zip(offsets, offsets[1:])], 1)
+    return _direct_conv(x, kernel, lags)
+
+
+def _direct_conv(x, kernel, lags):
+    T, L = x.shape[1], kernel.shape[1]
     xd, kd = x.to(torch.float64), kernel.to(torch.float64)
     xp = F.pad(xd, (0, 0, L - 1, 0))  # xp[t + L - 1 - u] = x_{t-u}, zero for t < u
     y = torch.zeros_like(xd)

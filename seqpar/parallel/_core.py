@@ -216,6 +216,6 @@ class SequenceParallel:
                              initial_state=initial_state, output_final_state=output_final_state,
                              cu_seqlens=cu_seqlens)
 
-    def long_conv(self, x, kernel):
+    def long_conv(self, x, kernel, *, cu_seqlens):
         """Long-convolution hook of :mod:`seqpar.ops` (see :mod:`seqpar.parallel.conv`)."""
-        return sp_long_conv(self, x, kernel)
+        return sp_long_conv(self, x, kernel, cu_seqlens=cu_seqlens)

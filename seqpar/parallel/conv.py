@@ -14,7 +14,7 @@ import torch
 from ..ops._validate import check_cu_seqlens, check_tensor, fail
 from ..ops.long_conv import long_conv as local_long_conv
 from ..ops.short_conv import short_conv as local_short_conv
-from ._geometry import Geometry, chunk_pieces
+from ._geometry import chunk_pieces
 from ._util import dtype_code, offsets_digest
 from ._reshard import channels_to_seq, seq_to_channels
 
@@ -150,12 +150,15 @@ def sp_short_conv(sp, x, weight, bias, *, activation, initial_state, output_fina
     return y, torch.stack([finals.get(d, zero) for d in range(N)])
 
 
-def sp_long_conv(sp, x, kernel):
+def sp_long_conv(sp, x, kernel, *, cu_seqlens=None):
     """Sequence-parallel long convolution (called by ``ops.long_conv(..., sp=sp)``).
 
     x: this rank's shard (B, T/P, C) with C divisible by P; kernel (C, L), L <= T (the
     global length), the same on every rank: each rank uses, and gets the gradient of,
-    its C/P rows (sum the kernel's gradient over the group). Returns y (B, T/P, C).
+    its C/P rows (sum the kernel's gradient over the group). cu_seqlens: the global
+    packed offsets (B == 1) on every rank, or None. After the all-to-all each rank holds
+    the whole sequence of its channels, so packed documents are convolved as on one
+    device. Returns y (B, T/P, C).
     """
     B, Tl, C = x.shape
     P = sp.world
@@ -164,12 +167,14 @@ def sp_long_conv(sp, x, kernel):
         if C % P:
             fail("x", f"a channel count divisible by the SP world size {P} (long_conv reshards "
                  "channels by all-to-all)", f"{C} channels")
-        return sp.geometry(Tl, "x")
+        geo = sp.geometry(Tl, "x")
+        check_cu_seqlens(cu_seqlens, B, geo.total, x.device)
+        return geo
 
     desc = {"B": B, "T/P": Tl, "C": C, "L": kernel.shape[1], "x dtype": dtype_code(x),
-            "kernel dtype": dtype_code(kernel)}
+            "kernel dtype": dtype_code(kernel), **offsets_digest(cu_seqlens)}
     geo = sp._agree("x", desc, validate)
     cs = C // P
     xc = seq_to_channels(sp, geo, x, 2, "long_conv")
-    y = local_long_conv(xc, kernel[sp.rank * cs:(sp.rank + 1) * cs])
+    y = local_long_conv(xc, kernel[sp.rank * cs:(sp.rank + 1) * cs], cu_seqlens=cu_seqlens)
     return channels_to_seq(sp, geo, y, 2, "long_conv")

@@ -185,10 +185,6 @@ def resolve(cfg: TrainConfig) -> tuple[TrainConfig, ModelConfig]:
     if cfg.sp_strategy == "alltoall" and "attn" in model_cfg.pattern and any(h % cfg.sp for h in heads):
         config_fail("--sp-strategy alltoall", f"attention head counts divisible by --sp = {cfg.sp} "
                     "(Ulysses splits heads over the SP ranks)", f"heads {sorted(heads)}")
-    if cfg.sp > 1 and cfg.packing and "hyena" in model_cfg.pattern:
-        config_fail("--mixers", "no 'hyena' layer with --sp > 1 and packed documents "
-                    "(long_conv has no sequence-parallel path for cu_seqlens; pass --no-packing)",
-                    ",".join(model_cfg.pattern))
     return cfg, model_cfg
 
 
