@@ -24,18 +24,12 @@ from seqpar import ops
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-TOL = {torch.bfloat16: 2e-2, torch.float32: 1e-3}
+from check_triton_delta import TOL  # noqa: E402  (same directory)
+from check_triton_delta import cases as shared_cases  # noqa: E402
 
 
 def cases(op):
-    for dtype in (torch.bfloat16, torch.float32):
-        for T, B, cuts in ((1, 2, ()), (63, 2, ()), (2048, 2, ()), (8192, 1, ()),
-                           (8192, 1, (1, 63, 2100, 5000))):
-            for strong in ((False,) if op == "linear_attn" else (False, True)):
-                yield dict(B=B, T=T, H=2, K=128, V=128, cuts=cuts, strong=strong,
-                           initial=True, dtype=dtype, seed=T + len(cuts) + strong)
-        yield dict(B=2, T=2048, H=2, K=64, V=128, cuts=(), strong=False, initial=False,
-                   dtype=dtype, seed=11)
+    yield from shared_cases(op)
     if op == "mlstm":  # |normalizer| >> 1, where bf16 rounding of intermediates shows
         yield dict(B=1, T=8192, H=2, K=128, V=128, cuts=(1, 63, 2100, 5000), strong="norm",
                    initial=True, dtype=torch.bfloat16, seed=8199)

@@ -131,10 +131,13 @@ def _compile(fn, constexprs, opts, ptxas, GPUTarget, ASTSource, K, prec):
 
 
 def cases(op):
+    """The full-size cases of every GPU check: T 1, 63, 2048, 8192 and a packed 8192
+    (a one-token document), K = V = 128 and K = 64 != V, bf16 and float32, mild and
+    (for gated ops) strong decays."""
     for dtype in (torch.bfloat16, torch.float32):
         for T, B, cuts in ((1, 2, ()), (63, 2, ()), (2048, 2, ()), (8192, 1, ()),
                            (8192, 1, (1, 63, 2100, 5000))):
-            for strong in ((False,) if op == "delta_rule" else (False, True)):
+            for strong in ((False,) if op in ("linear_attn", "delta_rule") else (False, True)):
                 yield dict(B=B, T=T, H=2, K=128, V=128, cuts=cuts, strong=strong,
                            initial=True, dtype=dtype, seed=T + len(cuts) + strong)
         yield dict(B=2, T=2048, H=2, K=64, V=128, cuts=(), strong=False, initial=False,
