@@ -31,31 +31,32 @@ SM90_SHARED = 232448  # bytes of shared memory one block may use on H100 / H200
 TOL = {torch.bfloat16: 2e-2, torch.float32: 1e-3}
 
 
-# Argument types for a bf16 compile (the inputs and their gradients; every other pointer
-# is float32: states, W, U, N, v', dv', gate terms). triton_diag's kernels get float32
-# copies of q, k (and do), so only their outputs o and dq are bf16.
-_BF16 = ("q", "k", "v", "beta", "do", "dq", "dk", "dv", "dbeta")
-_BF16_DIAG = ("out", "dq")
+# Argument types for a bf16 compile: the inputs, their gradients and the stored
+# intermediates W, U, the per-chunk states h, their gradients dsl, v' and dY are bf16; N, A,
+# dv' (accumulated over two kernels), dk's first part and the gate terms are float32.
+_BF16 = ("q", "k", "v", "beta", "do", "dq", "dk", "dv", "dbeta", "w", "u", "h", "vn", "dsl", "dy")
+_BF16_DIAG = ("a", "b", "y", "h", "out", "q", "k", "v", "do", "dh", "dq", "dk")
 
 
 # Bytes of register spill stores allowed in the bf16 configuration. The sequential state
-# passes read the packed bf16 stream and decay it in registers: they spill 32 (forward,
-# K = 128) and 360-544 bytes (reverse) per program, into L1 (rewriting them without spills
-# is open). The diagonal family's kernels are printed only (check_triton.py: its own bf16
+# passes spill 0 (forward) and 88 bytes (reverse, K = 128) per program at 8 warps, into
+# L1. The diagonal family's kernels are printed only (check_triton.py: its own bf16
 # _dqk_kernel spills).
 NO_SPILLS, STATE_SPILLS, PRINT_ONLY = 0, 1024, None
 
 
-def _kernels(td, K):
+def _kernels(td, K, dtype):
     """(kernel, constexprs, launch options, bf16 arguments, allowed spill bytes) of every
-    kernel of the delta path at head dim K and V = 128; PREC is added by the caller."""
+    kernel of the delta path at head dim K and V = 128 for inputs of ``dtype``; PREC is
+    added by the caller."""
     from seqpar.ops.linear import triton_diag as tdg
     from seqpar.ops.linear.triton_common import BK, BV
 
-    bk, bs = td._k_tile(K), td.STATE_META["BV"]
+    meta = td._state_meta(dtype)
+    bk, bs = td._k_tile(K), meta["BV"]
     chunk = dict(H=16, K=K, V=128, BT=td.BT, USE_G=True)
     state = {**chunk, "BK": bk, "BV": bs}
-    state_opts = dict(num_warps=td.STATE_META["num_warps"], num_stages=td.STATE_META["num_stages"])
+    state_opts = dict(num_warps=meta["num_warps"], num_stages=meta["num_stages"])
     opts = dict(num_warps=td.NUM_WARPS)
     diag = {**chunk, "BK": BK, "BV": BV}
     a_kernel = {n: chunk[n] for n in ("H", "K", "BT", "USE_G")}
@@ -67,7 +68,7 @@ def _kernels(td, K):
         (td._bwd_kernel, {**state, "HAS_DHT": True}, state_opts, _BF16, STATE_SPILLS),
         (td._wy_bwd_kernel, {**state, "BK": bs}, dict(td.WY_BWD_META), _BF16, NO_SPILLS),
         (tdg._pair_kernel, {**diag, "BACKWARD": False}, opts, _BF16_DIAG, PRINT_ONLY),
-        (tdg._dqk_kernel, diag, {**opts, "num_stages": 2}, _BF16_DIAG, PRINT_ONLY),
+        (tdg._dqk_kernel, diag, td._dqk_meta(dtype), _BF16_DIAG, PRINT_ONLY),
     ]
 
 
@@ -90,7 +91,8 @@ def compile_sm90():
     ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
     rows, ok = [], True
     for K, prec in ((64, "tf32"), (128, "tf32"), (128, "tf32x3")):
-        for fn, consts, opts, bf16, max_spill in _kernels(td, K):
+        dtype = torch.bfloat16 if prec == "tf32" else torch.float32
+        for fn, consts, opts, bf16, max_spill in _kernels(td, K, dtype):
             def source(fn, signature, constexprs, bf16=bf16):
                 if prec == "tf32":
                     signature = {**signature, **{n: "*bf16" for n in bf16 if signature.get(n) == "*fp32"}}

@@ -31,21 +31,19 @@ Backward, with ``dS`` the gradient of the state leaving a chunk:
 * ``triton_diag._dg_kernel``: ``dg_t`` from the per-row terms, each a product of decayed
   quantities (every exponent <= 0, nothing undecayed cancels).
 
-Precision: every product with a state, ``N``, ``W``, ``U``, ``v'`` or their gradients
-has float32 operands (tf32 on GPU for 16-bit inputs, three-pass tf32 for float32;
-:func:`dot_precision`); only products of two inputs (``k k^T``, ``q k^T``) take 16-bit
-operands (exact products, float32 sums). With 16-bit operands in the state pass the
-interpreter measured errors up to 1.1e-2 at T = 140 for bf16 inputs, against 1.9e-3 with
-float32 operands, because ``v' = U - W S`` cancels once the state has learned the
-values. ``v'`` is stored in float32 too: the output ``P v' + s q e^G S_c`` cancels like
-``v'`` itself (bf16 ``v'`` measured o errors of 9e-3 under the interpreter, against
-3.3e-3 with float32 ``v'``, which is the interpreter's bf16 store alone: it truncates
-where the GPU rounds to nearest, twice the error). States, ``W``, ``U``, ``N`` and
-``dv'`` are float32. The diagonal family's kernels round the states and the (BT, BT)
-matrices to q's dtype for their products with q and k, where the output's two terms
-(and dq's) cancel: they get float32 copies of q and k (bf16 q, k there measured o 6.8e-3
-(DeltaNet) and dq 9.3e-3 (Gated) at T = 1 under the interpreter, against 3.4e-3 and
-4.2e-3 with the copies, where the interpreter's truncating bf16 stores alone give 3.3e-3).
+Precision: every product has operands in the inputs' dtype and float32 accumulation,
+and W, U, the per-chunk states, their gradients and ``v'`` are stored in the inputs'
+dtype (for 16-bit inputs: half the bytes, full-rate tensor cores, and the sequential
+passes' tiles fit shared memory twice, so their loads are pipelined); the carried
+state, ``A``, ``N``, ``dv'`` and every accumulator are float32. Float32 inputs keep
+float32 throughout (three-pass tf32 products, :func:`dot_precision`). ``v' = U - W S``
+cancels once the state has learned the values, so 16-bit rounding of its operands
+shows relatively larger in ``v'``: bf16 errors measured 3.5e-3 to 5.4e-3 at T <= 200
+under the interpreter (rounding to nearest as the GPU does; tests/test_triton.py), and
+are checked at full size on the GPU by bench/device/check_triton_delta.py. An earlier
+version kept float32 operands for every product with a state or ``v'`` (its truncating
+interpreter had measured 1.1e-2 with bf16 ones); its two state passes took 6.2 of 16.3
+ms at T = 32K on an H100 (bench/results/profile_delta2_h100.*).
 """
 from __future__ import annotations
 
@@ -95,12 +93,13 @@ def _wy_apply(ai, x, out, b_row, bos, c, T_doc, i_h, i_c, H: tl.constexpr, D: tl
     """``out = N (b_row x)`` for one chunk of x (packed, D wide) into out (NT, H, BT, D),
     D tile by D tile."""
     o = tl.arange(0, BT)
-    b_n = tl.load(ai + i_c * BT * BT + o[:, None] * BT + o[None, :])
+    b_n = tl.load(ai + i_c * BT * BT + o[:, None] * BT + o[None, :]).to(x.dtype.element_ty)
     for i_d in range(tl.cdiv(D, BD)):
         p_x = tl.make_block_ptr(x + (bos * H + i_h) * D, (T_doc, D), (H * D, 1), (c * BT, i_d * BD), (BT, BD), (1, 0))
-        b_x = tl.load(p_x, boundary_check=(0, 1), padding_option="zero").to(tl.float32) * b_row[:, None]
+        b_x = tl.load(p_x, boundary_check=(0, 1), padding_option="zero")
+        b_x = (b_x.to(tl.float32) * b_row[:, None]).to(b_x.dtype)
         p_o = tl.make_block_ptr(out + i_c * BT * D, (BT, D), (D, 1), (0, i_d * BD), (BT, BD), (1, 0))
-        tl.store(p_o, mma(b_n, b_x, PREC), boundary_check=(0, 1))
+        tl.store(p_o, mma(b_n, b_x, PREC).to(p_o.dtype.element_ty), boundary_check=(0, 1))
 
 
 @triton.jit
@@ -139,22 +138,22 @@ def _fwd_kernel(k, w, u, gc, h0, h, vn, ht, offs, coff,
     for c in range(tl.cdiv(T_doc, BT).to(tl.int32)):
         i_c = (boc + c) * H + i_h
         p_h = tl.make_block_ptr(h + i_c * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
-        tl.store(p_h, b_s, boundary_check=(0, 1))
+        tl.store(p_h, b_s.to(p_h.dtype.element_ty), boundary_check=(0, 1))
         p_w = tl.make_block_ptr(w + i_c * BT * K, (BT, K), (K, 1), (0, 0), (BT, BK), (1, 0))
         p_u = tl.make_block_ptr(u + i_c * BT * V, (BT, V), (V, 1), (0, i_v * BV), (BT, BV), (1, 0))
         p_kT = tl.make_block_ptr(k + (bos * H + i_h) * K, (K, T_doc), (1, H * K), (0, c * BT), (BK, BT), (0, 1))
         p_vn = tl.make_block_ptr(vn + (bos * H + i_h) * V, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
         b_w = tl.load(p_w, boundary_check=(0, 1), padding_option="zero")
-        b_v = tl.load(p_u, boundary_check=(0, 1), padding_option="zero")
-        b_v -= mma(b_w, b_s, PREC)
+        b_v = tl.load(p_u, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+        b_v -= mma(b_w, b_s.to(b_w.dtype), PREC)
         tl.store(p_vn, b_v.to(p_vn.dtype.element_ty), boundary_check=(0, 1))
-        b_kT = tl.load(p_kT, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+        b_kT = tl.load(p_kT, boundary_check=(0, 1), padding_option="zero")
         # decays scale the small (BT, BV) operand, not the (BK, BT) one: fewer registers
         if USE_G:
             b_g, g_last = _gates(gc, bos, c, T_doc, i_h, H, BT)
             b_s *= tl.exp2(g_last)
             b_v *= tl.exp2(g_last - b_g)[:, None]
-        b_s += mma(b_kT, b_v, PREC)
+        b_s += mma(b_kT, b_v.to(b_kT.dtype), PREC)
     p_t = tl.make_block_ptr(ht + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
     tl.store(p_t, b_s, boundary_check=(0, 1))
 
@@ -181,8 +180,8 @@ def _dv_local_kernel(q, k, do, gc, dvl, offs, cidx, scale, H: tl.constexpr, K: t
     b_pT = tl.where(anti, b_pT * scale, 0.)
     p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
     p_o = tl.make_block_ptr(dvl + (bos * H + i_h) * V, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
-    b_do = tl.load(p_do, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
-    tl.store(p_o, mma(b_pT, b_do, PREC), boundary_check=(0, 1))
+    b_do = tl.load(p_do, boundary_check=(0, 1), padding_option="zero")
+    tl.store(p_o, mma(b_pT.to(b_do.dtype), b_do, PREC), boundary_check=(0, 1))
 
 
 @triton.jit
@@ -206,14 +205,15 @@ def _bwd_kernel(q, k, w, gc, do, dht, dvt, dsl, dh0, offs, coff, scale,
         c = NC - 1 - i
         i_c = (boc + c) * H + i_h
         p_l = tl.make_block_ptr(dsl + i_c * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
-        tl.store(p_l, b_ds, boundary_check=(0, 1))
+        tl.store(p_l, b_ds.to(p_l.dtype.element_ty), boundary_check=(0, 1))
         p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (T_doc, K), (H * K, 1), (c * BT, 0), (BT, BK), (1, 0))
         p_dvt = tl.make_block_ptr(dvt + (bos * H + i_h) * V, (T_doc, V), (H * V, 1), (c * BT, i_v * BV),
                                   (BT, BV), (1, 0))
         p_qT = tl.make_block_ptr(q + (bos * H + i_h) * K, (K, T_doc), (1, H * K), (0, c * BT), (BK, BT), (0, 1))
         p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
         p_wT = tl.make_block_ptr(w + i_c * BT * K, (K, BT), (1, K), (0, 0), (BK, BT), (0, 1))
-        b_kds = mma(tl.load(p_k, boundary_check=(0, 1), padding_option="zero").to(tl.float32), b_ds, PREC)
+        b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero")
+        b_kds = mma(b_k, b_ds.to(b_k.dtype), PREC)
         b_do = tl.load(p_do, boundary_check=(0, 1), padding_option="zero").to(tl.float32) * scale
         # decays scale the small (BT, BV) operands and results, not the (BT, BK) ones
         if USE_G:
@@ -223,29 +223,32 @@ def _bwd_kernel(q, k, w, gc, do, dht, dvt, dsl, dh0, offs, coff, scale,
             b_do *= tl.exp2(b_g)[:, None]
         b_dv = tl.load(p_dvt, boundary_check=(0, 1), padding_option="zero") + b_kds
         tl.store(p_dvt, b_dv, boundary_check=(0, 1))
-        b_qT = tl.load(p_qT, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+        b_qT = tl.load(p_qT, boundary_check=(0, 1), padding_option="zero")
         b_wT = tl.load(p_wT, boundary_check=(0, 1), padding_option="zero")
-        b_ds += mma(b_qT, b_do, PREC) - mma(b_wT, b_dv, PREC)
+        b_ds += mma(b_qT, b_do.to(b_qT.dtype), PREC) - mma(b_wT, b_dv.to(b_wT.dtype), PREC)
     p_0 = tl.make_block_ptr(dh0 + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
     tl.store(p_0, b_ds, boundary_check=(0, 1))
 
 
 @triton.jit
-def _wy_bwd_kernel(k, v, beta, gc, ai, h, vn, dvt, dk_part, dk, dv, dbeta, r_out, b_out,
+def _wy_bwd_kernel(k, v, beta, gc, ai, h, vn, dvt, dk_part, dy, dk, dv, dbeta, r_out, b_out,
                    offs, cidx, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                    USE_G: tl.constexpr, PREC: tl.constexpr):
     """Gradients through W, U and A of one chunk and head: dv, dbeta, dk (dk_part, from
     ``_dqk_kernel``, plus the terms through ``beta k e^G`` and A), and this kernel's
-    share of the gate terms (r into r_out; b_out gets zeros). Tiles of at most 32
-    columns keep the float32 products in registers; ``dY = N^T dv'`` is recomputed per
-    K tile rather than held, and N is reloaded where used (from cache)."""
+    share of the gate terms (r into r_out; b_out gets zeros). ``dY = N^T dv'`` is formed
+    once per V tile and parked in dy (packed, the inputs' dtype), from where the key
+    tiles read it back (from cache): holding a (BT, K) float32 ``dX`` beside the (BT, BT)
+    tiles spilled registers on sm_90, and recomputing dY per key tile took half of this
+    kernel's 2.6 ms at T = 32K on an H100. N is reloaded where used."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
     i_c = (i_t * H + i_h).to(tl.int64)
     o = tl.arange(0, BT)
     t = c * BT + o
     m = t < T_doc
+    DT = k.dtype.element_ty
     p_n = ai + i_c * BT * BT + o[:, None] * BT + o[None, :]
     p_nT = ai + i_c * BT * BT + o[None, :] * BT + o[:, None]
     b_beta = tl.load(beta + (bos + t) * H + i_h, mask=m, other=0.).to(tl.float32)
@@ -261,19 +264,24 @@ def _wy_bwd_kernel(k, v, beta, gc, ai, h, vn, dvt, dk_part, dk, dv, dbeta, r_out
         p_vnT = tl.make_block_ptr(vn + base_v, (V, T_doc), (1, H * V), (i_v * BV, c * BT), (BV, BT), (0, 1))
         p_v = tl.make_block_ptr(v + base_v, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
         p_dv = tl.make_block_ptr(dv + base_v, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
-        b_dy = mma(tl.load(p_nT), tl.load(p_dvt, boundary_check=(0, 1), padding_option="zero"), PREC)
+        b_dy = mma(tl.load(p_nT).to(DT), tl.load(p_dvt, boundary_check=(0, 1), padding_option="zero").to(DT), PREC)
         b_v = tl.load(p_v, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
         b_db += tl.sum(b_dy * b_v, axis=1)
         tl.store(p_dv, (b_dy * b_beta[:, None]).to(p_dv.dtype.element_ty), boundary_check=(0, 1))
-        b_dA -= mma(b_dy, tl.load(p_vnT, boundary_check=(0, 1), padding_option="zero"), PREC)
-        b_dyT = mma(tl.load(p_dvtT, boundary_check=(0, 1), padding_option="zero"), tl.load(p_n), PREC)
-        b_dAt -= mma(tl.load(p_vn, boundary_check=(0, 1), padding_option="zero"), b_dyT, PREC)
+        b_dyc = b_dy.to(DT)
+        p_dy = tl.make_block_ptr(dy + base_v, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
+        tl.store(p_dy, b_dyc, boundary_check=(0, 1))
+        b_dA -= mma(b_dyc, tl.load(p_vnT, boundary_check=(0, 1), padding_option="zero"), PREC)
+        b_dyT = mma(tl.load(p_dvtT, boundary_check=(0, 1), padding_option="zero").to(DT), tl.load(p_n).to(DT), PREC)
+        b_dAt -= mma(tl.load(p_vn, boundary_check=(0, 1), padding_option="zero"), b_dyT.to(DT), PREC)
+    # dy is read back below by other threads of this program than those that stored it
+    tl.debug_barrier()
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         p_k = tl.make_block_ptr(k + base_k, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
         p_kT = tl.make_block_ptr(k + base_k, (K, T_doc), (1, H * K), (i_k * BK, c * BT), (BK, BT), (0, 1))
-        b_kk += mma(tl.load(p_k, boundary_check=(0, 1), padding_option="zero").to(tl.float32),
-                    tl.load(p_kT, boundary_check=(0, 1), padding_option="zero").to(tl.float32), PREC)
+        b_kk += mma(tl.load(p_k, boundary_check=(0, 1), padding_option="zero"),
+                    tl.load(p_kT, boundary_check=(0, 1), padding_option="zero"), PREC)
     lower = o[:, None] > o[None, :]
     upper = o[:, None] < o[None, :]
     # M = dA e^(G_i - G_j) below the diagonal, Mt its transpose
@@ -290,22 +298,25 @@ def _wy_bwd_kernel(k, v, beta, gc, ai, h, vn, dvt, dk_part, dk, dv, dbeta, r_out
     b_db += tl.sum(b_mkk, axis=1)
     # rows of dA * A minus its columns (the columns as rows of the transpose)
     b_r = tl.sum(b_mkk * b_beta[:, None], axis=1) - tl.sum(b_mt * b_kk * b_beta[None, :], axis=1)
+    # beta scales the rows of M k and the columns of Mt (its (beta k) operand)
+    b_m = (b_m * b_beta[:, None]).to(DT)
+    b_mt = (b_mt * b_beta[None, :]).to(DT)
     for i_k in range(tl.cdiv(K, BK)):
         b_dx = tl.zeros([BT, BK], dtype=tl.float32)  # gradient of beta k e^G: -dY S^T
         for i_v in range(tl.cdiv(V, BV)):
-            p_dvt = tl.make_block_ptr(dvt + base_v, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
+            p_dy = tl.make_block_ptr(dy + base_v, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
             p_hT = tl.make_block_ptr(h + i_c * K * V, (V, K), (1, V), (i_v * BV, i_k * BK), (BV, BK), (0, 1))
-            b_dy = mma(tl.load(p_nT), tl.load(p_dvt, boundary_check=(0, 1), padding_option="zero"), PREC)
-            b_dx -= mma(b_dy, tl.load(p_hT, boundary_check=(0, 1), padding_option="zero"), PREC)
+            b_dx -= mma(tl.load(p_dy, boundary_check=(0, 1), padding_option="zero"),
+                        tl.load(p_hT, boundary_check=(0, 1), padding_option="zero"), PREC)
         p_k = tl.make_block_ptr(k + base_k, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
         p_dkp = tl.make_block_ptr(dk_part + base_k, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
         p_dk = tl.make_block_ptr(dk + base_k, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
-        b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
-        b_xk = tl.sum(b_dx * b_k, axis=1) * b_e  # dX_i . k_i e^G_i
+        b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero")
+        b_xk = tl.sum(b_dx * b_k.to(tl.float32), axis=1) * b_e  # dX_i . k_i e^G_i
         b_db += b_xk
         b_r += b_beta * b_xk
         b_dk = tl.load(p_dkp, boundary_check=(0, 1), padding_option="zero") + (b_beta * b_e)[:, None] * b_dx
-        b_dk += b_beta[:, None] * mma(b_m, b_k, PREC) + mma(b_mt, b_k * b_beta[:, None], PREC)
+        b_dk += mma(b_m, b_k, PREC) + mma(b_mt, b_k, PREC)
         tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), boundary_check=(0, 1))
     tl.store(dbeta + (bos + t) * H + i_h, b_db.to(dbeta.dtype.element_ty), mask=m)
     if USE_G:
@@ -407,17 +418,33 @@ torch.library.register_autograd("seqpar::unit_lower_inverse", _inverse_backward,
                                 setup_context=_inverse_setup)
 
 
+def _dqk_meta(dtype: torch.dtype) -> dict:
+    """Launch settings of triton_diag's dq/dk kernel here. With the gate terms it spilled
+    3-4 KB of registers at 4 warps compiled for sm_90 (bf16, K = 128), 56 bytes at 8;
+    float32 inputs at 3 stages would need 262656 bytes of shared memory."""
+    return dict(num_warps=8, num_stages=2 if dtype == torch.float32 else 3)
+
+
 def _n_chunks(offsets: list[int]) -> int:
     return sum(triton.cdiv(e - s, BT) for s, e in zip(offsets, offsets[1:]))
 
 
-# num_stages=1 for the sequential passes: pipelining their per-chunk loads of float32
-# (BT, 128) tiles needs 270-400 KB of shared memory at 2-3 stages, over the H100's 227 KB
-# (measured by compiling for sm_90 on CPU); bench/device/check_triton_delta.py checks it.
-STATE_META = dict(BT=BT, BV=BV_STATE, num_warps=NUM_WARPS, num_stages=1)
-# _wy_bwd_kernel holds four (BT, BT) float32 tiles: with 4 warps or pipelined loads it
-# spilled 0.4-5 KB when compiled for sm_90; 8 warps, one stage: no spills.
-WY_BWD_META = dict(num_warps=8, num_stages=1)
+def _state_meta(dtype: torch.dtype) -> dict:
+    """Launch settings of the sequential passes. Their loads do not depend on the carried
+    state, so 2 stages prefetch the next chunk's tiles while this chunk's products run;
+    with float32 inputs the (BT, 128) tiles need 270-400 KB of shared memory at 2-3
+    stages, over the H100's 227 KB (measured by compiling for sm_90 on CPU), so those run
+    unpipelined. 4 warps: at 8 warps, which spill fewer registers on sm_90 (88 bytes
+    against 936 in the reverse pass), forward+backward took 4% longer on an H100, and at
+    K = 64 (a (64, 32) state tile) the run hit an illegal memory access
+    (bench/results/delta_warps_h100.log, delta3_check_h100.log)."""
+    return dict(BT=BT, BV=BV_STATE, num_warps=NUM_WARPS,
+                num_stages=1 if dtype == torch.float32 else 2)
+
+
+# _wy_bwd_kernel holds four (BT, BT) float32 tiles: with 4 warps or 64-wide key tiles it
+# spilled 0.03-5 KB when compiled for sm_90; 8 warps, 32-wide tiles, 2 stages: no spills.
+WY_BWD_META = dict(num_warps=8, num_stages=2)
 
 
 def delta_forward(q, k, v, g, beta, h0, scale: float, offsets: list[int]):
@@ -436,19 +463,17 @@ def delta_forward(q, k, v, g, beta, h0, scale: float, offsets: list[int]):
     _wy_a_kernel[(NT, H)](k, beta, gc, a, plan.offsets, plan.chunk_index, H=H, K=K, BT=BT,
                           BK=bk, USE_G=use_g, PREC=prec, num_warps=NUM_WARPS)
     ai = unit_lower_inverse(a)
-    w, u = torch.empty(NT, H, BT, K, **f32), torch.empty(NT, H, BT, V, **f32)
+    w, u = k.new_empty(NT, H, BT, K), v.new_empty(NT, H, BT, V)
     _wy_wu_kernel[(NT, H)](k, v, beta, gc, ai, w, u, plan.offsets, plan.chunk_index, H=H, K=K,
                            V=V, BT=BT, BD=BV_STATE, USE_G=use_g, PREC=prec,
                            num_warps=NUM_WARPS)
-    h, vn = torch.empty(NT, H, K, V, **f32), torch.empty(v.shape, **f32)
+    h, vn = k.new_empty(NT, H, K, V), torch.empty_like(v)
     ht = torch.empty(plan.n_docs, H, K, V, **f32)
     _fwd_kernel[(triton.cdiv(V, BV_STATE), plan.n_docs * H)](
         k, w, u, gc, h0, h, vn, ht, plan.offsets, plan.chunk_offsets, H=H, K=K, V=V, BK=bk,
-        USE_G=use_g, HAS_H0=h0 is not None, PREC=prec, **STATE_META)
+        USE_G=use_g, HAS_H0=h0 is not None, PREC=prec, **_state_meta(v.dtype))
     o = torch.empty_like(v)
-    # float32 q and k: _pair_kernel rounds the states and P to q's dtype for its products,
-    # and the output's two terms cancel (see the module docstring)
-    _pair_kernel[(triton.cdiv(V, BV), NT, H)](q.float(), k.float(), vn, h, gc, o, plan.offsets,
+    _pair_kernel[(triton.cdiv(V, BV), NT, H)](q, k, vn, h, gc, o, plan.offsets,
                                               plan.chunk_index,
                                               scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
                                               USE_G=use_g, BACKWARD=False,
@@ -470,25 +495,23 @@ def delta_backward(q, k, v, g, beta, ai, w, h, vn, do, dht, scale: float, offset
     _dv_local_kernel[(triton.cdiv(V, BV_STATE), NT, H)](
         q, k, do, gc, dvt, plan.offsets, plan.chunk_index, scale, H=H, K=K, V=V, BT=BT, BK=BK,
         BV=BV_STATE, USE_G=use_g, PREC=prec, num_warps=NUM_WARPS)
-    dsl = torch.empty(NT, H, K, V, **f32)
+    dsl = k.new_empty(NT, H, K, V)
     dh0 = torch.empty(plan.n_docs, H, K, V, **f32)
     _bwd_kernel[(triton.cdiv(V, BV_STATE), plan.n_docs * H)](
         q, k, w, gc, do, dht, dvt, dsl, dh0, plan.offsets, plan.chunk_offsets, scale, H=H, K=K,
         V=V, BK=bk, USE_G=use_g, HAS_DHT=dht is not None, PREC=prec,
-        **STATE_META)
+        **_state_meta(v.dtype))
     NK = triton.cdiv(K, BK)
     dq, dk_part = torch.empty_like(q), torch.empty(q.shape, **f32)
     # gate terms: one slot per K tile of _dqk_kernel, the last for _wy_bwd_kernel
     r_part = b_part = None
     if use_g:
         r_part, b_part = torch.empty(NK + 1, TT, H, **f32), torch.empty(NK + 1, TT, H, **f32)
-    # float32 operands, as for _pair_kernel in the forward (and do must match v');
-    # num_stages=2: with float32 operands, 3 stages need 262656 bytes of shared memory
-    _dqk_kernel[(NK, NT, H)](q.float(), k.float(), vn, do.float(), h, dsl, gc, dq, dk_part, r_part, b_part, plan.offsets,
+    _dqk_kernel[(NK, NT, H)](q, k, vn, do, h, dsl, gc, dq, dk_part, r_part, b_part, plan.offsets,
                              plan.chunk_index, scale, TT, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-                             USE_G=use_g, PREC=prec, num_warps=NUM_WARPS, num_stages=2)
+                             USE_G=use_g, PREC=prec, **_dqk_meta(q.dtype))
     dk, dv, dbeta = torch.empty_like(k), torch.empty_like(v), torch.empty_like(beta)
-    _wy_bwd_kernel[(NT, H)](k, v, beta, gc, ai, h, vn, dvt, dk_part, dk, dv, dbeta,
+    _wy_bwd_kernel[(NT, H)](k, v, beta, gc, ai, h, vn, dvt, dk_part, torch.empty_like(v), dk, dv, dbeta,
                             r_part[NK] if use_g else None, b_part[NK] if use_g else None,
                             plan.offsets, plan.chunk_index, H=H, K=K, V=V, BT=BT,
                             BK=BV_STATE, BV=BV_STATE, USE_G=use_g, PREC=prec, **WY_BWD_META)
@@ -519,8 +542,8 @@ def _(q, k, v, g, beta, h0, scale, offsets):
     H, K, V, NT = q.shape[2], q.shape[3], v.shape[3], _n_chunks(offsets)
     f32 = dict(dtype=torch.float32)
     return (torch.empty_like(v), q.new_empty(len(offsets) - 1, H, K, V, **f32),
-            q.new_empty(NT, H, BT, BT, **f32), q.new_empty(NT, H, BT, K, **f32),
-            q.new_empty(NT, H, K, V, **f32), v.new_empty(v.shape, **f32))
+            q.new_empty(NT, H, BT, BT, **f32), k.new_empty(NT, H, BT, K),
+            k.new_empty(NT, H, K, V), torch.empty_like(v))
 
 
 @torch.library.custom_op("seqpar::delta_bwd", mutates_args=())
