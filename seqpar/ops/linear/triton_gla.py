@@ -24,12 +24,17 @@ the off-diagonal blocks as products, (BT, BT) tiles; ``_diag_kernel``: the diago
 blocks, one program per sub-chunk, small tiles, so that many programs per SM hide the
 latency of its sequential steps), stores it ((NT, H, BT, BT), in the inputs' dtype for
 16-bit inputs, which its products use anyway) and forms ``o`` from it with two products
-(``_out_kernel``). The backward gets ``A`` and the cumulative gates from the forward
-and runs two independent state passes in one launch (``_state_pair_kernel``): the
-entering states again (not saved: they would add twice q's memory per layer) and the
-reverse pass, which gives ``dh_c`` (gradient of the state leaving chunk ``c``); then
-``dv = (scale A)^T do + (k 2^(G_C - G)) dh`` (``_out_kernel`` again, no rebuild of
-``A``), ``dA = scale do v^T`` once per chunk and head (``_dA_kernel``), the diagonal
+(``_out_kernel``). The backward gets ``A``, the cumulative gates and the entering
+states ``h`` from the forward. Saving ``h`` costs memory: (NT, H, K, V) in the inputs'
+dtype, ``K V H 2 / 64`` bytes per token in bf16 (V / 64 times q's size: 8 KB per token
+at H = 16, K = V = 128, twice q), held per layer until its backward. It is worth it:
+the forward writes ``h`` anyway, and recomputing it is a second sequential pass over
+the sequence, the latency-bound kind of launch (on an H100 at T = 32K the forward pass
+alone took 0.85 ms, the two passes of the backward together 1.05 ms). The backward
+runs only the reverse pass (``_state_bwd_kernel``), which gives ``dh_c`` (gradient of
+the state leaving chunk ``c``); then ``dv = (scale A)^T do + (k 2^(G_C - G)) dh``
+(``_out_kernel`` again, no rebuild of ``A``), ``dA = scale do v^T`` once per chunk and
+head (``_dA_kernel``; in the inputs' dtype for 16-bit inputs, as ``A``), the diagonal
 blocks' shares of dq and dk per sub-chunk (``_dqk_diag_kernel``, float32) and the rest
 of dq, dk and dg per chunk and key tile (``_dqk_kernel``: products with the states and
 with ``dA`` through the sub-chunk reference points).
@@ -67,9 +72,11 @@ NUM_WARPS = 4  # the sequential state pass
 CHUNK_LAUNCH = dict(num_warps=8, num_stages=1)
 BC = 16  # sub-chunk of the intra-chunk decomposition: the smallest tensor-core tile
 DIAG_WARPS = 4  # _diag_kernel, _dqk_diag_kernel: (BC, BK) tiles
-# Key tile of the (dq, dk, dg) kernel: with 64 it spilled 420-430 bytes on sm_90 even with
-# 8 warps. 32-wide output tiles are the width the state pass (BV_STATE) runs at on H100.
-BK_DQK = 32
+# Key tile of the (dq, dk, dg) kernel (the default of _dqk's bk): 64 spills 350-380 bytes
+# on sm_90 in bf16 even with 8 warps, yet on an H100 at T = 32K it took 1.95 ms against
+# 2.75 ms with 32, which reloads do, v and dA twice as often
+# (bench/results/gla_check3_h100.json, stage_ms).
+BK_DQK = 64
 
 
 @triton.jit
@@ -196,22 +203,15 @@ def _state_kernel(k, v, gc, h, h0, ht, offs, coff,
 
 
 @triton.jit
-def _state_pair_kernel(k, v, q, do, gc, h, dh, h0, dht, dh0, offs, coff, scale, NH,
-                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                       BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr,
-                       HAS_DHT: tl.constexpr, PREC: tl.constexpr):
-    """The backward's two independent state passes in one launch: programs with a third
-    index below NH (documents x heads) rerun the forward pass (entering states h), the
-    others run the reverse pass (dh; dh0 where there is an initial state). Both sets of
-    sequential programs are in flight at once, so the GPU holds twice as many (one long
-    document: 128 programs of a pass on 132 SMs)."""
-    i_k, i_v, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    if i_p < NH:
-        _state_scan(k, v, gc, h, h0, dh0, offs, coff, scale, i_k, i_v, i_p, H, K, V, BT, BK,
-                    BV, False, HAS_H0, False, PREC)
-    else:
-        _state_scan(q, do, gc, dh, dht, dh0, offs, coff, scale, i_k, i_v, i_p - NH, H, K, V,
-                    BT, BK, BV, True, HAS_DHT, HAS_H0, PREC)
+def _state_bwd_kernel(q, do, gc, dh, dht, dh0, offs, coff, scale,
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                      BK: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr,
+                      HAS_H0: tl.constexpr, PREC: tl.constexpr):
+    """The reverse state pass (:func:`_state_scan`): gradients dh of the leaving states
+    and dh0 where there is an initial state, one program per (K tile, V tile, document
+    and head)."""
+    _state_scan(q, do, gc, dh, dht, dh0, offs, coff, scale, tl.program_id(0), tl.program_id(1),
+                tl.program_id(2), H, K, V, BT, BK, BV, True, HAS_DHT, HAS_H0, PREC)
 
 
 @triton.jit
@@ -315,8 +315,9 @@ def _out_kernel(a, y, h, gc, A, out, offs, cidx, scale,
 @triton.jit
 def _dA_kernel(do, v, dA, offs, cidx, scale, H: tl.constexpr, V: tl.constexpr,
                BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """``dA = scale do v^T`` of one chunk and head: a (BT, BT) row-major float32 block,
-    every entry (the masks are applied where it is used, in :func:`_dqk_kernel`)."""
+    """``dA = scale do v^T`` of one chunk and head: a (BT, BT) row-major block in dA's
+    dtype, every entry (the masks are applied where it is used, in :func:`_dqk_kernel`
+    and :func:`_dqk_diag_kernel`)."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
     b_dA = tl.zeros([BT, BT], dtype=tl.float32)
@@ -326,7 +327,7 @@ def _dA_kernel(do, v, dA, offs, cidx, scale, H: tl.constexpr, V: tl.constexpr,
         b_dA += mma(b_do, b_vT, PREC)
     p_dA = tl.make_block_ptr(dA + (i_t * H + i_h).to(tl.int64) * BT * BT, (BT, BT), (BT, 1),
                              (0, 0), (BT, BT), (1, 0))
-    tl.store(p_dA, scale * b_dA)
+    tl.store(p_dA, (scale * b_dA).to(dA.dtype.element_ty))
 
 
 @triton.jit
@@ -352,8 +353,8 @@ def _dqk_diag_kernel(q, k, gc, dA, dq_d, dk_d, offs, cidx,
             b_kj = _load(k, bos, t0 + jj, T_doc, i_h, kk, H, K).to(tl.float32)
             b_qj = _load(q, bos, t0 + jj, T_doc, i_h, kk, H, K).to(tl.float32)
             g_j = _load_g(gc, bos, t0 + jj, last, i_h, kk, H, K)
-            dA_col = tl.load(p_dA + r * BT + jj)  # dA[row, jj]
-            dA_row = tl.load(p_dA + jj * BT + r)  # dA[jj, row]
+            dA_col = tl.load(p_dA + r * BT + jj).to(tl.float32)  # dA[row, jj]
+            dA_row = tl.load(p_dA + jj * BT + r).to(tl.float32)  # dA[jj, row]
             lower = (r >= jj)[:, None]
             upper = (r <= jj)[:, None]
             d = g_b - g_j[None, :]
@@ -399,10 +400,11 @@ def _dqk_kernel(q, k, v, do, h, dh, gc, dA, dq_d, dk_d, dq, dk, dg, offs, cidx, 
     b_dk *= tl.exp2(g_last[None, :] - b_g)
     # the gate-gradient terms through the leaving state (module docstring)
     b_dg_c = tl.sum(b_dk * b_k.to(tl.float32), axis=0) + b_hdh * tl.exp2(g_last)
-    p_dA = dA + (i_t * H + i_h).to(tl.int64) * BT * BT
-    # [i, j] = dA_ij and its transpose, loaded through swapped strides
-    b_dA = tl.load(p_dA + r[:, None] * BT + r[None, :])
-    b_dAt = tl.load(p_dA + r[None, :] * BT + r[:, None])
+    p_dA = tl.make_block_ptr(dA + (i_t * H + i_h).to(tl.int64) * BT * BT, (BT, BT), (BT, 1),
+                             (0, 0), (BT, BT), (1, 0))
+    # one load; the transpose is a register/shared-memory relayout, not a second read
+    b_dA = tl.load(p_dA).to(b_k.dtype)
+    b_dAt = tl.trans(b_dA)
     for p in range(BC, BT, BC):
         g_p = tl.load(gc + ((bos + tl.minimum(c * BT + p, last)) * H + i_h) * K + kk,
                       mask=kk < K, other=0.)
@@ -410,8 +412,8 @@ def _dqk_kernel(q, k, v, do, h, dh, gc, dA, dq_d, dk_d, dq, dk, dg, offs, cidx, 
         early = r < p
         w_q = tl.where(late[:, None], tl.exp2(tl.where(late[:, None], b_g - g_p[None, :], 0.)), 0.)
         w_k = tl.where(early[:, None], tl.exp2(tl.where(early[:, None], g_p[None, :] - b_g, 0.)), 0.)
-        b_dq += w_q * mma(b_dA.to(b_k.dtype), (b_k * w_k).to(b_k.dtype), PREC)
-        b_dk += w_k * mma(b_dAt.to(b_q.dtype), (b_q * w_q).to(b_q.dtype), PREC)
+        b_dq += w_q * mma(b_dA, (b_k * w_k).to(b_k.dtype), PREC)
+        b_dk += w_k * mma(b_dAt, (b_q * w_q).to(b_q.dtype), PREC)
     b_dq += _tile(dq_d, bos, T_doc, i_h, c * BT, i_k * BK, H, K, BT, BK, False)
     b_dk += _tile(dk_d, bos, T_doc, i_h, c * BT, i_k * BK, H, K, BT, BK, False)
     _store(dq, b_dq, bos, T_doc, i_h, c * BT, i_k * BK, H, K, BT, BK)
@@ -436,29 +438,31 @@ def _cumsum(g, plan):
     return gc
 
 
-def _state_pass(k, v, gc, h0, plan):
+def _state_pass(k, v, gc, h0, plan, bk=BK):
+    """The forward state pass (:func:`_state_kernel`) in key tiles of ``bk`` (narrower:
+    more sequential programs in flight, each reloading v): entering states h (NT, H, K, V)
+    in the states' dtype, final states ht (N, H, K, V) float32."""
     H, K, V = k.shape[2], k.shape[3], v.shape[3]
     h = k.new_empty(plan.n_chunks, H, K, V, dtype=_state_dtype(k))
     ht = k.new_empty(plan.n_docs, H, K, V, dtype=torch.float32)
-    _state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV_STATE), plan.n_docs * H)](
-        k, v, gc, h, h0, ht, plan.offsets, plan.chunk_offsets, H=H, K=K, V=V, BT=BT, BK=BK,
+    _state_kernel[(triton.cdiv(K, bk), triton.cdiv(V, BV_STATE), plan.n_docs * H)](
+        k, v, gc, h, h0, ht, plan.offsets, plan.chunk_offsets, H=H, K=K, V=V, BT=BT, BK=bk,
         BV=BV_STATE, HAS_H0=h0 is not None, PREC=dot_precision(k.dtype), num_warps=NUM_WARPS)
     return h, ht
 
 
-def _state_pair(q, k, v, do, gc, h0, dht, plan, scale):
-    """The backward's state passes (:func:`_state_pair_kernel`): entering states h and
-    leaving-state gradients dh (NT, H, K, V), dh0 (N, H, K, V) float32 or None."""
-    H, K, V = q.shape[2], q.shape[3], v.shape[3]
-    h = q.new_empty(plan.n_chunks, H, K, V, dtype=_state_dtype(q))
-    dh = torch.empty_like(h)
+def _state_bwd(q, do, gc, h0, dht, plan, scale, bk=BK):
+    """The reverse state pass (:func:`_state_bwd_kernel`) in key tiles of ``bk`` (as
+    :func:`_state_pass`): leaving-state gradients dh (NT, H, K, V) in the states' dtype,
+    dh0 (N, H, K, V) float32 or None."""
+    H, K, V = q.shape[2], q.shape[3], do.shape[3]
+    dh = q.new_empty(plan.n_chunks, H, K, V, dtype=_state_dtype(q))
     dh0 = q.new_empty(plan.n_docs, H, K, V, dtype=torch.float32) if h0 is not None else None
-    NH = plan.n_docs * H
-    _state_pair_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV_STATE), 2 * NH)](
-        k, v, q, do, gc, h, dh, h0, dht, dh0, plan.offsets, plan.chunk_offsets, scale, NH,
-        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV_STATE, HAS_H0=h0 is not None,
-        HAS_DHT=dht is not None, PREC=dot_precision(q.dtype), num_warps=NUM_WARPS)
-    return h, dh, dh0
+    _state_bwd_kernel[(triton.cdiv(K, bk), triton.cdiv(V, BV_STATE), plan.n_docs * H)](
+        q, do, gc, dh, dht, dh0, plan.offsets, plan.chunk_offsets, scale, H=H, K=K, V=V, BT=BT,
+        BK=bk, BV=BV_STATE, HAS_DHT=dht is not None, HAS_H0=h0 is not None,
+        PREC=dot_precision(q.dtype), num_warps=NUM_WARPS)
+    return dh, dh0
 
 
 def _intra(q, k, gc, plan, scale):
@@ -483,7 +487,9 @@ def _out(a, y, h, gc, A, plan, scale, backward):
 
 def _dA(do, v, plan, scale):
     H = do.shape[2]
-    dA = torch.empty(plan.n_chunks, H, BT, BT, dtype=torch.float32, device=do.device)
+    # in the inputs' dtype for 16-bit inputs: _dqk_kernel's products round it to that
+    # dtype anyway, and it halves the bytes of the (BT, BT) block it reloads per key tile
+    dA = do.new_empty(plan.n_chunks, H, BT, BT, dtype=_state_dtype(do))
     _dA_kernel[(plan.n_chunks, H)](do, v, dA, plan.offsets, plan.chunk_index, scale, H=H,
                                    V=v.shape[3], BT=BT, BV=BV, PREC=dot_precision(do.dtype),
                                    **CHUNK_LAUNCH)
@@ -499,12 +505,15 @@ def _dqk_diag(q, k, gc, dA, plan):
     return dq_d, dk_d
 
 
-def _dqk(q, k, v, do, h, dh, gc, dA, dq_d, dk_d, plan, scale):
+def _dqk(q, k, v, do, h, dh, gc, dA, dq_d, dk_d, plan, scale, bk=BK_DQK):
+    """dq, dk like q and k, dg (1, TT, H, K) float32 (:func:`_dqk_kernel`), in key tiles
+    of ``bk``: each tile reloads do, v and dA, so wider tiles read fewer bytes but hold
+    more registers."""
     H, K = q.shape[2], q.shape[3]
     dq, dk, dg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(gc)
-    _dqk_kernel[(triton.cdiv(K, BK_DQK), plan.n_chunks, H)](
+    _dqk_kernel[(triton.cdiv(K, bk), plan.n_chunks, H)](
         q, k, v, do, h, dh, gc, dA, dq_d, dk_d, dq, dk, dg, plan.offsets, plan.chunk_index,
-        scale, H=H, K=K, V=v.shape[3], BT=BT, BK=BK_DQK, BV=BV, BC=BC,
+        scale, H=H, K=K, V=v.shape[3], BT=BT, BK=bk, BV=BV, BC=BC,
         PREC=dot_precision(q.dtype), **CHUNK_LAUNCH)
     return dq, dk, dg
 
@@ -513,20 +522,21 @@ def gla_forward(q, k, v, g, h0, scale: float, offsets: list[int]):
     """Packed inputs q, k (1, TT, H, K), v (1, TT, H, V), g (1, TT, H, K) float32 log
     decay, h0 None or (N, H, K, V). Returns o (1, TT, H, V) in v's dtype, the final
     state (N, H, K, V) float32, and for the backward the cumulative log2 gates gc
-    (1, TT, H, K) float32 and ``scale * A`` (NT, H, BT, BT) (per chunk, row-major; float32
-    for float32 inputs, else the inputs' dtype, which the products with it use anyway)."""
+    (1, TT, H, K) float32, ``scale * A`` (NT, H, BT, BT) (per chunk, row-major) and the
+    entering states h (NT, H, K, V); A and h float32 for float32 inputs, else in the
+    inputs' dtype, which the products with them use anyway."""
     plan = chunk_plan(offsets, q.device)
     gc = _cumsum(g, plan)
     h, ht = _state_pass(k, v, gc, h0, plan)
     A = _intra(q, k, gc, plan, scale)
-    return _out(q, v, h, gc, A, plan, scale, False), ht, gc, A
+    return _out(q, v, h, gc, A, plan, scale, False), ht, gc, A, h
 
 
-def gla_backward(q, k, v, gc, A, h0, do, dht, scale: float, offsets: list[int]):
-    """Gradients of :func:`gla_forward` from its gc and A: dq, dk, dv like their inputs,
-    dg (1, TT, H, K) float32, dh0 (N, H, K, V) float32 or None."""
+def gla_backward(q, k, v, gc, A, h, h0, do, dht, scale: float, offsets: list[int]):
+    """Gradients of :func:`gla_forward` from its gc, A and h: dq, dk, dv like their
+    inputs, dg (1, TT, H, K) float32, dh0 (N, H, K, V) float32 or None."""
     plan = chunk_plan(offsets, q.device)
-    h, dh, dh0 = _state_pair(q, k, v, do, gc, h0, dht, plan, scale)
+    dh, dh0 = _state_bwd(q, do, gc, h0, dht, plan, scale)
     dv = _out(k, do, dh, gc, A, plan, scale, True)
     dA = _dA(do, v, plan, scale)
     dq, dk, dg = _dqk(q, k, v, do, h, dh, gc, dA, *_dqk_diag(q, k, gc, dA, plan), plan, scale)
@@ -541,7 +551,7 @@ _EMPTY = (0,)
 @torch.library.custom_op("seqpar::gla_fwd", mutates_args=())
 def _gla_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                 h0: torch.Tensor | None, scale: float, offsets: list[int]
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return gla_forward(q, k, v, g, h0, scale, offsets)
 
 
@@ -550,20 +560,21 @@ def _(q, k, v, g, h0, scale, offsets):
     N, H, K, V = len(offsets) - 1, q.shape[2], q.shape[3], v.shape[3]
     NT = sum(triton.cdiv(e - s, BT) for s, e in zip(offsets, offsets[1:]))
     return (torch.empty_like(v), q.new_empty(N, H, K, V, dtype=torch.float32),
-            torch.empty_like(g), q.new_empty(NT, H, BT, BT, dtype=_state_dtype(q)))
+            torch.empty_like(g), q.new_empty(NT, H, BT, BT, dtype=_state_dtype(q)),
+            q.new_empty(NT, H, K, V, dtype=_state_dtype(q)))
 
 
 @torch.library.custom_op("seqpar::gla_bwd", mutates_args=())
 def _gla_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gc: torch.Tensor,
-                A: torch.Tensor, h0: torch.Tensor | None, do: torch.Tensor,
+                A: torch.Tensor, h: torch.Tensor, h0: torch.Tensor | None, do: torch.Tensor,
                 dht: torch.Tensor | None, scale: float, offsets: list[int]
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv, dg, dh0 = gla_backward(q, k, v, gc, A, h0, do, dht, scale, offsets)
+    dq, dk, dv, dg, dh0 = gla_backward(q, k, v, gc, A, h, h0, do, dht, scale, offsets)
     return dq, dk, dv, dg, q.new_empty(_EMPTY, dtype=torch.float32) if dh0 is None else dh0
 
 
 @_gla_bwd_op.register_fake
-def _(q, k, v, gc, A, h0, do, dht, scale, offsets):
+def _(q, k, v, gc, A, h, h0, do, dht, scale, offsets):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(gc),
             q.new_empty(_EMPTY, dtype=torch.float32) if h0 is None
             else torch.empty_like(h0, dtype=torch.float32))
@@ -571,18 +582,18 @@ def _(q, k, v, gc, A, h0, do, dht, scale, offsets):
 
 def _setup(ctx, inputs, output):
     q, k, v, g, h0, scale, offsets = inputs
-    _, _, gc, A = output
+    _, _, gc, A, h = output
     # gc replaces g (same size; the backward needs only the cumulative gates)
-    ctx.save_for_backward(q, k, v, gc, A, h0)
-    ctx.mark_non_differentiable(gc, A)
+    ctx.save_for_backward(q, k, v, gc, A, h, h0)
+    ctx.mark_non_differentiable(gc, A, h)
     ctx.scale, ctx.offsets = scale, offsets
 
 
-def _backward(ctx, do, dht, _dgc, _dA):
-    q, k, v, gc, A, h0 = ctx.saved_tensors
+def _backward(ctx, do, dht, _dgc, _dA, _dh):
+    q, k, v, gc, A, h, h0 = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(v)
-    dq, dk, dv, dg, dh0 = _gla_bwd_op(q, k, v, gc, A, h0, do.contiguous(),
+    dq, dk, dv, dg, dh0 = _gla_bwd_op(q, k, v, gc, A, h, h0, do.contiguous(),
                                       None if dht is None else dht.contiguous(),
                                       ctx.scale, ctx.offsets)
     return dq, dk, dv, dg, None if h0 is None else dh0.to(h0.dtype), None, None
@@ -601,6 +612,6 @@ def triton_gla(q, k, v, g, *, scale: float, initial_state, output_final_state: b
     """
     B, T = q.shape[:2]
     h0 = None if initial_state is None else initial_state.contiguous()
-    o, ht, _, _ = _gla_fwd_op(as_packed(q), as_packed(k), as_packed(v), as_packed(g), h0,
+    o, ht, *_ = _gla_fwd_op(as_packed(q), as_packed(k), as_packed(v), as_packed(g), h0,
                               float(scale), packed_offsets(B, T, offsets))
     return o.reshape(v.shape), (ht if output_final_state else None)
