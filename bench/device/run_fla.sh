@@ -5,5 +5,7 @@
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:$PWD || exit 1
 export PYTHONUNBUFFERED=1
+# autotune results kept by fla_warm.sh, when carried: FLA skips its sweep
+[ -d .triton_cache ] && export TRITON_CACHE_DIR=$PWD/.triton_cache
 timeout ${FLA_S:-240} python3 -m seqpar.bench.ops --T 8192 --ops linear_attn delta_rule gla --peers fla --rep-ms 60 \
     --fla-T 8192 --out $OUT/ops_fla_h100 2>&1 | tee $OUT/ops_fla_h100.log
