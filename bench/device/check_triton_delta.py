@@ -1,18 +1,19 @@
 """Full-size GPU check of the delta family's Triton path against float64 references, and
 its forward+backward time against the PyTorch chunk path.
 
-Run on the device: ``python bench/device/check_triton_delta.py OUT.json``. Each case
-compares outputs, final states and every gradient (tests/test_triton_delta.errors,
-reference in float64 on the GPU); thresholds: bf16 inputs 2e-2, float32 1e-3 (tf32
-allowed). Then times forward+backward of gated_delta_rule and delta_rule at B T = 32K
-(B=4, T=8192, 16 heads, K=V=128, bf16) with backend='triton' and backend='torch',
-first, so that a run cut short still has it. Exit status 0 only if every case passed.
+Run on the device: ``python bench/device/check_triton_delta.py OUT.json [OP ...]``
+(default: both delta rules). Each case compares outputs, final states and every gradient
+(tests/test_triton_delta.errors, reference in float64 on the GPU); thresholds: bf16
+inputs 2e-2, float32 1e-3 (tf32 allowed). Then times forward+backward of
+gated_delta_rule and delta_rule at B T = 32K (B=4, T=8192, 16 heads, K=V=128, bf16) with
+backend='triton' and backend='torch', first, so that a run cut short still has it. Exit
+status 0 only if every case passed.
 
 ``python bench/device/check_triton_delta.py --compile-only`` needs no GPU: it compiles
 the kernels for sm_90 (H100/H200) with their launch settings and fails if one needs more
 shared memory than the hardware has or spills registers in the bf16 configuration, the
-failures Triton's CPU interpreter cannot show (tests/test_triton_delta.py runs it; the GPU
-run leaves it out, as it needs no GPU and takes minutes of compiling).
+failures Triton's CPU interpreter cannot show (tests/test_triton_delta.py runs it; the
+GPU run leaves it out, as it needs no GPU and takes minutes of compiling).
 """
 import json
 import os
@@ -176,10 +177,11 @@ def _tests():
     return test_triton_delta
 
 
-def main(out):
+def main(out, op_names=None):
     t = _tests()
+    op_names = op_names or list(t.GATES)
     timing, ok = {}, True
-    for op in t.GATES:  # timing first: a run cut short by its time limit still has it
+    for op in op_names:  # timing first: a run cut short by its time limit still has it
         for backend in ("triton", "torch"):
             try:
                 timing[f"{op}/{backend}"] = fwd_bwd_ms(t, op, backend)
@@ -189,7 +191,7 @@ def main(out):
             print(f"fwd+bwd B=4 T=8192 H=16 K=V=128 bf16 {op} {backend}: "
                   f"{timing[f'{op}/{backend}']}", flush=True)
     rows = []
-    for op in t.GATES:
+    for op in op_names:
         for case in cases(op):
             t0 = time.time()
             try:
@@ -217,4 +219,6 @@ def main(out):
 if __name__ == "__main__":
     if sys.argv[1] == "--compile-only":
         sys.exit(0 if compile_sm90()[1] else 1)
-    sys.exit(0 if main(sys.argv[1]) else 1)
+    # ops after the output path: a CUDA fault poisons the rest of its process, so the
+    # device scripts check one op per process
+    sys.exit(0 if main(sys.argv[1], sys.argv[2:]) else 1)

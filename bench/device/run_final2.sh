@@ -4,16 +4,9 @@
 # delta_rule (FLA's autotune results carried in .triton_cache, see fla_warm.sh); then the
 # full-size checks against float64 of the delta rules, GLA and mLSTM's strong-normalizer
 # cases (the ones earlier runs did not reach). Carry .whl and .triton_cache.
-# Usage on the device (repo root): bash bench/device/run_final2.sh; everything comes back
-# as $OUT/results.tgz (the device returns at most 8 files).
-FINAL=$OUT OUT=/tmp/res && mkdir -p $OUT
-trap 'tar czf $FINAL/results.tgz -C $OUT .' EXIT
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PWD || exit 1
-export PYTHONUNBUFFERED=1
-[ -d .triton_cache ] && export TRITON_CACHE_DIR=$PWD/.triton_cache
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
+# Usage on the device (repo root): bash bench/device/run_final2.sh (results come back as
+# $OUT/results.tgz: setup.sh).
+source bench/device/setup.sh
 timeout 150 python3 -m seqpar.bench.ops --T 32768 8192 131072 2048 --peers sdpa \
     --out $OUT/ops_final2 2>&1 | tee $OUT/ops_final2.log
 timeout 80 python3 -m seqpar.bench.ops --T 8192 --ops linear_attn delta_rule --peers fla --fla-T 8192 \

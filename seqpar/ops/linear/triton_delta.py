@@ -443,8 +443,10 @@ def _state_meta(dtype: torch.dtype) -> dict:
 
 
 # _wy_bwd_kernel holds four (BT, BT) float32 tiles: with 4 warps or 64-wide key tiles it
-# spilled 0.03-5 KB when compiled for sm_90; 8 warps, 32-wide tiles, 2 stages: no spills.
-WY_BWD_META = dict(num_warps=8, num_stages=2)
+# spilled 0.03-5 KB when compiled for sm_90; 8 warps, 32-wide tiles: no spills. One
+# stage: with 2, gated_delta_rule at K = 64 hit illegal memory accesses on an H100
+# (bench/results/k64_try_h100.log).
+WY_BWD_META = dict(num_warps=8, num_stages=1)
 
 
 def delta_forward(q, k, v, g, beta, h0, scale: float, offsets: list[int]):
@@ -601,6 +603,12 @@ def triton_delta(q, k, v, g, beta, *, scale: float, initial_state, output_final_
         if d > MAX_DIM:
             fail(name, f"head dim <= {MAX_DIM} for backend='triton'", d)
     h0 = None if initial_state is None else initial_state.float().contiguous()
+    dtype = v.dtype
+    if K <= 64 and dtype != torch.float32 and q.is_cuda:
+        # 16-bit kernels at the 64-wide key tile gave wrong dk, dv, dbeta (errors
+        # 0.6-1.5) and illegal memory accesses on an H100 with triton 3.6, whatever the
+        # stages or warps (bench/results/k64_try_h100.log); the float32 kernels pass there
+        q, k, v, beta = q.float(), k.float(), v.float(), beta.float()
     o, ht, *_ = _delta_fwd_op(as_packed(q), as_packed(k), as_packed(v), as_packed(g),
                               as_packed(beta), h0, float(scale), packed_offsets(B, T, offsets))
-    return o.reshape(v.shape), (ht if output_final_state else None)
+    return o.reshape(v.shape).to(dtype), (ht if output_final_state else None)
