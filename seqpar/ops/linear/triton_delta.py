@@ -40,7 +40,9 @@ float32 throughout (three-pass tf32 products, :func:`dot_precision`). ``v' = U -
 cancels once the state has learned the values, so 16-bit rounding of its operands
 shows relatively larger in ``v'``: bf16 errors measured 3.5e-3 to 5.4e-3 at T <= 200
 under the interpreter (rounding to nearest as the GPU does; tests/test_triton.py), and
-are checked at full size on the GPU by bench/device/check_triton_delta.py. An earlier
+up to 7.2e-3 at full size on an H100 (bench/device/check_triton_delta.py). On CUDA,
+16-bit inputs with K <= 64 run the float32 kernels: the 16-bit ones gave wrong
+gradients there on an H100 (:func:`triton_delta`). An earlier
 version kept float32 operands for every product with a state or ``v'`` (its truncating
 interpreter had measured 1.1e-2 with bf16 ones); its two state passes took 6.2 of 16.3
 ms at T = 32K on an H100 (bench/results/profile_delta2_h100.*).
