@@ -110,6 +110,32 @@ def test_bad_cu_seqlens(op, name, cu, fragments):
     _check(exc, fragments)
 
 
+def test_cu_seqlens_read_once_per_tensor(monkeypatch):
+    """The offsets are read to the host once per cu_seqlens tensor, not once per op call
+    (each read of a CUDA tensor waits for the device); a write in place or another
+    tensor is read again, so the checks always see the current values."""
+    from seqpar.ops._validate import check_cu_seqlens
+
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(1) or tolist(t))
+    cu = torch.tensor([0, 5, T], dtype=torch.int32)
+    assert check_cu_seqlens(cu, 1, T, cu.device) == [0, 5, T]
+    assert check_cu_seqlens(cu, 1, T, cu.device) == [0, 5, T]
+    assert len(reads) == 1
+    cu[1] = 7
+    assert check_cu_seqlens(cu, 1, T, cu.device) == [0, 7, T]
+    assert len(reads) == 2
+    cu[1] = 0  # an empty first document, written in place after a good read
+    with pytest.raises(ValueError, match="0 followed by 0"):
+        check_cu_seqlens(cu, 1, T, cu.device)
+    other = torch.tensor([0, 7, T], dtype=torch.int32)
+    assert check_cu_seqlens(other, 1, T, other.device) == [0, 7, T]
+    assert len(reads) == 4
+    with pytest.raises(ValueError, match=f"T = {T + 1}"):  # same tensor, another length
+        check_cu_seqlens(other, 1, T + 1, other.device)
+
+
 @pytest.mark.parametrize("op", [o for o in LINEAR if o != "mlstm"])
 def test_state_count_follows_documents(op):
     """With three packed documents the initial state needs three rows, not B."""

@@ -6,6 +6,7 @@ answer.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Sequence
 
 import torch
@@ -49,6 +50,28 @@ def check_chunk_size(chunk_size) -> int:
     return chunk_size
 
 
+# The cu_seqlens tensor read to the host last, its version counter and its values. Every
+# layer of a packed model step passes the same tensor, and reading a CUDA tensor to the
+# host waits for the device queue to drain: read per layer, the host stalled once per
+# layer and could not queue the next layer's kernels ahead. A weak reference (so a freed
+# tensor whose id is reused never matches) plus the version counter (bumped by in-place
+# writes) decide that the cached values are still the tensor's.
+_last_read: tuple = (None, -1, ())
+
+
+def host_offsets(cu_seqlens: torch.Tensor) -> list[int]:
+    """``cu_seqlens`` as a Python list, read from the device only when it is not the
+    tensor read last or has been written in place since."""
+    global _last_read
+    ref, version, offsets = _last_read
+    if torch.compiler.is_compiling() or ref is None or ref() is not cu_seqlens \
+            or cu_seqlens._version != version:
+        offsets = tuple(int(x) for x in cu_seqlens.tolist())
+        if not torch.compiler.is_compiling():
+            _last_read = (weakref.ref(cu_seqlens), cu_seqlens._version, offsets)
+    return list(offsets)
+
+
 def check_cu_seqlens(cu_seqlens, batch: int, length: int, device: torch.device) -> list[int] | None:
     """Validate packed-sequence offsets and return them as a Python list.
 
@@ -63,7 +86,7 @@ def check_cu_seqlens(cu_seqlens, batch: int, length: int, device: torch.device) 
         fail("cu_seqlens", "batch size B == 1 with packed sequences (concatenate documents along T)", f"B = {batch}")
     if cu_seqlens.numel() < 2:
         fail("cu_seqlens", "at least two offsets [0, ..., T]", f"{cu_seqlens.numel()} offset(s)")
-    offsets = [int(x) for x in cu_seqlens.tolist()]
+    offsets = host_offsets(cu_seqlens)
     if offsets[0] != 0:
         fail("cu_seqlens", "first offset 0", f"first offset {offsets[0]}")
     if offsets[-1] != length:

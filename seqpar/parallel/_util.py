@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ..ops._validate import host_offsets
+
 
 class Anchor(torch.autograd.Function):
     """``anchor(x, *deps)`` is ``x``, with ``deps`` attached to its graph (zero gradient).
@@ -40,6 +42,7 @@ def offsets_digest(cu_seqlens) -> dict:
     if not isinstance(cu_seqlens, torch.Tensor):  # None, or garbage the local checks reject
         code = -1 if cu_seqlens is None else -2
         return {"cu_seqlens length": code, "cu_seqlens digest": code}
-    offsets = cu_seqlens.tolist()
+    # a 1-D tensor through the validator's host copy: one device read per tensor
+    offsets = host_offsets(cu_seqlens) if cu_seqlens.dim() == 1 else cu_seqlens.tolist()
     return {"cu_seqlens length": len(offsets),
             "cu_seqlens digest": sum((i + 1) * o for i, o in enumerate(offsets)) % (1 << 61)}
