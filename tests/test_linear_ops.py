@@ -15,21 +15,13 @@ from typing import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_err
+from conftest import grad_errors, rel_err
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from seqpar import ops
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
-# A gradient can be (nearly) zero while the terms it sums are not: mLSTM's dq, dk, di
-# vanish by scale invariance when T = 1 and the normalizer is active, and gradients
-# of initial states decay into float32's subnormal range under strong decays. Relative
-# error then measures round-off against ~0, in any float32 implementation. So a
-# gradient's error is taken relative to at least GRAD_FLOOR times the RMS of the case's
-# largest gradient (per element): such a gradient must still be right to 1e-6 (float32)
-# of the typical gradient in absolute terms.
-GRAD_FLOOR = 1e-2
 
 
 @dataclass(frozen=True)
@@ -219,9 +211,7 @@ def chunk_errors(spec: Spec, case: Case) -> dict:
     errs = {"o": rel_err(o, o_ref)}
     for i, (a, b) in enumerate(zip(_flat(S), _flat(S_ref))):
         errs[f"S[{i}]"] = rel_err(a, b)
-    rms = max(g.pow(2).mean().sqrt().item() for g in grads_ref)
-    for n, a, b in zip(names, grads, grads_ref):
-        errs[f"d{n}"] = rel_err(a, b, floor=GRAD_FLOOR * rms * b.numel() ** 0.5)
+    errs.update(grad_errors(names, grads, grads_ref))
     return errs
 
 
