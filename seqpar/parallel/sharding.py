@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops._validate import check_cu_seqlens, check_tensor, fail
+from ..ops._validate import check_cu_seqlens, check_tensor, fail, host_offsets
 from ._geometry import Geometry, Piece, chunk_pieces
 
 
@@ -75,7 +75,8 @@ def shard_documents(sp, cu_seqlens) -> list[Piece]:
     that began before the chunk (``head``) and whether the document ends in it.
     """
     check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32, torch.int64))
-    offsets = check_cu_seqlens(cu_seqlens, 1, int(cu_seqlens[-1]), None)
+    total = host_offsets(cu_seqlens)[-1] if cu_seqlens.numel() else 0  # empty: rejected below
+    offsets = check_cu_seqlens(cu_seqlens, 1, total, None)
     geo = _geometry_for(sp, offsets[-1], "cu_seqlens")
     return [p for i in range(len(geo.chunks)) for p in chunk_pieces(geo, i, offsets)]
 
