@@ -24,7 +24,7 @@ from seqpar import ops
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from check_triton_delta import TOL  # noqa: E402  (same directory)
+from check_triton_delta import check_case  # noqa: E402  (same directory)
 from check_triton_delta import cases as shared_cases  # noqa: E402
 
 
@@ -141,22 +141,8 @@ def main(out, op_names, strong=None):
         for case in cases(op):
             if strong is not None and str(case["strong"]) != strong:
                 continue
-            t0 = time.time()
-            try:
-                errs = errors(op, **case, ref_device="cuda")
-                err = None
-            except Exception as e:  # record and go on: one failure must not hide the rest
-                errs, err = {}, repr(e)[:300]
-            tol = TOL[case["dtype"]]
-            passed = err is None and all(e < tol for e in errs.values())
-            ok &= passed
-            row = dict(op=op, **{k: (str(v) if k == "dtype" else v) for k, v in case.items()},
-                       tol=tol, passed=passed, error=err, errs=errs, seconds=time.time() - t0)
-            rows.append(row)
-            worst = max(errs.values()) if errs else float("nan")
-            print(f"{'PASS' if passed else 'FAIL'} {op:11s} {str(case['dtype'])[6:]:8s} T={case['T']:5d} "
-                  f"cuts={len(case['cuts'])} strong={case['strong']} K={case['K']} worst={worst:.2e} "
-                  f"{err or ''}", flush=True)
+            rows.append(check_case(errors, op, case))
+            ok &= rows[-1]["passed"]
     try:
         cerr = compile_check()
         print(f"compile fullgraph (inductor) vs eager grads: {cerr:.2e}", flush=True)

@@ -147,6 +147,26 @@ def cases(op):
                    dtype=dtype, seed=11)
 
 
+def check_case(errors, op, case) -> dict:
+    """One full-size case: the errors against float64 on the GPU (``errors`` is a test
+    module's ``errors``), printed as one PASS/FAIL line; returns the case's row, with
+    ``passed``. An exception is recorded, not raised: one failure must not hide the
+    rest."""
+    t0 = time.time()
+    try:
+        errs, err = errors(op, **case, ref_device="cuda"), None
+    except Exception as e:
+        errs, err = {}, repr(e)[:300]
+    tol = TOL[case["dtype"]]
+    passed = err is None and all(e < tol for e in errs.values())
+    worst = max(errs.values()) if errs else float("nan")
+    print(f"{'PASS' if passed else 'FAIL'} {op:16s} {str(case['dtype'])[6:]:8s} "
+          f"T={case['T']:5d} cuts={len(case['cuts'])} strong={case['strong']} "
+          f"K={case['K']} worst={worst:.2e} {err or ''}", flush=True)
+    return dict(op=op, **{k: (str(v) if k == "dtype" else v) for k, v in case.items()},
+                tol=tol, passed=passed, error=err, errs=errs, seconds=time.time() - t0)
+
+
 def fwd_bwd_ms(t, op, backend, B=4, T=8192, H=16, K=128, V=128, reps=5):
     """Median milliseconds of one forward+backward (o.sum() backward) on CUDA; t is
     :func:`_tests`."""
@@ -193,21 +213,8 @@ def main(out, op_names=None):
     rows = []
     for op in op_names:
         for case in cases(op):
-            t0 = time.time()
-            try:
-                errs, err = t.errors(op, **case, ref_device="cuda"), None
-            except Exception as e:  # record and go on: one failure must not hide the rest
-                errs, err = {}, repr(e)[:300]
-            tol = TOL[case["dtype"]]
-            passed = err is None and all(e < tol for e in errs.values())
-            ok &= passed
-            rows.append(dict(op=op, **{k: (str(v) if k == "dtype" else v) for k, v in case.items()},
-                             tol=tol, passed=passed, error=err, errs=errs,
-                             seconds=time.time() - t0))
-            worst = max(errs.values()) if errs else float("nan")
-            print(f"{'PASS' if passed else 'FAIL'} {op:16s} {str(case['dtype'])[6:]:8s} "
-                  f"T={case['T']:5d} cuts={len(case['cuts'])} strong={case['strong']} "
-                  f"K={case['K']} worst={worst:.2e} {err or ''}", flush=True)
+            rows.append(check_case(t.errors, op, case))
+            ok &= rows[-1]["passed"]
     Path(out).write_text(json.dumps(dict(
         command="python bench/device/check_triton_delta.py", gpu=torch.cuda.get_device_name(),
         torch=torch.__version__, triton=__import__("triton").__version__,

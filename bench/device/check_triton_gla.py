@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from check_triton_delta import SM90_SHARED, TOL, _compile, cases, fwd_bwd_ms  # same directory
+from check_triton_delta import SM90_SHARED, _compile, cases, check_case, fwd_bwd_ms  # same directory
 
 
 def _source(dtype):
@@ -185,20 +185,8 @@ def main(out):
     print(f"gla stages B=1 T=32768 (ms): {stages}", flush=True)
     rows = []
     for case in gla_cases():
-        t0 = time.time()
-        try:
-            errs, err = t.errors("gla", **case, ref_device="cuda"), None
-        except Exception as e:  # record and go on: one failure must not hide the rest
-            errs, err = {}, repr(e)[:300]
-        tol = TOL[case["dtype"]]
-        passed = err is None and all(e < tol for e in errs.values())
-        ok &= passed
-        rows.append(dict(op="gla", **{k: (str(v) if k == "dtype" else v) for k, v in case.items()},
-                         tol=tol, passed=passed, error=err, errs=errs, seconds=time.time() - t0))
-        worst = max(errs.values()) if errs else float("nan")
-        print(f"{'PASS' if passed else 'FAIL'} gla {str(case['dtype'])[6:]:8s} T={case['T']:5d} "
-              f"cuts={len(case['cuts'])} strong={case['strong']} K={case['K']} worst={worst:.2e} "
-              f"{err or ''}", flush=True)
+        rows.append(check_case(t.errors, "gla", case))
+        ok &= rows[-1]["passed"]
     Path(out).write_text(json.dumps(dict(
         command="python bench/device/check_triton_gla.py", gpu=torch.cuda.get_device_name(),
         torch=torch.__version__, triton=__import__("triton").__version__,
