@@ -242,8 +242,8 @@ def _wy_bwd_kernel(k, v, beta, gc, ai, h, vn, dvt, dk_part, dy, dk, dv, dbeta, r
     share of the gate terms (r into r_out; b_out gets zeros). ``dY = N^T dv'`` is formed
     once per V tile and parked in dy (packed, the inputs' dtype), from where the key
     tiles read it back (from cache): holding a (BT, K) float32 ``dX`` beside the (BT, BT)
-    tiles spilled registers on sm_90, and recomputing dY per key tile took half of this
-    kernel's 2.6 ms at T = 32K on an H100. N is reloaded where used."""
+    tiles spilled registers on sm_90, and recomputing dY per key tile repeated its
+    products and loads of N and dv' K / BK times. N is reloaded where used."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
     i_c = (i_t * H + i_h).to(tl.int64)
@@ -437,9 +437,8 @@ def _state_meta(dtype: torch.dtype) -> dict:
     with float32 inputs the (BT, 128) tiles need 270-400 KB of shared memory at 2-3
     stages, over the H100's 227 KB (measured by compiling for sm_90 on CPU), so those run
     unpipelined. 4 warps: at 8 warps, which spill fewer registers on sm_90 (88 bytes
-    against 936 in the reverse pass), forward+backward took 4% longer on an H100, and at
-    K = 64 (a (64, 32) state tile) the run hit an illegal memory access
-    (bench/results/delta_warps_h100.log, delta3_check_h100.log)."""
+    against 936 in the reverse pass), forward+backward took 1-5% longer on an H100
+    (bench/results/delta_warps_h100.log)."""
     return dict(BT=BT, BV=BV_STATE, num_warps=NUM_WARPS,
                 num_stages=1 if dtype == torch.float32 else 2)
 
@@ -454,9 +453,9 @@ WY_BWD_META = dict(num_warps=8, num_stages=1)
 def delta_forward(q, k, v, g, beta, h0, scale: float, offsets: list[int]):
     """Packed inputs q, k (1, TT, H, K), v (1, TT, H, V), g None or (1, TT, H) float32,
     beta (1, TT, H), h0 None or (N, H, K, V) float32. Returns o (1, TT, H, V) in v's
-    dtype, the final states (N, H, K, V) float32 and, for the backward, N (NT, H, BT, BT),
-    W (NT, H, BT, K), the entering states (NT, H, K, V) and v' (1, TT, H, V), all
-    float32."""
+    dtype, the final states (N, H, K, V) float32 and, for the backward, N (NT, H, BT, BT)
+    float32, W (NT, H, BT, K) and the entering states (NT, H, K, V) in k's dtype, and v'
+    (1, TT, H, V) in v's dtype."""
     _, TT, H, K = q.shape
     V = v.shape[-1]
     plan = chunk_plan(offsets, q.device)
