@@ -64,10 +64,10 @@ def host_offsets(cu_seqlens: torch.Tensor) -> list[int]:
     tensor read last or has been written in place since."""
     global _last_read
     ref, version, offsets = _last_read
-    if torch.compiler.is_compiling() or ref is None or ref() is not cu_seqlens \
-            or cu_seqlens._version != version:
+    compiling = torch.compiler.is_compiling()
+    if compiling or ref is None or ref() is not cu_seqlens or cu_seqlens._version != version:
         offsets = tuple(int(x) for x in cu_seqlens.tolist())
-        if not torch.compiler.is_compiling():
+        if not compiling:
             _last_read = (weakref.ref(cu_seqlens), cu_seqlens._version, offsets)
     return list(offsets)
 
