@@ -2,7 +2,8 @@
 
 The full-size check (bench/results/delta_check4_h100.log) hit an illegal memory access
 at K = 64 (bf16, T = 2048), after passing every K = 128 bf16 case; the earlier float32
-kernels passed K = 64. Usage on the device (repo root):
+kernels passed K = 64. The WY backward that replaced the faulting one passes there
+(``try none``: bench/results/k64_16bit_h100.log). Usage on the device (repo root):
 
 * ``python bench/device/delta_k64.py locate`` under ``CUDA_LAUNCH_BLOCKING=1``: one
   forward+backward at K = 64; the traceback names the faulting launch;

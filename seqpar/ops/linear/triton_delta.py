@@ -21,31 +21,35 @@ Backward, with ``dS`` the gradient of the state leaving a chunk:
 * ``_dv_local_kernel`` (parallel): ``P^T do``, the state-free part of ``dv'``;
 * ``_bwd_kernel`` (reverse, sequential): ``dv' = P^T do + k e^(G_C - G) dS``,
   ``dS <- e^G_C dS + s (q e^G)^T do - W^T dv'``;
-* ``triton_diag._dqk_kernel`` on ``(q, k, v', do, S_c, dS)``: dq complete, and the parts
+* ``triton_diag._dqk_kernel`` on ``(q, k, v', do, S_c, dS)``: dq complete, the parts
   of dk and of the gate gradient that come through ``P``, ``q e^G``, ``k e^(G_C - G)``
-  and ``e^G_C``;
+  and ``e^G_C``, and ``dW = -dv' S_c^T`` (the state tiles are loaded there anyway);
 * ``_wy_bwd_kernel``: the rest through ``W``, ``U`` and ``A``. With ``dY = N^T dv'``
-  (the gradient of ``beta v``) and ``dX = -dY S_c^T`` (of ``beta k e^G``), the gradient
+  (the gradient of ``beta v``) and ``dX = N^T dW`` (of ``beta k e^G``), the gradient
   of A is ``dA = -(dX W^T + dY U^T) = -dY v'^T`` (strictly lower), which needs
-  neither W nor U; ``dA^T`` comes from its own products (no transposes of register tiles);
+  neither W nor U;
 * ``triton_diag._dg_kernel``: ``dg_t`` from the per-row terms, each a product of decayed
   quantities (every exponent <= 0, nothing undecayed cancels).
 
+This is flash-linear-attention's split of the backward (dW beside dq and dk, the WY
+gradients from dW and dv'); it replaced one where the WY backward formed ``dX = -dY S^T``
+itself, reloading the states per key tile (2.6 of 6.4 ms of kernels at T = 8K on an
+H100, against 0.96 now: bench/results/profile_wy_h100.log).
+
 Precision: every product has operands in the inputs' dtype and float32 accumulation,
-and W, U, the per-chunk states, their gradients and ``v'`` are stored in the inputs'
-dtype (for 16-bit inputs: half the bytes, full-rate tensor cores, and the sequential
-passes' tiles fit shared memory twice, so their loads are pipelined); the carried
-state, ``A``, ``N``, ``dv'`` and every accumulator are float32. Float32 inputs keep
-float32 throughout (three-pass tf32 products, :func:`dot_precision`). ``v' = U - W S``
-cancels once the state has learned the values, so 16-bit rounding of its operands
-shows relatively larger in ``v'``: bf16 errors measured 3.5e-3 to 5.4e-3 at T <= 200
-under the interpreter (rounding to nearest as the GPU does; tests/test_triton.py), and
-up to 7.2e-3 at full size on an H100 (bench/device/check_triton_delta.py). On CUDA,
-16-bit inputs with K <= 64 run the float32 kernels: the 16-bit ones gave wrong
-gradients there on an H100 (:func:`triton_delta`). An earlier
-version kept float32 operands for every product with a state or ``v'`` (its truncating
-interpreter had measured 1.1e-2 with bf16 ones); its two state passes took 6.2 of 16.3
-ms at T = 32K on an H100 (bench/results/profile_delta2_h100.*).
+and every stored intermediate but A is in the inputs' dtype: N (a copy; computed in float32),
+W, U, the per-chunk states and their gradients, v', dv' and its state-free part, dW and
+dk's first part (for 16-bit inputs: half the bytes, and the kernels outside the
+sequential passes are bound by their memory traffic); the carried state, A and every
+accumulator are float32. Float32 inputs keep float32 throughout (three-pass tf32
+products, :func:`dot_precision`). ``v' = U - W S`` cancels once the state has learned
+the values, so 16-bit rounding of its operands shows relatively larger in ``v'``: bf16
+errors measured 3.5e-3 to 5.4e-3 at T <= 200 under the interpreter (rounding to nearest
+as the GPU does; tests/test_triton.py), and up to 7.2e-3 at full size on an H100
+(bench/device/check_triton_delta.py). The WY backward this replaced gave wrong dk, dv
+and dbeta with 16-bit inputs at K = 64 on an H100 (errors 0.6-1.5, cause not found;
+bench/results/k64_try_h100.log), so such inputs ran the float32 kernels; this one passes
+there (bench/results/k64_16bit_h100.log).
 """
 from __future__ import annotations
 
@@ -90,12 +94,10 @@ def _wy_a_kernel(k, beta, gc, a, offs, cidx, H: tl.constexpr, K: tl.constexpr,
 
 
 @triton.jit
-def _wy_apply(ai, x, out, b_row, bos, c, T_doc, i_h, i_c, H: tl.constexpr, D: tl.constexpr,
+def _wy_apply(b_n, x, out, b_row, bos, c, T_doc, i_h, i_c, H: tl.constexpr, D: tl.constexpr,
               BT: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
     """``out = N (b_row x)`` for one chunk of x (packed, D wide) into out (NT, H, BT, D),
-    D tile by D tile."""
-    o = tl.arange(0, BT)
-    b_n = tl.load(ai + i_c * BT * BT + o[:, None] * BT + o[None, :]).to(x.dtype.element_ty)
+    D tile by D tile; b_n is N in x's dtype."""
     for i_d in range(tl.cdiv(D, BD)):
         p_x = tl.make_block_ptr(x + (bos * H + i_h) * D, (T_doc, D), (H * D, 1), (c * BT, i_d * BD), (BT, BD), (1, 0))
         b_x = tl.load(p_x, boundary_check=(0, 1), padding_option="zero")
@@ -105,21 +107,26 @@ def _wy_apply(ai, x, out, b_row, bos, c, T_doc, i_h, i_c, H: tl.constexpr, D: tl
 
 
 @triton.jit
-def _wy_wu_kernel(k, v, beta, gc, ai, w, u, offs, cidx, H: tl.constexpr, K: tl.constexpr,
+def _wy_wu_kernel(k, v, beta, gc, ai, an, w, u, offs, cidx, H: tl.constexpr, K: tl.constexpr,
                   V: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, USE_G: tl.constexpr,
-                  PREC: tl.constexpr):
+                  STORE_N: tl.constexpr, PREC: tl.constexpr):
     """``W = N (beta k e^G)`` into w (NT, H, BT, K) and ``U = N (beta v)`` into
-    u (NT, H, BT, V) for one chunk and head, N from ai (NT, H, BT, BT); float32."""
+    u (NT, H, BT, V) for one chunk and head, N from ai (NT, H, BT, BT) float32; with
+    STORE_N, N in the inputs' dtype into an (same shape) for the backward."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
     i_c = (i_t * H + i_h).to(tl.int64)
-    t = c * BT + tl.arange(0, BT)
+    o = tl.arange(0, BT)
+    t = c * BT + o
+    b_n = tl.load(ai + i_c * BT * BT + o[:, None] * BT + o[None, :]).to(k.dtype.element_ty)
+    if STORE_N:
+        tl.store(an + i_c * BT * BT + o[:, None] * BT + o[None, :], b_n)
     b_beta = tl.load(beta + (bos + t) * H + i_h, mask=t < T_doc, other=0.).to(tl.float32)
-    _wy_apply(ai, v, u, b_beta, bos, c, T_doc, i_h, i_c, H, V, BT, BD, PREC)
+    _wy_apply(b_n, v, u, b_beta, bos, c, T_doc, i_h, i_c, H, V, BT, BD, PREC)
     if USE_G:
         b_g, _ = _gates(gc, bos, c, T_doc, i_h, H, BT)
         b_beta *= tl.exp2(b_g)
-    _wy_apply(ai, k, w, b_beta, bos, c, T_doc, i_h, i_c, H, K, BT, BD, PREC)
+    _wy_apply(b_n, k, w, b_beta, bos, c, T_doc, i_h, i_c, H, K, BT, BD, PREC)
 
 
 @triton.jit
@@ -164,9 +171,10 @@ def _fwd_kernel(k, w, u, gc, h0, h, vn, ht, offs, coff,
 def _dv_local_kernel(q, k, do, gc, dvl, offs, cidx, scale, H: tl.constexpr, K: tl.constexpr,
                      V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      USE_G: tl.constexpr, PREC: tl.constexpr):
-    """``P^T do`` of one chunk, head and V tile into dvl (packed, float32): the part of
-    dv' that needs no state, off the sequential pass."""
-    i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """``P^T do`` of one chunk and head into dvl (packed, do's dtype): the part of dv' that
+    needs no state, off the sequential pass. P is formed once and applied V tile by V
+    tile (per V tile it repeated its K-long products V / BV times)."""
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
     c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
     b_pT = tl.zeros([BT, BT], dtype=tl.float32)  # [j, i] = k_j.q_i
     for i_k in range(tl.cdiv(K, BK)):
@@ -179,22 +187,23 @@ def _dv_local_kernel(q, k, do, gc, dvl, offs, cidx, scale, H: tl.constexpr, K: t
     if USE_G:
         b_g, _ = _gates(gc, bos, c, T_doc, i_h, H, BT)
         b_pT *= tl.exp2(tl.where(anti, b_g[None, :] - b_g[:, None], 0.))
-    b_pT = tl.where(anti, b_pT * scale, 0.)
-    p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
-    p_o = tl.make_block_ptr(dvl + (bos * H + i_h) * V, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
-    b_do = tl.load(p_do, boundary_check=(0, 1), padding_option="zero")
-    tl.store(p_o, mma(b_pT.to(b_do.dtype), b_do, PREC), boundary_check=(0, 1))
+    b_pT = tl.where(anti, b_pT * scale, 0.).to(do.dtype.element_ty)
+    for i_v in range(tl.cdiv(V, BV)):
+        p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
+        p_o = tl.make_block_ptr(dvl + (bos * H + i_h) * V, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
+        b_do = tl.load(p_do, boundary_check=(0, 1), padding_option="zero")
+        tl.store(p_o, mma(b_pT, b_do, PREC).to(p_o.dtype.element_ty), boundary_check=(0, 1))
 
 
 @triton.jit
-def _bwd_kernel(q, k, w, gc, do, dht, dvt, dsl, dh0, offs, coff, scale,
+def _bwd_kernel(q, k, w, gc, do, dht, dvl, dvn, dsl, dh0, offs, coff, scale,
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                 BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
                 HAS_DHT: tl.constexpr, PREC: tl.constexpr):
     """Reverse state pass of one document, head and V tile, last chunk first: the
     gradient of the state leaving each chunk into dsl (NT, H, K, V), the gradient of v'
-    into dvt (packed, float32; holds ``P^T do`` on entry) and the gradient of the
-    initial state into dh0."""
+    into dvn (packed, v's dtype) from its state-free part in dvl (packed, v's dtype) and
+    the gradient of the initial state into dh0."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     n, i_h = i_nh // H, i_nh % H
     bos, T_doc, boc = _doc_span(offs, coff, n)
@@ -209,7 +218,9 @@ def _bwd_kernel(q, k, w, gc, do, dht, dvt, dsl, dh0, offs, coff, scale,
         p_l = tl.make_block_ptr(dsl + i_c * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
         tl.store(p_l, b_ds.to(p_l.dtype.element_ty), boundary_check=(0, 1))
         p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (T_doc, K), (H * K, 1), (c * BT, 0), (BT, BK), (1, 0))
-        p_dvt = tl.make_block_ptr(dvt + (bos * H + i_h) * V, (T_doc, V), (H * V, 1), (c * BT, i_v * BV),
+        p_dvl = tl.make_block_ptr(dvl + (bos * H + i_h) * V, (T_doc, V), (H * V, 1), (c * BT, i_v * BV),
+                                  (BT, BV), (1, 0))
+        p_dvn = tl.make_block_ptr(dvn + (bos * H + i_h) * V, (T_doc, V), (H * V, 1), (c * BT, i_v * BV),
                                   (BT, BV), (1, 0))
         p_qT = tl.make_block_ptr(q + (bos * H + i_h) * K, (K, T_doc), (1, H * K), (0, c * BT), (BK, BT), (0, 1))
         p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
@@ -223,27 +234,26 @@ def _bwd_kernel(q, k, w, gc, do, dht, dvt, dsl, dh0, offs, coff, scale,
             b_kds *= tl.exp2(g_last - b_g)[:, None]
             b_ds *= tl.exp2(g_last)
             b_do *= tl.exp2(b_g)[:, None]
-        b_dv = tl.load(p_dvt, boundary_check=(0, 1), padding_option="zero") + b_kds
-        tl.store(p_dvt, b_dv, boundary_check=(0, 1))
+        b_dv = (tl.load(p_dvl, boundary_check=(0, 1), padding_option="zero") + b_kds).to(p_dvn.dtype.element_ty)
+        tl.store(p_dvn, b_dv, boundary_check=(0, 1))
         b_qT = tl.load(p_qT, boundary_check=(0, 1), padding_option="zero")
         b_wT = tl.load(p_wT, boundary_check=(0, 1), padding_option="zero")
-        b_ds += mma(b_qT, b_do.to(b_qT.dtype), PREC) - mma(b_wT, b_dv.to(b_wT.dtype), PREC)
+        b_ds += mma(b_qT, b_do.to(b_qT.dtype), PREC) - mma(b_wT, b_dv, PREC)
     p_0 = tl.make_block_ptr(dh0 + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
     tl.store(p_0, b_ds, boundary_check=(0, 1))
 
 
 @triton.jit
-def _wy_bwd_kernel(k, v, beta, gc, ai, h, vn, dvt, dk_part, dy, dk, dv, dbeta, r_out, b_out,
+def _wy_bwd_kernel(k, v, beta, gc, an, vn, dvn, dw, dk_part, dk, dv, dbeta, r_out, b_out,
                    offs, cidx, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                    USE_G: tl.constexpr, PREC: tl.constexpr):
-    """Gradients through W, U and A of one chunk and head: dv, dbeta, dk (dk_part, from
-    ``_dqk_kernel``, plus the terms through ``beta k e^G`` and A), and this kernel's
-    share of the gate terms (r into r_out; b_out gets zeros). ``dY = N^T dv'`` is formed
-    once per V tile and parked in dy (packed, the inputs' dtype), from where the key
-    tiles read it back (from cache): holding a (BT, K) float32 ``dX`` beside the (BT, BT)
-    tiles spilled registers on sm_90, and recomputing dY per key tile repeated its
-    products and loads of N and dv' K / BK times. N is reloaded where used."""
+    """Gradients through W, U and A of one chunk and head from ``dU = dv'`` (dvn),
+    ``dW = -dv' S^T`` (dw, from ``_dqk_kernel``) and N (an, the inputs' dtype): dv, dbeta, dk (dk_part plus the terms
+    through ``beta k e^G`` and A) and this kernel's share of the gate terms (r into
+    r_out; b_out gets zeros). ``dY = N^T dv'`` and ``dX = N^T dW`` are the gradients
+    of ``beta v`` and ``beta k e^G``; ``M = dA e^(G_i - G_j)`` enters dk as
+    ``(M + M^T) (beta k)`` with beta on M's rows."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
     i_c = (i_t * H + i_h).to(tl.int64)
@@ -251,33 +261,22 @@ def _wy_bwd_kernel(k, v, beta, gc, ai, h, vn, dvt, dk_part, dy, dk, dv, dbeta, r
     t = c * BT + o
     m = t < T_doc
     DT = k.dtype.element_ty
-    p_n = ai + i_c * BT * BT + o[:, None] * BT + o[None, :]
-    p_nT = ai + i_c * BT * BT + o[None, :] * BT + o[:, None]
+    b_nT = tl.load(an + i_c * BT * BT + o[None, :] * BT + o[:, None]).to(DT)
     b_beta = tl.load(beta + (bos + t) * H + i_h, mask=m, other=0.).to(tl.float32)
     b_dA = tl.zeros([BT, BT], dtype=tl.float32)
-    b_dAt = tl.zeros([BT, BT], dtype=tl.float32)  # its transpose, by its own products
     b_db = tl.zeros([BT], dtype=tl.float32)
     base_v = (bos * H + i_h) * V
     base_k = (bos * H + i_h) * K
     for i_v in range(tl.cdiv(V, BV)):
-        p_dvt = tl.make_block_ptr(dvt + base_v, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
-        p_dvtT = tl.make_block_ptr(dvt + base_v, (V, T_doc), (1, H * V), (i_v * BV, c * BT), (BV, BT), (0, 1))
-        p_vn = tl.make_block_ptr(vn + base_v, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
+        p_dvn = tl.make_block_ptr(dvn + base_v, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
         p_vnT = tl.make_block_ptr(vn + base_v, (V, T_doc), (1, H * V), (i_v * BV, c * BT), (BV, BT), (0, 1))
         p_v = tl.make_block_ptr(v + base_v, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
         p_dv = tl.make_block_ptr(dv + base_v, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
-        b_dy = mma(tl.load(p_nT).to(DT), tl.load(p_dvt, boundary_check=(0, 1), padding_option="zero").to(DT), PREC)
+        b_dy = mma(b_nT, tl.load(p_dvn, boundary_check=(0, 1), padding_option="zero"), PREC)
         b_v = tl.load(p_v, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
         b_db += tl.sum(b_dy * b_v, axis=1)
         tl.store(p_dv, (b_dy * b_beta[:, None]).to(p_dv.dtype.element_ty), boundary_check=(0, 1))
-        b_dyc = b_dy.to(DT)
-        p_dy = tl.make_block_ptr(dy + base_v, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
-        tl.store(p_dy, b_dyc, boundary_check=(0, 1))
-        b_dA -= mma(b_dyc, tl.load(p_vnT, boundary_check=(0, 1), padding_option="zero"), PREC)
-        b_dyT = mma(tl.load(p_dvtT, boundary_check=(0, 1), padding_option="zero").to(DT), tl.load(p_n).to(DT), PREC)
-        b_dAt -= mma(tl.load(p_vn, boundary_check=(0, 1), padding_option="zero"), b_dyT.to(DT), PREC)
-    # dy is read back below by other threads of this program than those that stored it
-    tl.debug_barrier()
+        b_dA -= mma(b_dy.to(DT), tl.load(p_vnT, boundary_check=(0, 1), padding_option="zero"), PREC)
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         p_k = tl.make_block_ptr(k + base_k, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
@@ -285,40 +284,32 @@ def _wy_bwd_kernel(k, v, beta, gc, ai, h, vn, dvt, dk_part, dy, dk, dv, dbeta, r
         b_kk += mma(tl.load(p_k, boundary_check=(0, 1), padding_option="zero"),
                     tl.load(p_kT, boundary_check=(0, 1), padding_option="zero"), PREC)
     lower = o[:, None] > o[None, :]
-    upper = o[:, None] < o[None, :]
-    # M = dA e^(G_i - G_j) below the diagonal, Mt its transpose
     if USE_G:
         b_g, _ = _gates(gc, bos, c, T_doc, i_h, H, BT)
         b_e = tl.exp2(b_g)
         b_m = tl.where(lower, b_dA * tl.exp2(tl.where(lower, b_g[:, None] - b_g[None, :], 0.)), 0.)
-        b_mt = tl.where(upper, b_dAt * tl.exp2(tl.where(upper, b_g[None, :] - b_g[:, None], 0.)), 0.)
     else:
         b_e = tl.full([BT], 1., tl.float32)
         b_m = tl.where(lower, b_dA, 0.)
-        b_mt = tl.where(upper, b_dAt, 0.)
     b_mkk = b_m * b_kk
     b_db += tl.sum(b_mkk, axis=1)
-    # rows of dA * A minus its columns (the columns as rows of the transpose)
-    b_r = tl.sum(b_mkk * b_beta[:, None], axis=1) - tl.sum(b_mt * b_kk * b_beta[None, :], axis=1)
-    # beta scales the rows of M k and the columns of Mt (its (beta k) operand)
-    b_m = (b_m * b_beta[:, None]).to(DT)
-    b_mt = (b_mt * b_beta[None, :]).to(DT)
+    # the gate enters A as G_i - G_j: rows of dA * A minus its columns (k k^T is symmetric)
+    b_mkk *= b_beta[:, None]
+    b_r = tl.sum(b_mkk, axis=1) - tl.sum(b_mkk, axis=0)
+    b_m *= b_beta[:, None]
+    b_ms = (b_m + tl.trans(b_m)).to(DT)
     for i_k in range(tl.cdiv(K, BK)):
-        b_dx = tl.zeros([BT, BK], dtype=tl.float32)  # gradient of beta k e^G: -dY S^T
-        for i_v in range(tl.cdiv(V, BV)):
-            p_dy = tl.make_block_ptr(dy + base_v, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
-            p_hT = tl.make_block_ptr(h + i_c * K * V, (V, K), (1, V), (i_v * BV, i_k * BK), (BV, BK), (0, 1))
-            b_dx -= mma(tl.load(p_dy, boundary_check=(0, 1), padding_option="zero"),
-                        tl.load(p_hT, boundary_check=(0, 1), padding_option="zero"), PREC)
+        p_dw = tl.make_block_ptr(dw + base_k, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
         p_k = tl.make_block_ptr(k + base_k, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
         p_dkp = tl.make_block_ptr(dk_part + base_k, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
         p_dk = tl.make_block_ptr(dk + base_k, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
+        b_dx = mma(b_nT, tl.load(p_dw, boundary_check=(0, 1), padding_option="zero"), PREC)
         b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero")
         b_xk = tl.sum(b_dx * b_k.to(tl.float32), axis=1) * b_e  # dX_i . k_i e^G_i
         b_db += b_xk
         b_r += b_beta * b_xk
         b_dk = tl.load(p_dkp, boundary_check=(0, 1), padding_option="zero") + (b_beta * b_e)[:, None] * b_dx
-        b_dk += mma(b_m, b_k, PREC) + mma(b_mt, b_k, PREC)
+        b_dk += mma(b_ms, b_k, PREC)
         tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), boundary_check=(0, 1))
     tl.store(dbeta + (bos + t) * H + i_h, b_db.to(dbeta.dtype.element_ty), mask=m)
     if USE_G:
@@ -336,7 +327,7 @@ def _block(a, i, j, BT: tl.constexpr, BC: tl.constexpr):
 @triton.jit
 def _put(out, x, i, j, BT: tl.constexpr, BC: tl.constexpr):
     o = tl.arange(0, BC)
-    tl.store(out + (i * BC + o)[:, None] * BT + j * BC + o[None, :], x)
+    tl.store(out + (i * BC + o)[:, None] * BT + j * BC + o[None, :], x.to(out.dtype.element_ty))
 
 
 @triton.jit
@@ -443,18 +434,20 @@ def _state_meta(dtype: torch.dtype) -> dict:
                 num_stages=1 if dtype == torch.float32 else 2)
 
 
-# _wy_bwd_kernel holds four (BT, BT) float32 tiles: with 4 warps or 64-wide key tiles it
-# spilled 0.03-5 KB when compiled for sm_90; 8 warps, 32-wide tiles: no spills. One
-# stage: with 2, gated_delta_rule at K = 64 hit illegal memory accesses on an H100
-# (bench/results/k64_try_h100.log).
-WY_BWD_META = dict(num_warps=8, num_stages=1)
+# Compiled for sm_90 (bf16): _wy_bwd_kernel holds N^T, dA and k k^T across its loops and
+# spilled 40-1056 bytes with 64-wide tiles or 4 warps, none with 32-wide tiles at 8 warps;
+# _dv_local_kernel spilled 56 bytes at 4 warps and K = 64, none at 8. One stage: with 2,
+# an earlier _wy_bwd_kernel hit illegal memory accesses on an H100 for gated_delta_rule
+# at K = 64 (bench/results/k64_try_h100.log).
+WY_BWD_META = dict(BK=BV_STATE, BV=BV_STATE, num_warps=8, num_stages=1)
+DV_LOCAL_META = dict(BK=BK, BV=BV, num_warps=8)
 
 
 def delta_forward(q, k, v, g, beta, h0, scale: float, offsets: list[int]):
     """Packed inputs q, k (1, TT, H, K), v (1, TT, H, V), g None or (1, TT, H) float32,
     beta (1, TT, H), h0 None or (N, H, K, V) float32. Returns o (1, TT, H, V) in v's
-    dtype, the final states (N, H, K, V) float32 and, for the backward, N (NT, H, BT, BT)
-    float32, W (NT, H, BT, K) and the entering states (NT, H, K, V) in k's dtype, and v'
+    dtype, the final states (N, H, K, V) float32 and, for the backward, N (NT, H, BT, BT),
+    W (NT, H, BT, K) and the entering states (NT, H, K, V) in k's dtype, and v'
     (1, TT, H, V) in v's dtype."""
     _, TT, H, K = q.shape
     V = v.shape[-1]
@@ -466,22 +459,27 @@ def delta_forward(q, k, v, g, beta, h0, scale: float, offsets: list[int]):
     _wy_a_kernel[(NT, H)](k, beta, gc, a, plan.offsets, plan.chunk_index, H=H, K=K, BT=BT,
                           BK=bk, USE_G=use_g, PREC=prec, num_warps=NUM_WARPS)
     ai = unit_lower_inverse(a)
+    # the backward's copy of N in the inputs' dtype, which every product using N takes: the
+    # inverse kernel itself wrote 16-bit N 33% slower on an H100 (its 16 x 16 blocks are
+    # 32-byte rows; bench/results/profile_wy2_h100.log)
+    an = ai if k.dtype == torch.float32 else k.new_empty(NT, H, BT, BT)
     w, u = k.new_empty(NT, H, BT, K), v.new_empty(NT, H, BT, V)
-    _wy_wu_kernel[(NT, H)](k, v, beta, gc, ai, w, u, plan.offsets, plan.chunk_index, H=H, K=K,
-                           V=V, BT=BT, BD=BV_STATE, USE_G=use_g, PREC=prec,
-                           num_warps=NUM_WARPS)
+    _wy_wu_kernel[(NT, H)](k, v, beta, gc, ai, an, w, u, plan.offsets, plan.chunk_index, H=H,
+                           K=K, V=V, BT=BT, BD=BV_STATE, USE_G=use_g, STORE_N=an is not ai,
+                           PREC=prec, num_warps=NUM_WARPS)
     h, vn = k.new_empty(NT, H, K, V), torch.empty_like(v)
     ht = torch.empty(plan.n_docs, H, K, V, **f32)
-    _fwd_kernel[(triton.cdiv(V, BV_STATE), plan.n_docs * H)](
+    meta = _state_meta(v.dtype)
+    _fwd_kernel[(triton.cdiv(V, meta["BV"]), plan.n_docs * H)](
         k, w, u, gc, h0, h, vn, ht, plan.offsets, plan.chunk_offsets, H=H, K=K, V=V, BK=bk,
-        USE_G=use_g, HAS_H0=h0 is not None, PREC=prec, **_state_meta(v.dtype))
+        USE_G=use_g, HAS_H0=h0 is not None, PREC=prec, **meta)
     o = torch.empty_like(v)
     _pair_kernel[(triton.cdiv(V, BV), NT, H)](q, k, vn, h, gc, o, plan.offsets,
                                               plan.chunk_index,
                                               scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
                                               USE_G=use_g, BACKWARD=False,
                                               PREC=prec, num_warps=NUM_WARPS)
-    return o, ht, ai, w, h, vn
+    return o, ht, an, w, h, vn
 
 
 def delta_backward(q, k, v, g, beta, ai, w, h, vn, do, dht, scale: float, offsets: list[int]):
@@ -494,30 +492,29 @@ def delta_backward(q, k, v, g, beta, ai, w, h, vn, do, dht, scale: float, offset
     NT, use_g, bk, prec = plan.n_chunks, g is not None, _k_tile(K), dot_precision(v.dtype)
     gc = _cumsum(g, plan, H) if use_g else None
     f32 = dict(device=q.device, dtype=torch.float32)
-    dvt = torch.empty(v.shape, **f32)
-    _dv_local_kernel[(triton.cdiv(V, BV_STATE), NT, H)](
-        q, k, do, gc, dvt, plan.offsets, plan.chunk_index, scale, H=H, K=K, V=V, BT=BT, BK=BK,
-        BV=BV_STATE, USE_G=use_g, PREC=prec, num_warps=NUM_WARPS)
-    dsl = k.new_empty(NT, H, K, V)
+    dvl = torch.empty_like(v)
+    _dv_local_kernel[(NT, H)](q, k, do, gc, dvl, plan.offsets, plan.chunk_index, scale, H=H,
+                              K=K, V=V, BT=BT, USE_G=use_g, PREC=prec, **DV_LOCAL_META)
+    dsl, dvn = k.new_empty(NT, H, K, V), torch.empty_like(v)
     dh0 = torch.empty(plan.n_docs, H, K, V, **f32)
-    _bwd_kernel[(triton.cdiv(V, BV_STATE), plan.n_docs * H)](
-        q, k, w, gc, do, dht, dvt, dsl, dh0, plan.offsets, plan.chunk_offsets, scale, H=H, K=K,
-        V=V, BK=bk, USE_G=use_g, HAS_DHT=dht is not None, PREC=prec,
-        **_state_meta(v.dtype))
+    meta = _state_meta(v.dtype)
+    _bwd_kernel[(triton.cdiv(V, meta["BV"]), plan.n_docs * H)](
+        q, k, w, gc, do, dht, dvl, dvn, dsl, dh0, plan.offsets, plan.chunk_offsets, scale, H=H,
+        K=K, V=V, BK=bk, USE_G=use_g, HAS_DHT=dht is not None, PREC=prec, **meta)
     NK = triton.cdiv(K, BK)
-    dq, dk_part = torch.empty_like(q), torch.empty(q.shape, **f32)
+    dq, dk_part, dw = torch.empty_like(q), torch.empty_like(k), torch.empty_like(k)
     # gate terms: one slot per K tile of _dqk_kernel, the last for _wy_bwd_kernel
     r_part = b_part = None
     if use_g:
         r_part, b_part = torch.empty(NK + 1, TT, H, **f32), torch.empty(NK + 1, TT, H, **f32)
-    _dqk_kernel[(NK, NT, H)](q, k, vn, do, h, dsl, gc, dq, dk_part, r_part, b_part, plan.offsets,
-                             plan.chunk_index, scale, TT, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-                             USE_G=use_g, PREC=prec, **_dqk_meta(q.dtype))
+    _dqk_kernel[(NK, NT, H)](q, k, vn, do, h, dsl, gc, dq, dk_part, r_part, b_part, dvn, dw,
+                             plan.offsets, plan.chunk_index, scale, TT, H=H, K=K, V=V, BT=BT,
+                             BK=BK, BV=BV, USE_G=use_g, DW=True, PREC=prec, **_dqk_meta(q.dtype))
     dk, dv, dbeta = torch.empty_like(k), torch.empty_like(v), torch.empty_like(beta)
-    _wy_bwd_kernel[(NT, H)](k, v, beta, gc, ai, h, vn, dvt, dk_part, torch.empty_like(v), dk, dv, dbeta,
+    _wy_bwd_kernel[(NT, H)](k, v, beta, gc, ai, vn, dvn, dw, dk_part, dk, dv, dbeta,
                             r_part[NK] if use_g else None, b_part[NK] if use_g else None,
-                            plan.offsets, plan.chunk_index, H=H, K=K, V=V, BT=BT,
-                            BK=BV_STATE, BV=BV_STATE, USE_G=use_g, PREC=prec, **WY_BWD_META)
+                            plan.offsets, plan.chunk_index, H=H, K=K, V=V, BT=BT, USE_G=use_g,
+                            PREC=prec, **WY_BWD_META)
     dg = None
     if use_g:
         dg = torch.empty_like(g)
@@ -545,7 +542,7 @@ def _(q, k, v, g, beta, h0, scale, offsets):
     H, K, V, NT = q.shape[2], q.shape[3], v.shape[3], _n_chunks(offsets)
     f32 = dict(dtype=torch.float32)
     return (torch.empty_like(v), q.new_empty(len(offsets) - 1, H, K, V, **f32),
-            q.new_empty(NT, H, BT, BT, **f32), k.new_empty(NT, H, BT, K),
+            k.new_empty(NT, H, BT, BT), k.new_empty(NT, H, BT, K),
             k.new_empty(NT, H, K, V), torch.empty_like(v))
 
 
@@ -604,12 +601,6 @@ def triton_delta(q, k, v, g, beta, *, scale: float, initial_state, output_final_
         if d > MAX_DIM:
             fail(name, f"head dim <= {MAX_DIM} for backend='triton'", d)
     h0 = None if initial_state is None else initial_state.float().contiguous()
-    dtype = v.dtype
-    if K <= 64 and dtype != torch.float32 and q.is_cuda:
-        # 16-bit kernels at the 64-wide key tile gave wrong dk, dv, dbeta (errors
-        # 0.6-1.5) and illegal memory accesses on an H100 with triton 3.6, whatever the
-        # stages or warps (bench/results/k64_try_h100.log); the float32 kernels pass there
-        q, k, v, beta = q.float(), k.float(), v.float(), beta.float()
     o, ht, *_ = _delta_fwd_op(as_packed(q), as_packed(k), as_packed(v), as_packed(g),
                               as_packed(beta), h0, float(scale), packed_offsets(B, T, offsets))
-    return o.reshape(v.shape).to(dtype), (ht if output_final_state else None)
+    return o.reshape(v.shape), (ht if output_final_state else None)

@@ -202,15 +202,20 @@ def _dqk_tiles(do, v, h, dh, bos, c, T_doc, i_h, i_v, i_k, base_s, H: tl.constex
 
 
 @triton.jit
-def _dqk_kernel(q, k, v, do, h, dh, gc, dq, dk, r_part, b_part, offs, cidx, scale, TT,
-                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr):
+def _dqk_kernel(q, k, v, do, h, dh, gc, dq, dk, r_part, b_part, dvn, dw, offs, cidx, scale,
+                TT, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, DW: tl.constexpr,
+                PREC: tl.constexpr):
     """dq, dk of one chunk and K tile, and (with a gate) this tile's share of the gate
-    gradient terms ``r`` (reverse-cumsummed later) and ``b`` (forward-cumsummed)."""
+    gradient terms ``r`` (reverse-cumsummed later) and ``b`` (forward-cumsummed).
+    With DW (the delta rule, v = v'): also ``dW = -dv' h^T`` into dw (packed like k,
+    its dtype) from dvn (packed like v), while the state tiles are in registers."""
     i_k, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    if DW:
+        b_dw = tl.zeros([BT, BK], dtype=tl.float32)
     b_dA = tl.zeros([BT, BT], dtype=tl.float32)   # [i, j] = do_i . v_j
     b_dAt = tl.zeros([BT, BT], dtype=tl.float32)  # its transpose, by its own product
     b_hdh = tl.zeros([BK], dtype=tl.float32)
@@ -222,6 +227,11 @@ def _dqk_kernel(q, k, v, do, h, dh, gc, dq, dk, r_part, b_part, offs, cidx, scal
         b_dAt += mma(b_v, b_doT, PREC)
         b_dq += mma(b_do, b_hT.to(b_do.dtype), PREC)
         b_dk += mma(b_v, b_dhT.to(b_v.dtype), PREC)
+        if DW:
+            p_dvn = tl.make_block_ptr(dvn + (bos * H + i_h) * V, (T_doc, V), (H * V, 1),
+                                      (c * BT, i_v * BV), (BT, BV), (1, 0))
+            b_dw -= mma(tl.load(p_dvn, boundary_check=(0, 1), padding_option="zero"),
+                        b_hT.to(b_v.dtype), PREC)
         if USE_G:
             b_hdh += tl.sum(b_hT.to(tl.float32) * b_dhT.to(tl.float32), axis=0)
     p_q = tl.make_block_ptr(q + (bos * H + i_h) * K, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
@@ -263,6 +273,9 @@ def _dqk_kernel(q, k, v, do, h, dh, gc, dq, dk, r_part, b_part, offs, cidx, scal
     p_dk = tl.make_block_ptr(dk + (bos * H + i_h) * K, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
     tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), boundary_check=(0, 1))
     tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), boundary_check=(0, 1))
+    if DW:
+        p_dw = tl.make_block_ptr(dw + (bos * H + i_h) * K, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
+        tl.store(p_dw, b_dw.to(p_dw.dtype.element_ty), boundary_check=(0, 1))
 
 
 @triton.jit
@@ -347,10 +360,11 @@ def diag_backward(q, k, v, g, h0, do, dht, scale: float, offsets: list[int]):
     if g is not None:
         r_part = q.new_empty(NK, TT, H, dtype=torch.float32)
         b_part = torch.empty_like(r_part)
-    _dqk_kernel[(NK, plan.n_chunks, H)](q, k, v, do, h, dh, gc, dq, dk, r_part, b_part,
-                                        plan.offsets, plan.chunk_index, scale, TT, H=H, K=K,
-                                        V=V, BT=BT, BK=BK, BV=BV, USE_G=g is not None,
-                                        PREC=dot_precision(q.dtype), num_warps=NUM_WARPS)
+    _dqk_kernel[(NK, plan.n_chunks, H)](q, k, v, do, h, dh, gc, dq, dk, r_part, b_part, None,
+                                        None, plan.offsets, plan.chunk_index, scale, TT, H=H,
+                                        K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=g is not None,
+                                        DW=False, PREC=dot_precision(q.dtype),
+                                        num_warps=NUM_WARPS)
     if g is not None:
         dg = torch.empty_like(g)
         _dg_kernel[(plan.n_chunks, H)](r_part, b_part, dg, plan.offsets, plan.chunk_index,
