@@ -131,7 +131,7 @@ def compile_check():
     return max(rel_err(a, b) for a, b in zip(got, eager))
 
 
-def main(out, op_names, strong=None):
+def main(out, op_names, strong=None, dtype=None):
     # imported here: importing tests/test_triton without CUDA switches Triton to its
     # interpreter, which --compile-only must not
     from test_triton import OPS, errors
@@ -140,6 +140,8 @@ def main(out, op_names, strong=None):
     for op in op_names or OPS:
         for case in cases(op):
             if strong is not None and str(case["strong"]) != strong:
+                continue
+            if dtype is not None and case["dtype"] != getattr(torch, dtype):
                 continue
             rows.append(check_case(errors, op, case))
             ok &= rows[-1]["passed"]
@@ -164,6 +166,7 @@ if __name__ == "__main__":
     p.add_argument("--ops", nargs="+", help="ops to check (default: all)")
     p.add_argument("--strong", choices=["False", "True", "norm"],
                    help="only the cases with this input kind (e.g. norm: mLSTM's strong normalizer)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], help="only the cases of this dtype")
     p.add_argument("--compile-only", action="store_true")
     p.add_argument("--mlstm-warps", action="store_true",
                    help="only time mlstm at 4 and 8 warps (see mlstm_warps), OUT.json")
@@ -174,4 +177,4 @@ if __name__ == "__main__":
         p.error("OUT.json is required")
     if a.mlstm_warps:
         sys.exit(mlstm_warps(a.out))
-    sys.exit(0 if main(a.out, a.ops, a.strong) else 1)
+    sys.exit(0 if main(a.out, a.ops, a.strong, a.dtype) else 1)
