@@ -199,34 +199,6 @@ def fwd_bwd_ms(t, op, backend, B=4, T=8192, H=16, K=128, V=128, reps=5):
     return sorted(times)[len(times) // 2]
 
 
-# Launch settings of the sequential state passes tried by --tune: (BV, warps, stages).
-STATE_VARIANTS = ((32, 4, 2), (64, 8, 3), (64, 8, 2), (32, 8, 3))
-
-
-def tune_state_passes(t, ops_=("delta_rule", "gated_delta_rule"), B=4, T=8192):
-    """fwd+bwd milliseconds (bf16, K = V = 128, 16 heads) of each op with the state
-    passes launched as each of STATE_VARIANTS (``_state_meta`` patched): the data behind
-    its choice. A variant that fails records its error."""
-    from seqpar.ops.linear import triton_delta as td
-
-    shipped, rows = td._state_meta, []
-    try:
-        for bv, warps, stages in STATE_VARIANTS:
-            td._state_meta = lambda dtype, bv=bv, w=warps, st=stages: dict(
-                BT=td.BT, BV=bv, num_warps=w, num_stages=st)
-            for op in ops_:
-                try:
-                    ms = fwd_bwd_ms(t, op, "triton", B=B, T=T)
-                except Exception as e:
-                    ms = repr(e)[:200]
-                rows.append(dict(op=op, BV=bv, num_warps=warps, num_stages=stages, ms=ms))
-                print(f"tune {op} B={B} T={T} state BV={bv} warps={warps} stages={stages}: {ms}",
-                      flush=True)
-    finally:
-        td._state_meta = shipped
-    return rows
-
-
 def _tests():
     """tests/test_triton_delta, imported only for the GPU checks: importing it on a
     machine without CUDA switches Triton to its interpreter."""
@@ -265,15 +237,6 @@ def main(out, op_names=None):
 if __name__ == "__main__":
     if sys.argv[1] == "--compile-only":
         sys.exit(0 if compile_sm90()[1] else 1)
-    if sys.argv[1] == "--tune":
-        Path(sys.argv[2]).write_text(json.dumps(dict(
-            command=f"python bench/device/check_triton_delta.py --tune OUT.json {sys.argv[3]} {sys.argv[4]}",
-            gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-            triton=__import__("triton").__version__,
-            date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            state_passes=tune_state_passes(_tests(), B=int(sys.argv[3]), T=int(sys.argv[4]))),
-            indent=1))
-        sys.exit(0)
     # ops after the output path: a CUDA fault poisons the rest of its process, so the
     # device scripts check one op per process
     sys.exit(0 if main(sys.argv[1], sys.argv[2:]) else 1)

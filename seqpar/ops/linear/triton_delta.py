@@ -388,7 +388,7 @@ def unit_lower_inverse(a: torch.Tensor) -> torch.Tensor:
     a = a.contiguous()
     out = torch.zeros_like(a)
     _inverse_kernel[(a.numel() // (BT * BT),)](a, out, BT=BT, PREC=dot_precision(torch.float32),
-                                               num_warps=NUM_WARPS)
+                                               **INVERSE_META)
     return out
 
 
@@ -441,6 +441,7 @@ def _state_meta(dtype: torch.dtype) -> dict:
 # at K = 64 (bench/results/k64_try_h100.log).
 WY_BWD_META = dict(BK=BV_STATE, BV=BV_STATE, num_warps=8, num_stages=1)
 DV_LOCAL_META = dict(BK=BK, BV=BV, num_warps=8)
+INVERSE_META = dict(num_warps=NUM_WARPS)
 
 
 def delta_forward(q, k, v, g, beta, h0, scale: float, offsets: list[int]):
