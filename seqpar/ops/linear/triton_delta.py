@@ -33,8 +33,8 @@ Backward, with ``dS`` the gradient of the state leaving a chunk:
 
 This is flash-linear-attention's split of the backward (dW beside dq and dk, the WY
 gradients from dW and dv'); it replaced one where the WY backward formed ``dX = -dY S^T``
-itself, reloading the states per key tile (2.6 of 6.4 ms of kernels at T = 8K on an
-H100, against 0.96 now: bench/results/profile_wy_h100.log).
+itself, reloading the states per key tile: 2.6 of 6.4 ms of kernels at T = 8K on an
+H100, against 0.75 ms now (bench/results/profile_wy2_h100.log).
 
 Precision: every product has operands in the inputs' dtype and float32 accumulation,
 and every stored intermediate but A is in the inputs' dtype: N (a copy; computed in float32),
@@ -249,9 +249,9 @@ def _wy_bwd_kernel(k, v, beta, gc, an, vn, dvn, dw, dk_part, dk, dv, dbeta, r_ou
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                    USE_G: tl.constexpr, PREC: tl.constexpr):
     """Gradients through W, U and A of one chunk and head from ``dU = dv'`` (dvn),
-    ``dW = -dv' S^T`` (dw, from ``_dqk_kernel``) and N (an, the inputs' dtype): dv, dbeta, dk (dk_part plus the terms
-    through ``beta k e^G`` and A) and this kernel's share of the gate terms (r into
-    r_out; b_out gets zeros). ``dY = N^T dv'`` and ``dX = N^T dW`` are the gradients
+    ``dW = -dv' S^T`` (dw, from ``_dqk_kernel``) and N (an, the inputs' dtype): dv,
+    dbeta, dk (dk_part plus the terms through ``beta k e^G`` and A) and this kernel's
+    share of the gate terms (r into r_out; b_out gets zeros). ``dY = N^T dv'`` and ``dX = N^T dW`` are the gradients
     of ``beta v`` and ``beta k e^G``; ``M = dA e^(G_i - G_j)`` enters dk as
     ``(M + M^T) (beta k)`` with beta on M's rows."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
