@@ -91,6 +91,18 @@ def test_triton_delta_matches_reference(op, case):
     assert not bad, f"{op} {case}: errors over {tol}: {bad}"
 
 
+@pytest.mark.parametrize("op", list(GATES))
+def test_dqk_trans_da_candidate(op, monkeypatch):
+    """The dq/dk kernel's candidate setting (dA^T by transpose, triton_delta.DQK_TRANS_DA)
+    against the float64 reference: packed, strong decays, V over two tiles, bf16."""
+    import seqpar.ops.linear.triton_delta as td
+
+    monkeypatch.setattr(td, "DQK_TRANS_DA", not td.DQK_TRANS_DA)
+    errs = errors(op, **EXTRA[0])
+    bad = {n: e for n, e in errs.items() if not e < TOL[torch.bfloat16]}
+    assert not bad, f"{op} DQK_TRANS_DA={td.DQK_TRANS_DA}: errors over tolerance: {bad}"
+
+
 def test_compile_fullgraph_traces_custom_op():
     """The state pass is one custom op to torch.compile: fullgraph tracing succeeds and
     the compiled forward and backward equal eager."""

@@ -72,7 +72,8 @@ def _kernels(td, K, dtype):
         (td._wy_bwd_kernel, {**chunk, **_tiles(td.WY_BWD_META)}, _launch(td.WY_BWD_META),
          _BF16, NO_SPILLS),
         (tdg._pair_kernel, {**diag, "BACKWARD": False}, opts, _BF16_DIAG, PRINT_ONLY),
-        (tdg._dqk_kernel, {**diag, "DW": True}, td._dqk_meta(dtype), _BF16_DIAG, PRINT_ONLY),
+        (tdg._dqk_kernel, {**diag, "DW": True, "TRANS_DA": td.DQK_TRANS_DA}, td._dqk_meta(dtype),
+         _BF16_DIAG, PRINT_ONLY),
     ]
 
 

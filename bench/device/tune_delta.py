@@ -37,6 +37,7 @@ VARIANTS = {
     "state BV=64 8 warps 3 stages": {"_state_meta": _state(64, 8, 3)},
     "dqk 4 warps 3 stages": {"_dqk_meta": _dqk(4, 3)},
     "dqk 8 warps 2 stages": {"_dqk_meta": _dqk(8, 2)},
+    "dqk dA^T by transpose": {"DQK_TRANS_DA": True},
     "wy_bwd 4 warps": {"WY_BWD_META": {**td.WY_BWD_META, "num_warps": 4}},
     "dv_local 4 warps": {"DV_LOCAL_META": {**td.DV_LOCAL_META, "num_warps": 4}},
     "inverse 2 warps": {"INVERSE_META": dict(num_warps=2)},

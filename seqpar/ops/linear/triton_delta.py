@@ -442,6 +442,9 @@ def _state_meta(dtype: torch.dtype) -> dict:
 WY_BWD_META = dict(BK=BV_STATE, BV=BV_STATE, num_warps=8, num_stages=1)
 DV_LOCAL_META = dict(BK=BK, BV=BV, num_warps=8)
 INVERSE_META = dict(num_warps=NUM_WARPS)
+# dA^T in the dq/dk kernel by one transpose instead of a product per V tile: passes the
+# interpreter tests, not yet timed or checked on a GPU (bench/device/tune_delta.py)
+DQK_TRANS_DA = False
 
 
 def delta_forward(q, k, v, g, beta, h0, scale: float, offsets: list[int]):
@@ -510,7 +513,8 @@ def delta_backward(q, k, v, g, beta, ai, w, h, vn, do, dht, scale: float, offset
         r_part, b_part = torch.empty(NK + 1, TT, H, **f32), torch.empty(NK + 1, TT, H, **f32)
     _dqk_kernel[(NK, NT, H)](q, k, vn, do, h, dsl, gc, dq, dk_part, r_part, b_part, dvn, dw,
                              plan.offsets, plan.chunk_index, scale, TT, H=H, K=K, V=V, BT=BT,
-                             BK=BK, BV=BV, USE_G=use_g, DW=True, PREC=prec, **_dqk_meta(q.dtype))
+                             BK=BK, BV=BV, USE_G=use_g, DW=True, TRANS_DA=DQK_TRANS_DA, PREC=prec,
+                             **_dqk_meta(q.dtype))
     dk, dv, dbeta = torch.empty_like(k), torch.empty_like(v), torch.empty_like(beta)
     _wy_bwd_kernel[(NT, H)](k, v, beta, gc, ai, vn, dvn, dw, dk_part, dk, dv, dbeta,
                             r_part[NK] if use_g else None, b_part[NK] if use_g else None,
