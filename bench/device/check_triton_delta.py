@@ -40,11 +40,12 @@ _BF16 = ("q", "k", "v", "beta", "do", "dq", "dk", "dv", "dbeta", "an", "w", "u",
 _BF16_DIAG = ("a", "b", "y", "h", "out", "q", "k", "v", "do", "dh", "dq", "dk", "dvn", "dw")
 
 
-# Bytes of register spill stores allowed in the bf16 configuration. The sequential state
-# passes spill 0 (forward) and 88 bytes (reverse, K = 128) per program at 8 warps, into
-# L1. The diagonal family's kernels are printed only (check_triton.py: its own bf16
-# _dqk_kernel spills).
-NO_SPILLS, STATE_SPILLS, PRINT_ONLY = 0, 1024, None
+# Bytes of register spill stores allowed in the bf16 configuration, where a setting that
+# spills into L1 was timed faster on an H100 than one that does not: the sequential state
+# passes at 4 warps (4-692 bytes; 0-88 at 8 warps) and the WY backward at 4 warps (48-124
+# bytes; none at 8; bench/results/tune_delta_h100.log). The diagonal family's kernels are
+# printed only (check_triton.py: its own bf16 _dqk_kernel spills).
+NO_SPILLS, WY_BWD_SPILLS, STATE_SPILLS, PRINT_ONLY = 0, 256, 1024, None
 
 
 def _kernels(td, K, dtype):
@@ -54,25 +55,28 @@ def _kernels(td, K, dtype):
     from seqpar.ops.linear import triton_diag as tdg
     from seqpar.ops.linear.triton_common import BK, BV
 
-    meta = td._state_meta(dtype)
-    bk, bs = td._k_tile(K), meta["BV"]
+    bk, bs = td._k_tile(K), td.BV_STATE
     chunk = dict(H=16, K=K, V=128, BT=td.BT, USE_G=True)
     state = {**chunk, "BK": bk, "BV": bs}
-    state_opts = dict(num_warps=meta["num_warps"], num_stages=meta["num_stages"])
+    # both pipeline depths of the sequential passes (they differ for 16-bit inputs only)
+    metas = {str(m): m for m in (td._state_meta(dtype, idle) for idle in (False, True))}.values()
+    state_opts = [dict(num_warps=m["num_warps"], num_stages=m["num_stages"]) for m in metas]
     opts = dict(num_warps=td.NUM_WARPS)
     diag = {**chunk, "BK": BK, "BV": BV}
     a_kernel = {n: chunk[n] for n in ("H", "K", "BT", "USE_G")}
     return [
         (td._wy_a_kernel, {**a_kernel, "BK": bk}, opts, _BF16, NO_SPILLS),
         (td._wy_wu_kernel, {**chunk, "BD": bs, "STORE_N": True}, opts, _BF16, NO_SPILLS),
-        (td._fwd_kernel, {**state, "HAS_H0": True}, state_opts, _BF16, STATE_SPILLS),
+        *[(td._state_kernels()[0], {**state, "HAS_H0": True}, o, _BF16, STATE_SPILLS)
+          for o in state_opts],
         (td._dv_local_kernel, {**chunk, **_tiles(td.DV_LOCAL_META)}, _launch(td.DV_LOCAL_META),
          _BF16, NO_SPILLS),
-        (td._bwd_kernel, {**state, "HAS_DHT": True}, state_opts, _BF16, STATE_SPILLS),
+        *[(td._state_kernels()[1], {**state, "HAS_DHT": True}, o, _BF16, STATE_SPILLS)
+          for o in state_opts],
         (td._wy_bwd_kernel, {**chunk, **_tiles(td.WY_BWD_META)}, _launch(td.WY_BWD_META),
-         _BF16, NO_SPILLS),
+         _BF16, WY_BWD_SPILLS),
         (tdg._pair_kernel, {**diag, "BACKWARD": False}, opts, _BF16_DIAG, PRINT_ONLY),
-        (tdg._dqk_kernel, {**diag, "DW": True, "TRANS_DA": td.DQK_TRANS_DA}, td._dqk_meta(dtype),
+        (tdg._dqk_kernel, {**diag, "DW": True, "TRANS_DA": td.DQK_TRANS_DA}, td._dqk_meta(dtype, True),
          _BF16_DIAG, PRINT_ONLY),
     ]
 
@@ -115,13 +119,13 @@ def compile_sm90():
             row["max_spill"] = max_spill if prec == "tf32" else PRINT_ONLY
             rows.append(row)
     rows.append(_compile(td._inverse_kernel, dict(BT=td.BT, PREC="tf32x3"),
-                         dict(num_warps=td.NUM_WARPS), ptxas, GPUTarget, ASTSource, td.BT, "tf32x3"))
+                         dict(td.INVERSE_META), ptxas, GPUTarget, ASTSource, td.BT, "tf32x3"))
     rows[-1]["max_spill"] = NO_SPILLS
     for r in rows:
         fits = r["shared"] <= SM90_SHARED and (r["max_spill"] is None
                                                or _spill_bytes(r["ptxas"]) <= r["max_spill"])
         ok &= fits
-        print(f"{'OK  ' if fits else 'FAIL'} {r['kernel']:16s} K={r['K']:3d} {r['prec']:6s} "
+        print(f"{'OK  ' if fits else 'FAIL'} {r['kernel']:17s} K={r['K']:3d} {r['prec']:6s} {r['launch']} "
               f"shared={r['shared']} {r['ptxas']}", flush=True)
     return rows, ok
 
@@ -142,7 +146,9 @@ def _compile(fn, constexprs, opts, ptxas, GPUTarget, ASTSource, K, prec):
                              capture_output=True, text=True).stderr
     info = "; ".join(line.split("ptxas info    : ")[-1].strip() for line in err.splitlines()
                      if "registers" in line or "spill" in line)
-    return dict(kernel=fn.__name__, K=K, prec=prec, shared=kernel.metadata.shared, ptxas=info)
+    launch = f"{opts.get('num_warps', 4)}w{opts.get('num_stages', 3)}s"
+    return dict(kernel=fn.__name__, K=K, prec=prec, launch=launch, shared=kernel.metadata.shared,
+                ptxas=info)
 
 
 def cases(op):

@@ -27,14 +27,14 @@ from seqpar.ops.linear import triton_delta as td  # noqa: E402
 
 
 def _stages(n):
-    def meta(dtype, base=td._state_meta):
-        return {**base(dtype), "num_stages": n}
+    def meta(*args, base=td._state_meta):
+        return {**base(*args), "num_stages": n}
     return meta
 
 
 VARIANTS = {
     "none": {},
-    "dqk4": {"_dqk_meta": lambda dtype: dict(num_warps=4, num_stages=2 if dtype == torch.float32 else 3)},
+    "dqk4": {"_dqk_meta": lambda dtype, *_: dict(num_warps=4, num_stages=2 if dtype == torch.float32 else 3)},
     "state1": {"_state_meta": _stages(1)},
     "wy1": {"WY_BWD_META": dict(num_warps=8, num_stages=1)},
 }

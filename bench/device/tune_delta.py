@@ -8,9 +8,11 @@ per round, and each keeps its best round, so drift of the machine spreads over a
 them. FLA 0.6.0's DeltaNet, when importable, is measured in the same process at 8K: the
 ratio the acceptance criterion asks for, beside every variant's.
 
-Usage on the device (repo root): ``python bench/device/tune_delta.py OUT.json`` (carry
-.whl and .triton_cache for FLA). Speed only: a variant worth shipping still needs the
-full-size checks (check_triton_delta.py) before it does.
+Usage on the device (repo root): ``python bench/device/tune_delta.py OUT.json [NAMES]``
+(carry .whl and .triton_cache for FLA). NAMES: comma-separated variant names, all by
+default; "shipped" is the baseline every ratio needs, and "a+b" applies variants a and b
+together. Speed only: a variant worth shipping still needs the full-size checks
+(check_triton_delta.py) before it does.
 """
 import json
 import sys
@@ -23,25 +25,30 @@ from seqpar.ops.linear import triton_delta as td
 
 
 def _state(bv, warps, stages):
-    return lambda dtype: dict(BT=td.BT, BV=bv, num_warps=warps, num_stages=stages)
+    return lambda *_: dict(BT=td.BT, BV=bv, num_warps=warps, num_stages=stages)
 
 
 def _dqk(warps, stages):
-    return lambda dtype: dict(num_warps=warps, num_stages=stages)
+    return lambda *_: dict(num_warps=warps, num_stages=stages)
 
 
+# round 1 (bench/results/tune_delta_h100.*) chose the shipped WY backward and inverse warps,
+# the dq/dk warps without gates and the state passes' depth by grid size
 VARIANTS = {
     "shipped": {},
-    "state BV=32 8 warps 3 stages": {"_state_meta": _state(32, 8, 3)},
-    "state BV=32 4 warps 3 stages": {"_state_meta": _state(32, 4, 3)},
+    "state 2 stages": {"_state_meta": _state(32, 4, 2)},
+    "state 3 stages": {"_state_meta": _state(32, 4, 3)},
     "state BV=64 8 warps 3 stages": {"_state_meta": _state(64, 8, 3)},
-    "dqk 4 warps 3 stages": {"_dqk_meta": _dqk(4, 3)},
-    "dqk 8 warps 2 stages": {"_dqk_meta": _dqk(8, 2)},
+    "state split": {"STATE_SPLIT": True},
+    "state split 8 warps": {"STATE_SPLIT": True, "_state_meta": _state(32, 8, 2)},
+    "state split BV=64": {"STATE_SPLIT": True, "_state_meta": _state(64, 4, 2)},
+    "dqk 8 warps 3 stages": {"_dqk_meta": _dqk(8, 3)},
     "dqk dA^T by transpose": {"DQK_TRANS_DA": True},
-    "wy_bwd 4 warps": {"WY_BWD_META": {**td.WY_BWD_META, "num_warps": 4}},
+    "wy_bwd 8 warps": {"WY_BWD_META": {**td.WY_BWD_META, "num_warps": 8}},
+    "wy_bwd 2 warps": {"WY_BWD_META": {**td.WY_BWD_META, "num_warps": 2}},
     "dv_local 4 warps": {"DV_LOCAL_META": {**td.DV_LOCAL_META, "num_warps": 4}},
-    "inverse 2 warps": {"INVERSE_META": dict(num_warps=2)},
-    "inverse 8 warps": {"INVERSE_META": dict(num_warps=8)},
+    "inverse 1 warp": {"INVERSE_META": dict(num_warps=1)},
+    "inverse 4 warps": {"INVERSE_META": dict(num_warps=4)},
     # last: the WY backward this one replaced hit illegal memory accesses at 2 stages, and
     # a CUDA fault fails every later launch of the process (earlier rounds' times stay)
     "wy_bwd 2 stages": {"WY_BWD_META": {**td.WY_BWD_META, "num_stages": 2}},
@@ -55,16 +62,19 @@ def _fwd_bwd_ms(fn, B, T, op):
     return measure(fn, xs, 60)[1]
 
 
-def main(out, rounds=3):
-    shipped = {name: getattr(td, name) for patch in VARIANTS.values() for name in patch}
-    best = {}
-    try:
-        fla = _fwd_bwd_ms(fla_fn("delta_rule"), 4, 8192, "delta_rule")
-    except Exception as e:  # not importable or refused: the variants still run
-        fla = repr(e)[:200]
-    print(f"fla delta_rule B=4 T=8192: {fla}", flush=True)
+def main(out, names=None, rounds=3):
+    variants = {n: {k: v for part in n.split("+") for k, v in VARIANTS[part].items()}
+                for n in (names or VARIANTS)}
+    shipped = {name: getattr(td, name) for patch in variants.values() for name in patch}
+    best, fla = {}, None
     for r in range(rounds):
-        for name, patch in VARIANTS.items():
+        try:  # each round, as the variants are: the ratio is taken at the same drift
+            ms = _fwd_bwd_ms(fla_fn("delta_rule"), 4, 8192, "delta_rule")
+            fla = ms if not isinstance(fla, float) else min(fla, ms)
+        except Exception as e:  # not importable or refused: the variants still run
+            fla = repr(e)[:200]
+        print(f"round {r} fla delta_rule B=4 T=8192: {fla}", flush=True)
+        for name, patch in variants.items():
             for attr, value in shipped.items():
                 setattr(td, attr, patch.get(attr, value))
             for op in OPS:
@@ -90,7 +100,7 @@ def main(out, rounds=3):
                 row["vs_fla"] = fla / row["fwd_bwd_ms"]
         print(row, flush=True)
     with open(out, "w") as f:
-        json.dump(dict(command="python bench/device/tune_delta.py OUT.json",
+        json.dump(dict(command=" ".join(["python bench/device/tune_delta.py"] + sys.argv[1:]),
                        gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                        triton=__import__("triton").__version__,
                        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -98,4 +108,4 @@ def main(out, rounds=3):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2].split(",") if len(sys.argv) > 2 else None)
