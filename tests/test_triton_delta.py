@@ -91,26 +91,6 @@ def test_triton_delta_matches_reference(op, case):
     assert not bad, f"{op} {case}: errors over {tol}: {bad}"
 
 
-# settings of triton_delta still being timed on the GPU (bench/device/tune_delta.py), each
-# flipped from its shipped value: dA^T by transpose in the dq/dk kernel; the sequential
-# passes' state as two half-K tiles (K = 16 leaves the second half masked, K = 80 part of it)
-CANDIDATES = ("DQK_TRANS_DA", "STATE_SPLIT")
-
-
-@pytest.mark.parametrize("flag", CANDIDATES)
-@pytest.mark.parametrize("op", list(GATES))
-def test_candidate_settings(op, flag, monkeypatch):
-    """Each candidate setting of triton_delta against the float64 reference on the extra
-    cases: packed, strong decays, V over two tiles, bf16; K = 80, float32."""
-    import seqpar.ops.linear.triton_delta as td
-
-    monkeypatch.setattr(td, flag, not getattr(td, flag))
-    for case in EXTRA:
-        errs = errors(op, **case)
-        bad = {n: e for n, e in errs.items() if not e < TOL[case["dtype"]]}
-        assert not bad, f"{op} {flag}={getattr(td, flag)} {case}: errors over tolerance: {bad}"
-
-
 def test_compile_fullgraph_traces_custom_op():
     """The state pass is one custom op to torch.compile: fullgraph tracing succeeds and
     the compiled forward and backward equal eager."""

@@ -67,16 +67,16 @@ def _kernels(td, K, dtype):
     return [
         (td._wy_a_kernel, {**a_kernel, "BK": bk}, opts, _BF16, NO_SPILLS),
         (td._wy_wu_kernel, {**chunk, "BD": bs, "STORE_N": True}, opts, _BF16, NO_SPILLS),
-        *[(td._state_kernels()[0], {**state, "HAS_H0": True}, o, _BF16, STATE_SPILLS)
+        *[(td._fwd_kernel, {**state, "HAS_H0": True}, o, _BF16, STATE_SPILLS)
           for o in state_opts],
         (td._dv_local_kernel, {**chunk, **_tiles(td.DV_LOCAL_META)}, _launch(td.DV_LOCAL_META),
          _BF16, NO_SPILLS),
-        *[(td._state_kernels()[1], {**state, "HAS_DHT": True}, o, _BF16, STATE_SPILLS)
+        *[(td._bwd_kernel, {**state, "HAS_DHT": True}, o, _BF16, STATE_SPILLS)
           for o in state_opts],
         (td._wy_bwd_kernel, {**chunk, **_tiles(td.WY_BWD_META)}, _launch(td.WY_BWD_META),
          _BF16, WY_BWD_SPILLS),
         (tdg._pair_kernel, {**diag, "BACKWARD": False}, opts, _BF16_DIAG, PRINT_ONLY),
-        (tdg._dqk_kernel, {**diag, "DW": True, "TRANS_DA": td.DQK_TRANS_DA}, td._dqk_meta(dtype, True),
+        (tdg._dqk_kernel, {**diag, "DW": True}, td._dqk_meta(dtype, True),
          _BF16_DIAG, PRINT_ONLY),
     ]
 

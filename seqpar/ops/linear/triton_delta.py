@@ -246,117 +246,6 @@ def _bwd_kernel(q, k, w, gc, do, dht, dvl, dvn, dsl, dh0, offs, coff, scale,
 
 
 @triton.jit
-def _fwd_split_kernel(k, w, u, gc, h0, h, vn, ht, offs, coff,
-                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                      BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
-                      HAS_H0: tl.constexpr, PREC: tl.constexpr):
-    """:func:`_fwd_kernel` with the state held as two (BK / 2, BV) tiles."""
-    BH: tl.constexpr = BK // 2
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    n, i_h = i_nh // H, i_nh % H
-    bos, T_doc, boc = _doc_span(offs, coff, n)
-    b_s1 = tl.zeros([BH, BV], dtype=tl.float32)
-    b_s2 = tl.zeros([BH, BV], dtype=tl.float32)
-    if HAS_H0:
-        p_s1 = tl.make_block_ptr(h0 + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BH, BV), (1, 0))
-        p_s2 = tl.make_block_ptr(h0 + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (BH, i_v * BV), (BH, BV), (1, 0))
-        b_s1 += tl.load(p_s1, boundary_check=(0, 1), padding_option="zero")
-        b_s2 += tl.load(p_s2, boundary_check=(0, 1), padding_option="zero")
-    for c in range(tl.cdiv(T_doc, BT).to(tl.int32)):
-        i_c = (boc + c) * H + i_h
-        p_h1 = tl.make_block_ptr(h + i_c * K * V, (K, V), (V, 1), (0, i_v * BV), (BH, BV), (1, 0))
-        p_h2 = tl.make_block_ptr(h + i_c * K * V, (K, V), (V, 1), (BH, i_v * BV), (BH, BV), (1, 0))
-        tl.store(p_h1, b_s1.to(p_h1.dtype.element_ty), boundary_check=(0, 1))
-        tl.store(p_h2, b_s2.to(p_h2.dtype.element_ty), boundary_check=(0, 1))
-        p_w1 = tl.make_block_ptr(w + i_c * BT * K, (BT, K), (K, 1), (0, 0), (BT, BH), (1, 0))
-        p_w2 = tl.make_block_ptr(w + i_c * BT * K, (BT, K), (K, 1), (0, BH), (BT, BH), (1, 0))
-        p_u = tl.make_block_ptr(u + i_c * BT * V, (BT, V), (V, 1), (0, i_v * BV), (BT, BV), (1, 0))
-        p_kT1 = tl.make_block_ptr(k + (bos * H + i_h) * K, (K, T_doc), (1, H * K), (0, c * BT), (BH, BT), (0, 1))
-        p_kT2 = tl.make_block_ptr(k + (bos * H + i_h) * K, (K, T_doc), (1, H * K), (BH, c * BT), (BH, BT), (0, 1))
-        p_vn = tl.make_block_ptr(vn + (bos * H + i_h) * V, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
-        b_w1 = tl.load(p_w1, boundary_check=(0, 1), padding_option="zero")
-        b_w2 = tl.load(p_w2, boundary_check=(0, 1), padding_option="zero")
-        b_v = tl.load(p_u, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
-        b_v -= mma(b_w1, b_s1.to(b_w1.dtype), PREC) + mma(b_w2, b_s2.to(b_w2.dtype), PREC)
-        tl.store(p_vn, b_v.to(p_vn.dtype.element_ty), boundary_check=(0, 1))
-        b_kT1 = tl.load(p_kT1, boundary_check=(0, 1), padding_option="zero")
-        b_kT2 = tl.load(p_kT2, boundary_check=(0, 1), padding_option="zero")
-        if USE_G:
-            b_g, g_last = _gates(gc, bos, c, T_doc, i_h, H, BT)
-            b_s1 *= tl.exp2(g_last)
-            b_s2 *= tl.exp2(g_last)
-            b_v *= tl.exp2(g_last - b_g)[:, None]
-        b_v16 = b_v.to(b_kT1.dtype)
-        b_s1 += mma(b_kT1, b_v16, PREC)
-        b_s2 += mma(b_kT2, b_v16, PREC)
-    p_t1 = tl.make_block_ptr(ht + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BH, BV), (1, 0))
-    p_t2 = tl.make_block_ptr(ht + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (BH, i_v * BV), (BH, BV), (1, 0))
-    tl.store(p_t1, b_s1, boundary_check=(0, 1))
-    tl.store(p_t2, b_s2, boundary_check=(0, 1))
-
-
-@triton.jit
-def _bwd_split_kernel(q, k, w, gc, do, dht, dvl, dvn, dsl, dh0, offs, coff, scale,
-                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                      BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
-                      HAS_DHT: tl.constexpr, PREC: tl.constexpr):
-    """:func:`_bwd_kernel` with the state gradient held as two (BK / 2, BV) tiles."""
-    BH: tl.constexpr = BK // 2
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    n, i_h = i_nh // H, i_nh % H
-    bos, T_doc, boc = _doc_span(offs, coff, n)
-    NC = tl.cdiv(T_doc, BT).to(tl.int32)
-    b_ds1 = tl.zeros([BH, BV], dtype=tl.float32)
-    b_ds2 = tl.zeros([BH, BV], dtype=tl.float32)
-    if HAS_DHT:
-        p_s1 = tl.make_block_ptr(dht + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BH, BV), (1, 0))
-        p_s2 = tl.make_block_ptr(dht + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (BH, i_v * BV), (BH, BV), (1, 0))
-        b_ds1 += tl.load(p_s1, boundary_check=(0, 1), padding_option="zero")
-        b_ds2 += tl.load(p_s2, boundary_check=(0, 1), padding_option="zero")
-    for i in range(NC):
-        c = NC - 1 - i
-        i_c = (boc + c) * H + i_h
-        p_l1 = tl.make_block_ptr(dsl + i_c * K * V, (K, V), (V, 1), (0, i_v * BV), (BH, BV), (1, 0))
-        p_l2 = tl.make_block_ptr(dsl + i_c * K * V, (K, V), (V, 1), (BH, i_v * BV), (BH, BV), (1, 0))
-        tl.store(p_l1, b_ds1.to(p_l1.dtype.element_ty), boundary_check=(0, 1))
-        tl.store(p_l2, b_ds2.to(p_l2.dtype.element_ty), boundary_check=(0, 1))
-        p_k1 = tl.make_block_ptr(k + (bos * H + i_h) * K, (T_doc, K), (H * K, 1), (c * BT, 0), (BT, BH), (1, 0))
-        p_k2 = tl.make_block_ptr(k + (bos * H + i_h) * K, (T_doc, K), (H * K, 1), (c * BT, BH), (BT, BH), (1, 0))
-        p_dvl = tl.make_block_ptr(dvl + (bos * H + i_h) * V, (T_doc, V), (H * V, 1), (c * BT, i_v * BV),
-                                  (BT, BV), (1, 0))
-        p_dvn = tl.make_block_ptr(dvn + (bos * H + i_h) * V, (T_doc, V), (H * V, 1), (c * BT, i_v * BV),
-                                  (BT, BV), (1, 0))
-        p_qT1 = tl.make_block_ptr(q + (bos * H + i_h) * K, (K, T_doc), (1, H * K), (0, c * BT), (BH, BT), (0, 1))
-        p_qT2 = tl.make_block_ptr(q + (bos * H + i_h) * K, (K, T_doc), (1, H * K), (BH, c * BT), (BH, BT), (0, 1))
-        p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
-        p_wT1 = tl.make_block_ptr(w + i_c * BT * K, (K, BT), (1, K), (0, 0), (BH, BT), (0, 1))
-        p_wT2 = tl.make_block_ptr(w + i_c * BT * K, (K, BT), (1, K), (BH, 0), (BH, BT), (0, 1))
-        b_k1 = tl.load(p_k1, boundary_check=(0, 1), padding_option="zero")
-        b_k2 = tl.load(p_k2, boundary_check=(0, 1), padding_option="zero")
-        b_kds = mma(b_k1, b_ds1.to(b_k1.dtype), PREC) + mma(b_k2, b_ds2.to(b_k2.dtype), PREC)
-        b_do = tl.load(p_do, boundary_check=(0, 1), padding_option="zero").to(tl.float32) * scale
-        if USE_G:
-            b_g, g_last = _gates(gc, bos, c, T_doc, i_h, H, BT)
-            b_kds *= tl.exp2(g_last - b_g)[:, None]
-            b_ds1 *= tl.exp2(g_last)
-            b_ds2 *= tl.exp2(g_last)
-            b_do *= tl.exp2(b_g)[:, None]
-        b_dv = (tl.load(p_dvl, boundary_check=(0, 1), padding_option="zero") + b_kds).to(p_dvn.dtype.element_ty)
-        tl.store(p_dvn, b_dv, boundary_check=(0, 1))
-        b_do16 = b_do.to(b_k1.dtype)
-        b_qT1 = tl.load(p_qT1, boundary_check=(0, 1), padding_option="zero")
-        b_wT1 = tl.load(p_wT1, boundary_check=(0, 1), padding_option="zero")
-        b_ds1 += mma(b_qT1, b_do16, PREC) - mma(b_wT1, b_dv, PREC)
-        b_qT2 = tl.load(p_qT2, boundary_check=(0, 1), padding_option="zero")
-        b_wT2 = tl.load(p_wT2, boundary_check=(0, 1), padding_option="zero")
-        b_ds2 += mma(b_qT2, b_do16, PREC) - mma(b_wT2, b_dv, PREC)
-    p_01 = tl.make_block_ptr(dh0 + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BH, BV), (1, 0))
-    p_02 = tl.make_block_ptr(dh0 + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (BH, i_v * BV), (BH, BV), (1, 0))
-    tl.store(p_01, b_ds1, boundary_check=(0, 1))
-    tl.store(p_02, b_ds2, boundary_check=(0, 1))
-
-
-@triton.jit
 def _wy_bwd_kernel(k, v, beta, gc, an, vn, dvn, dw, dk_part, dk, dv, dbeta, r_out, b_out,
                    offs, cidx, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -573,26 +462,18 @@ def _state_grid(V: int, n_docs: int, H: int, dtype: torch.dtype, device: torch.d
     return (triton.cdiv(V, meta["BV"]), n_docs * H), meta
 
 
-# Timed on an H100 one change at a time (bench/results/tune_delta_h100.log, T = 8K):
-# _wy_bwd_kernel at 4 warps took 3% (delta_rule) and 6% (gated) less than at 8, though
-# compiled for sm_90 it spills at 4 and not at 8 (it holds N^T, dA and k k^T across its
-# loops); the inverse at 2 warps 2% less than at 4, at 8 warps 15% more. _dv_local_kernel
-# spilled 56 bytes at 4 warps and K = 64, none at 8. One stage in the WY backward: with
-# 2, an earlier one hit illegal memory accesses on an H100 for gated_delta_rule at K = 64
-# (bench/results/k64_try_h100.log), and this one took 1-4% longer.
+# Timed on an H100 one change at a time, forward+backward at T = 8K and 32K
+# (bench/results/tune_delta_h100.log, tune_delta2_h100.log): _wy_bwd_kernel at 4 warps took
+# 3% (delta_rule) and 6% (gated) less than at 8, though compiled for sm_90 it spills at 4
+# and not at 8 (it holds N^T, dA and k k^T across its loops); the inverse (one 64 x 64
+# matrix per program, its forward substitution serial) took 2% less at 2 warps than at 4,
+# 4-5% less again at 1, 15% more at 8. _dv_local_kernel spilled 56 bytes at 4 warps and
+# K = 64, none at 8. One stage in the WY backward: with 2, an earlier one hit illegal
+# memory accesses on an H100 for gated_delta_rule at K = 64
+# (bench/results/k64_try_h100.log), and this one gained at most 1.5%.
 WY_BWD_META = dict(BK=BV_STATE, BV=BV_STATE, num_warps=4, num_stages=1)
 DV_LOCAL_META = dict(BK=BK, BV=BV, num_warps=8)
-INVERSE_META = dict(num_warps=2)
-# dA^T in the dq/dk kernel by one transpose instead of a product per V tile: passes the
-# interpreter tests, not yet timed or checked on a GPU (bench/device/tune_delta.py)
-DQK_TRANS_DA = False
-# the sequential passes with the state as two half-K register tiles (as FLA holds it):
-# passes the interpreter tests, not yet timed on a GPU (bench/device/tune_delta.py)
-STATE_SPLIT = False
-
-
-def _state_kernels():
-    return (_fwd_split_kernel, _bwd_split_kernel) if STATE_SPLIT else (_fwd_kernel, _bwd_kernel)
+INVERSE_META = dict(num_warps=1)
 
 
 def delta_forward(q, k, v, g, beta, h0, scale: float, offsets: list[int]):
@@ -622,7 +503,7 @@ def delta_forward(q, k, v, g, beta, h0, scale: float, offsets: list[int]):
     h, vn = k.new_empty(NT, H, K, V), torch.empty_like(v)
     ht = torch.empty(plan.n_docs, H, K, V, **f32)
     grid, meta = _state_grid(V, plan.n_docs, H, v.dtype, v.device)
-    _state_kernels()[0][grid](
+    _fwd_kernel[grid](
         k, w, u, gc, h0, h, vn, ht, plan.offsets, plan.chunk_offsets, H=H, K=K, V=V, BK=bk,
         USE_G=use_g, HAS_H0=h0 is not None, PREC=prec, **meta)
     o = torch.empty_like(v)
@@ -650,7 +531,7 @@ def delta_backward(q, k, v, g, beta, ai, w, h, vn, do, dht, scale: float, offset
     dsl, dvn = k.new_empty(NT, H, K, V), torch.empty_like(v)
     dh0 = torch.empty(plan.n_docs, H, K, V, **f32)
     grid, meta = _state_grid(V, plan.n_docs, H, v.dtype, v.device)
-    _state_kernels()[1][grid](
+    _bwd_kernel[grid](
         q, k, w, gc, do, dht, dvl, dvn, dsl, dh0, plan.offsets, plan.chunk_offsets, scale, H=H,
         K=K, V=V, BK=bk, USE_G=use_g, HAS_DHT=dht is not None, PREC=prec, **meta)
     NK = triton.cdiv(K, BK)
@@ -661,7 +542,7 @@ def delta_backward(q, k, v, g, beta, ai, w, h, vn, do, dht, scale: float, offset
         r_part, b_part = torch.empty(NK + 1, TT, H, **f32), torch.empty(NK + 1, TT, H, **f32)
     _dqk_kernel[(NK, NT, H)](q, k, vn, do, h, dsl, gc, dq, dk_part, r_part, b_part, dvn, dw,
                              plan.offsets, plan.chunk_index, scale, TT, H=H, K=K, V=V, BT=BT,
-                             BK=BK, BV=BV, USE_G=use_g, DW=True, TRANS_DA=DQK_TRANS_DA, PREC=prec,
+                             BK=BK, BV=BV, USE_G=use_g, DW=True, PREC=prec,
                              **_dqk_meta(q.dtype, use_g))
     dk, dv, dbeta = torch.empty_like(k), torch.empty_like(v), torch.empty_like(beta)
     _wy_bwd_kernel[(NT, H)](k, v, beta, gc, ai, vn, dvn, dw, dk_part, dk, dv, dbeta,

@@ -205,14 +205,11 @@ def _dqk_tiles(do, v, h, dh, bos, c, T_doc, i_h, i_v, i_k, base_s, H: tl.constex
 def _dqk_kernel(q, k, v, do, h, dh, gc, dq, dk, r_part, b_part, dvn, dw, offs, cidx, scale,
                 TT, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                 BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, DW: tl.constexpr,
-                TRANS_DA: tl.constexpr, PREC: tl.constexpr):
+                PREC: tl.constexpr):
     """dq, dk of one chunk and K tile, and (with a gate) this tile's share of the gate
     gradient terms ``r`` (reverse-cumsummed later) and ``b`` (forward-cumsummed).
     With DW (the delta rule, v = v'): also ``dW = -dv' h^T`` into dw (packed like k,
-    its dtype) from dvn (packed like v), while the state tiles are in registers.
-    ``dA^T`` comes from its own products per V tile, or with TRANS_DA from one
-    transpose of dA (a candidate for the delta rules, not measured on a GPU yet:
-    bench/device/tune_delta.py)."""
+    its dtype) from dvn (packed like v), while the state tiles are in registers."""
     i_k, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
@@ -227,8 +224,7 @@ def _dqk_kernel(q, k, v, do, h, dh, gc, dq, dk, r_part, b_part, dvn, dw, offs, c
         b_do, b_v, b_doT, b_vT, b_hT, b_dhT = _dqk_tiles(do, v, h, dh, bos, c, T_doc, i_h, i_v, i_k,
                                                           base_s, H, K, V, BT, BK, BV)
         b_dA += mma(b_do, b_vT, PREC)
-        if not TRANS_DA:  # else b_doT is never used, and its load is dropped as dead
-            b_dAt += mma(b_v, b_doT, PREC)
+        b_dAt += mma(b_v, b_doT, PREC)
         b_dq += mma(b_do, b_hT.to(b_do.dtype), PREC)
         b_dk += mma(b_v, b_dhT.to(b_v.dtype), PREC)
         if DW:
@@ -238,8 +234,6 @@ def _dqk_kernel(q, k, v, do, h, dh, gc, dq, dk, r_part, b_part, dvn, dw, offs, c
                         b_hT.to(b_v.dtype), PREC)
         if USE_G:
             b_hdh += tl.sum(b_hT.to(tl.float32) * b_dhT.to(tl.float32), axis=0)
-    if TRANS_DA:
-        b_dAt = tl.trans(b_dA)
     p_q = tl.make_block_ptr(q + (bos * H + i_h) * K, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
     p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
     b_q = tl.load(p_q, boundary_check=(0, 1), padding_option="zero")
@@ -369,7 +363,7 @@ def diag_backward(q, k, v, g, h0, do, dht, scale: float, offsets: list[int]):
     _dqk_kernel[(NK, plan.n_chunks, H)](q, k, v, do, h, dh, gc, dq, dk, r_part, b_part, None,
                                         None, plan.offsets, plan.chunk_index, scale, TT, H=H,
                                         K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=g is not None,
-                                        DW=False, TRANS_DA=False, PREC=dot_precision(q.dtype),
+                                        DW=False, PREC=dot_precision(q.dtype),
                                         num_warps=NUM_WARPS)
     if g is not None:
         dg = torch.empty_like(g)
