@@ -151,3 +151,33 @@ def test_triton_backend_needs_cuda_or_interpreter(monkeypatch):
     with pytest.raises(ValueError) as exc:
         _call("linear_attn", x, backend="triton")
     _check(exc, ["backend:", "CUDA", "cpu"])
+
+
+@pytest.mark.parametrize("op", LINEAR + ["softmax_attn"])
+def test_autocast_takes_mixed_qkv(op):
+    """Under autocast the ops take q, k, v of mixed dtypes, as layers produce them under
+    CUDA autocast (F.normalize of q and k in float32 beside a bf16 v): they run in the
+    autocast dtype, exactly as with those inputs cast first, and gradients reach the
+    float32 leaves. Outside autocast the same call is refused."""
+    x = _inputs()
+    if op == "softmax_attn":
+        x["v"] = torch.randn(B, T, H, K)
+    q, k = x["q"].requires_grad_(), x["k"].requires_grad_()
+    v = x["v"].bfloat16().requires_grad_()
+
+    def call(q, k, v):
+        if op == "softmax_attn":
+            return ops.softmax_attn(q, k, v)[0]
+        return _call(op, x, q=q, k=k, v=v)[0]
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        o = call(q, k, v)
+    ref = call(q.detach().bfloat16(), k.detach().bfloat16(), v.detach())
+    assert o.dtype == torch.bfloat16
+    assert torch.equal(o, ref)
+    o.float().sum().backward()
+    assert q.grad.dtype == torch.float32 and q.grad.abs().sum() > 0
+    assert v.grad.dtype == torch.bfloat16 and v.grad.abs().sum() > 0
+    with pytest.raises(ValueError) as exc:
+        call(q, k, v)
+    _check(exc, ["v:", "float32", "bfloat16"])

@@ -6,6 +6,7 @@ answer.
 """
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Sequence
 
@@ -103,6 +104,35 @@ def check_scale(scale, head_dim: int) -> float:
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         fail("scale", "a float or None", type(scale).__name__)
     return float(scale)
+
+
+def autocast_inputs(op):
+    """Decorator for an op whose first three arguments are q, k, v (positional or by
+    name): under autocast for q's device type, the op runs on q, k and v cast to the
+    autocast dtype with autocast off inside, so that it keeps its own precision rules
+    (float32 states and accumulation), as ``torch.amp.custom_fwd(cast_inputs=...)``
+    does; elsewhere it runs on them as given, and one dtype is required. Layers give
+    mixed dtypes under CUDA autocast, which runs norms in float32: ``F.normalize`` of q
+    and k comes back float32 beside a bf16 v (CPU autocast keeps norms in bf16, so only
+    a GPU showed it)."""
+    names = ("q", "k", "v")
+
+    @functools.wraps(op)
+    def wrapper(*args, **kwargs):
+        q = args[0] if args else kwargs.get("q")
+        if not (isinstance(q, torch.Tensor) and torch.is_autocast_enabled(q.device.type)):
+            return op(*args, **kwargs)
+        dtype = torch.get_autocast_dtype(q.device.type)
+
+        def cast(x):
+            return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+        args = [cast(x) if i < len(names) else x for i, x in enumerate(args)]
+        kwargs = {n: cast(x) if n in names else x for n, x in kwargs.items()}
+        with torch.autocast(q.device.type, enabled=False):
+            return op(*args, **kwargs)
+
+    return wrapper
 
 
 def check_qkv(q, k, v):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._validate import check_cu_seqlens, check_scale, check_tensor, fail
+from ._validate import autocast_inputs, check_cu_seqlens, check_scale, check_tensor, fail
 
 _aten = torch.ops.aten
 # Elements of one (B, H, rows, S) float32 score tile in the math engine: bounds its memory.
@@ -334,6 +334,7 @@ def attn_block_backward(do, q, k, v, o, lse, *, causal: bool, scale: float | Non
     return _bhtd(dq).to(acc), _bhtd(dk).to(acc), _bhtd(dv).to(acc)
 
 
+@autocast_inputs
 def softmax_attn(q, k, v, *, causal: bool = True, scale=None, cu_seqlens=None, sp=None):
     """Softmax attention returning the log-sum-exp.
 

@@ -4,7 +4,7 @@ The caller L2-normalizes k. Engine: ``chunk_delta`` with no decay.
 """
 from __future__ import annotations
 
-from .._validate import check_scale
+from .._validate import autocast_inputs, check_scale
 from ._run import linear_call
 from .gated_delta_rule import delta_reference, delta_step
 
@@ -21,6 +21,7 @@ def delta_rule_reference(q, k, v, beta, scale=None, initial_state=None, output_f
                            output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
 
+@autocast_inputs
 def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False,
                cu_seqlens=None, chunk_size=64, backend="auto", sp=None):
     """DeltaNet. beta: (B, T, H) in (0, 1). Keywords and returns as in

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .._validate import check_scale
+from .._validate import autocast_inputs, check_scale
 from ._family import reference_scan
 from ._run import linear_call
 
@@ -55,6 +55,7 @@ def gla_reference(q, k, v, g, scale=None, initial_state=None, output_final_state
                           output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
 
+@autocast_inputs
 def gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
         cu_seqlens=None, chunk_size=64, backend="auto", sp=None):
     """Gated linear attention.

@@ -4,7 +4,7 @@ Engine: ``chunk_diag`` with no decay.
 """
 from __future__ import annotations
 
-from .._validate import check_scale
+from .._validate import autocast_inputs, check_scale
 from ._run import linear_call
 from .gla import diag_reference, diag_step
 
@@ -21,6 +21,7 @@ def linear_attn_reference(q, k, v, scale=None, initial_state=None, output_final_
                           output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
 
+@autocast_inputs
 def linear_attn(q, k, v, *, scale=None, initial_state=None, output_final_state=False,
                 cu_seqlens=None, chunk_size=64, backend="auto", sp=None):
     """Causal linear attention (no decay, no normalizer).

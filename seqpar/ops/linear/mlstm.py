@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._validate import check_backend, check_gate, check_qkv, check_scale, check_tensor, fail
+from .._validate import (autocast_inputs, check_backend, check_gate, check_qkv, check_scale,
+                         check_tensor, fail)
 from ._family import pick_backend, reference_scan
 from ._run import check_options, documents, linear_call
 
@@ -53,6 +54,7 @@ def mlstm_reference(q, k, v, i, f, scale=None, initial_state=None, output_final_
     return reference_scan(step, (q, k, v, i, f), initial_state, zero, output_final_state, offsets)
 
 
+@autocast_inputs
 def mlstm(q, k, v, i, f, *, scale=None, initial_state=None, output_final_state=False,
           cu_seqlens=None, chunk_size=64, backend="auto", sp=None):
     """mLSTM with sigmoid input and forget gates and the max(|n q|, 1) normalizer.

@@ -5,7 +5,7 @@ head is RetNet's retention / Lightning Attention's decay. Engine: ``chunk_diag``
 """
 from __future__ import annotations
 
-from .._validate import check_scale
+from .._validate import autocast_inputs, check_scale
 from ._run import linear_call
 from .gla import diag_reference, diag_step
 
@@ -22,6 +22,7 @@ def simple_gla_reference(q, k, v, g, scale=None, initial_state=None, output_fina
                           output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
 
+@autocast_inputs
 def simple_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
                cu_seqlens=None, chunk_size=64, backend="auto", sp=None):
     """Simple gated linear attention (scalar decay per head).
