@@ -381,12 +381,9 @@ def _inverse_kernel(a, out, BT: tl.constexpr, PREC: tl.constexpr):
     _put(out, n42, 3, 1, BT, BC)
     _put(out, n43, 3, 2, BT, BC)
     zero = tl.zeros([BC, BC], dtype=tl.float32)
-    _put(out, zero, 0, 1, BT, BC)
-    _put(out, zero, 0, 2, BT, BC)
-    _put(out, zero, 0, 3, BT, BC)
-    _put(out, zero, 1, 2, BT, BC)
-    _put(out, zero, 1, 3, BT, BC)
-    _put(out, zero, 2, 3, BT, BC)
+    for i in tl.static_range(3):
+        for j in tl.static_range(i + 1, 4):
+            _put(out, zero, i, j, BT, BC)
 
 
 @torch.library.custom_op("seqpar::unit_lower_inverse", mutates_args=())
