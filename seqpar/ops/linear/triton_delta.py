@@ -438,10 +438,10 @@ def _sm_count(device: torch.device) -> int:
 
 def _state_meta(dtype: torch.dtype, idle_sms: bool) -> dict:
     """Launch settings of the sequential passes; ``idle_sms``: their grid has fewer
-    programs than the GPU has SMs. Their loads do not depend on the carried state, so stages prefetch the next chunks'
-    tiles while this chunk's products run: 3 where the grid leaves SMs idle, where
-    each program's latency is the time; 2 where programs queue for SMs, as 3 took 4.5%
-    longer there (T = 32K, B = 1: 64 programs, 9% faster at 3; T = 8K, B = 4: 256;
+    programs than the GPU has SMs. Their loads do not depend on the carried state, so
+    stages prefetch the next chunks' tiles while this chunk's products run: 3 where the
+    grid leaves SMs idle, where each program's latency is the time; 2 where programs
+    queue for SMs, as 3 took 4.5% longer there (T = 32K, B = 1: 64 programs, 9% faster at 3; T = 8K, B = 4: 256;
     bench/results/tune_delta_h100.log). With float32 inputs the (BT, 128) tiles need
     270-400 KB of shared memory at 2-3 stages, over the H100's 227 KB (measured by
     compiling for sm_90 on CPU), so those run unpipelined. 4 warps: at 8, which spill
