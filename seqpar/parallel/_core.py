@@ -130,6 +130,18 @@ class SequenceParallel:
     def _irecv(self, t: torch.Tensor, peer: int, tag: int):
         return dist.irecv(t, group=self.group, group_src=peer, tag=tag)
 
+    def _exchange(self, sends: list, recvs: list, op: str) -> list:
+        """Post ``sends`` and ``recvs`` ((tensor, peer, tag) each) as one batch; returns
+        the requests. NCCL runs unbatched sends and receives one after another, so a ring
+        step where each rank sends before it receives waits forever (two ranks that send
+        to each other first); batched, they progress together."""
+        self._count(op, *(t for t, _, _ in sends))
+        ops = [dist.P2POp(dist.isend, t.contiguous(), group=self.group, group_peer=peer, tag=tag)
+               for t, peer, tag in sends]
+        ops += [dist.P2POp(dist.irecv, t, group=self.group, group_peer=peer, tag=tag)
+                for t, peer, tag in recvs]
+        return dist.batch_isend_irecv(ops)
+
     def _all_gather(self, t: torch.Tensor, op: str) -> list[torch.Tensor]:
         """Every rank's ``t`` (same shape everywhere), in rank order."""
         t = t.contiguous()

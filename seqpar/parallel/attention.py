@@ -121,8 +121,8 @@ class _KVAttention(torch.autograd.Function):
                 src = (r - i) % P
                 if i < P - 1:
                     nxt = torch.empty_like(kv)
-                    reqs = [sp._isend(kv, (r + 1) % P, 0, "softmax_attn"),
-                            sp._irecv(nxt, (r - 1) % P, 0)]
+                    reqs = sp._exchange([(kv, (r + 1) % P, 0)], [(nxt, (r - 1) % P, 0)],
+                                        "softmax_attn")
                 part.add(*_unpack(kv, k.shape, v.shape), _blocks(geo, src, causal, offsets))
                 if i < P - 1:
                     for req in reqs:
@@ -163,13 +163,13 @@ class _KVAttention(torch.autograd.Function):
                 reqs = []
                 if i < P - 1:
                     kv_next = torch.empty_like(kv)
-                    reqs += [sp._isend(kv, (r + 1) % P, 0, "softmax_attn.backward"),
-                             sp._irecv(kv_next, (r - 1) % P, 0)]
+                    reqs += sp._exchange([(kv, (r + 1) % P, 0)], [(kv_next, (r - 1) % P, 0)],
+                                         "softmax_attn.backward")
                 share(src, kv, dkv)
                 if P > 1:  # the accumulator travels on; after the last step it is home
                     dkv_next = torch.empty_like(dkv)
-                    reqs += [sp._isend(dkv, (r + 1) % P, 1, "softmax_attn.backward"),
-                             sp._irecv(dkv_next, (r - 1) % P, 1)]
+                    reqs += sp._exchange([(dkv, (r + 1) % P, 1)], [(dkv_next, (r - 1) % P, 1)],
+                                         "softmax_attn.backward")
                 for req in reqs:
                     req.wait()
                 if P > 1:
