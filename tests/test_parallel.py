@@ -108,11 +108,15 @@ def _prefix_ends(sp, T):
     return [(r + 1) * c if sp.layout == "contiguous" else (n - r) * c for r in range(sp.world)]
 
 
-def linear_case(sp, op, packed, seed, T=24, chunk_size=4):
+def linear_case(sp, op, packed, seed, T=24, chunk_size=4, backend="torch"):
     """SP vs single-process run of one linear op; returns the error table."""
     gen = torch.Generator().manual_seed(seed)
     B, H, K, V = (1, 2, 4, 6) if packed else (2, 2, 4, 6)
+    if backend == "triton":  # the kernels' tiles take head dims from 16
+        H, K, V = 2, 16, 24
     cu = _packed_offsets(sp) if packed else None
+    if packed and T != 24:
+        cu = (cu.double() * (T / 24)).round().to(torch.int32)
     N = len(cu) - 1 if packed else B
     xs, state = _linear_inputs(op, gen, B, T, H, K, V, N)
     fn = getattr(ops, op)
@@ -124,7 +128,7 @@ def linear_case(sp, op, packed, seed, T=24, chunk_size=4):
     ref_x, ref_s = [_leaf(x) for x in xs], tuple(_leaf(s) for s in _flat(state))
     ref_state = ref_s if op == "mlstm" else ref_s[0]
     o_ref, S_ref = fn(*ref_x, initial_state=ref_state, output_final_state=True, cu_seqlens=cu,
-                      chunk_size=chunk_size)
+                      chunk_size=chunk_size, backend=backend)
     loss = (o_ref * w).sum()
     ends = _prefix_ends(sp, T)
     if packed:
@@ -132,7 +136,7 @@ def linear_case(sp, op, packed, seed, T=24, chunk_size=4):
         S_mine = S_ref
     else:
         S_all = [fn(*(x[:, :e] for x in ref_x), initial_state=ref_state, output_final_state=True,
-                    chunk_size=chunk_size)[1] for e in ends]
+                    chunk_size=chunk_size, backend=backend)[1] for e in ends]
         loss = loss + sum(_weighted(_flat(S), w2) for S in S_all)
         S_mine = S_all[sp.rank]
     grads_ref = torch.autograd.grad(loss, ref_x + list(ref_s))
@@ -141,7 +145,7 @@ def linear_case(sp, op, packed, seed, T=24, chunk_size=4):
     sp_x = [_leaf(shard(x, sp)) for x in xs]
     sp_s = tuple(_leaf(s) for s in _flat(state))
     o, S = fn(*sp_x, initial_state=sp_s if op == "mlstm" else sp_s[0], output_final_state=True,
-              cu_seqlens=cu, chunk_size=chunk_size, sp=sp)
+              cu_seqlens=cu, chunk_size=chunk_size, backend=backend, sp=sp)
     loss = (o * shard(w, sp)).sum() + _weighted(_flat(S), w2)
     grads = _grads(loss, sp_x + list(sp_s))
 
@@ -420,10 +424,24 @@ def _cases(world):
                         dict(layout=layout, linear_strategy=lin, attn_strategy=att),
                         lambda sp: traffic_case(sp, seed=world)))
     out.append(("errors", dict(), errors_case))
+    if world == 2:
+        # The Triton kernels (interpreted on CPU) under SP: 512 tokens, 128 per chunk, cut
+        # into state-only segments of 64 (engine.SEGMENT, set by the worker).
+        for layout in LAYOUTS:
+            for op in LINEAR_OPS:
+                for packed in (False, True):
+                    name = f"triton/{op}/scan/{layout}/{'packed' if packed else 'batch'}"
+                    out.append((name, dict(layout=layout, strategy="scan"),
+                                lambda sp, op=op, packed=packed: linear_case(
+                                    sp, op, packed, seed=world, T=512, backend="triton")))
     return out
 
 
 def _worker(rank, world, store_dir, results, only=""):
+    # Kernel modules are imported on first use, after this: their kernels run interpreted.
+    os.environ["TRITON_INTERPRET"] = "1"
+    from seqpar.ops.linear import engine
+    engine.SEGMENT = 64
     dist.init_process_group("gloo", init_method=f"file://{store_dir}/store", rank=rank,
                             world_size=world, timeout=timedelta(seconds=30))
     torch.set_num_threads(1)

@@ -1,6 +1,11 @@
 """``seqpar bench sp``: what sequence parallelism costs, per mixer and strategy.
 
-Run under torchrun, one process per GPU (or per CPU process with ``--device cpu``, gloo)::
+One rank's compute alone, on one device and no process group (``--simulate``)::
+
+    seqpar bench sp --simulate 2,8 --t-local 8192,32768 --out sp_local.json
+    seqpar bench sp --simulate 2 --device cpu --small --out /tmp/sp_local.json
+
+Under torchrun, one process per GPU (or per CPU process with ``--device cpu``, gloo)::
 
     torchrun --nproc-per-node 2 -m seqpar.bench.sp --out bench/results/sp.json
     torchrun --nproc-per-node 2 -m seqpar.bench.sp --device cpu --small --out /tmp/sp.json
@@ -27,15 +32,15 @@ How things are measured (also written into the JSON under ``method``):
   CUDA events (``time.perf_counter`` on CPU) bracket forward+backward on each rank; a
   repetition's time is the maximum over ranks (a step waits for its slowest rank); the
   reported time is the median over ``--reps`` repetitions after ``--warmup``.
-* communication: the same call is timed again with every ``torch.distributed``
-  point-to-point and collective call replaced by a local stand-in of the same shapes
-  (copies or zero-fills, no transfer, no waiting for peers), so that exactly the local
+* communication: the same call is timed again on a ``SequenceParallel`` built on a
+  :class:`~seqpar.parallel.LocalCommunicator` (every collective returns a buffer of the
+  right shape at once: no transfer, no waiting for peers), so that exactly the local
   compute of the SP path remains. ``comm_ms = ms - compute_ms`` is the time that
   communication adds to the step: transfers, waiting for the previous rank in the
   ``scan`` chain and synchronization, minus whatever overlaps with compute. The
   stand-ins' local copies stay in ``compute_ms`` (for the all-gather of softmax KV that
-  is a copy of the gathered size), so ``comm_ms`` errs low there. (Results of the
-  stand-in run are garbage and are never used.)
+  is a copy of the gathered size), so ``comm_ms`` errs low there. Third-party rows have
+  no local mode: their ``compute_ms`` is their ``ms``.
 * bytes: ``SequenceParallel.bytes_sent`` over one forward+backward, per rank, split by op;
   for the linear family also the closed form (:func:`expected_linear_bytes`).
 * correctness: unless ``--no-check``, every SP configuration's output and input
@@ -48,7 +53,6 @@ ring-flash-attn and yunchang run as extra softmax rows when importable (they nee
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -63,7 +67,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import ops
-from ..parallel import SequenceParallel, shard
+from ..parallel import LocalCommunicator, SequenceParallel, shard
 from ..parallel._geometry import Geometry
 
 LINEAR = ("linear_attn", "simple_gla", "gla", "delta_rule", "gated_delta_rule", "mlstm")
@@ -80,8 +84,8 @@ METHOD = {
     "time": "median over reps of the per-repetition maximum over ranks of forward+backward "
             "time of one op call (CUDA events on GPU, perf_counter on CPU); ranks synchronize "
             "and meet at a barrier before each repetition",
-    "compute_ms": "the same call with every torch.distributed send/receive/collective replaced "
-                  "by a local stand-in of the same shapes (no transfer, no waiting)",
+    "compute_ms": "the same call on a LocalCommunicator, whose collectives return buffers of "
+                  "the same shapes at once (no transfer, no waiting)",
     "comm_ms": "ms - compute_ms: the time communication (transfers, waiting on peers, "
                "pipeline bubbles of the scan) adds to the step, net of overlap",
     "bytes_per_rank": "SequenceParallel.bytes_sent over one forward+backward on each rank",
@@ -126,120 +130,6 @@ def call_op(mixer: str, xs: list, sp, backend: str) -> torch.Tensor:
     if mixer == "softmax_attn":
         return ops.softmax_attn(*xs, causal=True, sp=sp)[0]
     return getattr(ops, mixer)(*xs, sp=sp, backend=backend)[0]
-
-
-# ---- the communication stand-ins ----
-
-class _Done:
-    """A completed request, for the stand-ins of asynchronous calls."""
-
-    def wait(self, *args, **kwargs):
-        return True
-
-    def is_completed(self):
-        return True
-
-
-def _copy_or_zero(out: torch.Tensor, src: torch.Tensor) -> None:
-    if out.shape == src.shape:
-        out.copy_(src)
-    elif out.numel() % max(src.numel(), 1) == 0 and out.numel() >= src.numel():
-        out.view(-1, src.numel()).copy_(src.reshape(1, -1))
-    else:
-        out.zero_()
-
-
-def _done(async_op=False):
-    return _Done() if async_op else None
-
-
-def _stand_ins() -> dict:
-    """Local replacements for the torch.distributed calls SP code makes: receives
-    zero-fill, gathers copy this rank's input, reductions keep it."""
-
-    def isend(tensor, *a, **kw):
-        return _Done()
-
-    def irecv(tensor, *a, **kw):
-        tensor.zero_()
-        return _Done()
-
-    def send(tensor, *a, **kw):
-        return None
-
-    def recv(tensor, *a, **kw):
-        tensor.zero_()
-        return 0
-
-    def all_gather(tensor_list, tensor, *a, async_op=False, **kw):
-        for t in tensor_list:
-            _copy_or_zero(t, tensor)
-        return _done(async_op)
-
-    def all_gather_into_tensor(output, input, *a, async_op=False, **kw):
-        _copy_or_zero(output, input)
-        return _done(async_op)
-
-    def all_to_all(output_list, input_list, *a, async_op=False, **kw):
-        for o, i in zip(output_list, input_list):
-            _copy_or_zero(o, i)
-        return _done(async_op)
-
-    def all_to_all_single(output, input, *a, async_op=False, **kw):
-        _copy_or_zero(output, input)
-        return _done(async_op)
-
-    def reduce_scatter(output, input_list, *a, async_op=False, **kw):
-        _copy_or_zero(output, input_list[0])
-        return _done(async_op)
-
-    def reduce_scatter_tensor(output, input, *a, async_op=False, **kw):
-        output.copy_(input.reshape(-1)[:output.numel()].view_as(output))
-        return _done(async_op)
-
-    def in_place(tensor, *a, async_op=False, **kw):
-        return _done(async_op)
-
-    class P2POp:
-        """Stand-in for dist.P2POp (whose constructor accepts only the real isend/irecv)."""
-
-        def __init__(self, op, tensor, peer=None, group=None, tag=0, group_peer=None):
-            self.op, self.tensor = op, tensor
-
-    def batch_isend_irecv(p2p_op_list):
-        for op in p2p_op_list:
-            if getattr(op.op, "__name__", "") == "irecv":
-                op.tensor.zero_()
-        return [_Done() for _ in p2p_op_list]
-
-    def barrier(*a, async_op=False, **kw):
-        return _done(async_op)
-
-    return {"isend": isend, "irecv": irecv, "send": send, "recv": recv,
-            "all_gather": all_gather, "all_gather_into_tensor": all_gather_into_tensor,
-            "all_to_all": all_to_all, "all_to_all_single": all_to_all_single,
-            "reduce_scatter": reduce_scatter, "reduce_scatter_tensor": reduce_scatter_tensor,
-            "all_reduce": in_place, "broadcast": in_place, "reduce": in_place,
-            "P2POp": P2POp, "batch_isend_irecv": batch_isend_irecv, "barrier": barrier}
-
-
-_REAL: dict = {}
-
-
-@contextlib.contextmanager
-def no_communication():
-    """Within the block, ``torch.distributed``'s communication calls do no communication
-    (see :func:`_stand_ins`); for timing the local compute of an SP call. Patches the
-    module attributes, so the autograd thread running backward sees them too."""
-    fakes = _stand_ins()
-    _REAL.update({name: getattr(dist, name) for name in fakes})
-    try:
-        for name, fn in fakes.items():
-            setattr(dist, name, fn)
-        yield
-    finally:
-        for name in fakes:
-            setattr(dist, name, _REAL[name])
 
 
 # ---- closed forms ----
@@ -291,28 +181,30 @@ class Bench:
     def any_rank(self, flag: bool) -> bool:
         return self.max_over_ranks([float(flag)])[0] > 0
 
-    def time(self, step, comm_off: bool = False) -> float:
+    def time(self, step) -> float:
         """Median over reps of the max over ranks of one ``step()`` in ms."""
         times = []
         for i in range(self.args.warmup + self.args.reps):
             self.sync()
             dist.barrier()
-            ctx = no_communication() if comm_off else contextlib.nullcontext()
-            with ctx:
-                if self.cuda:
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    step()
-                    end.record()
-                    end.synchronize()
-                    ms = start.elapsed_time(end)
-                else:
-                    t0 = time.perf_counter()
-                    step()
-                    ms = (time.perf_counter() - t0) * 1e3
+            ms = time_once(step, self.cuda)
             if i >= self.args.warmup:
                 times.append(ms)
         return statistics.median(self.max_over_ranks(times))
+
+
+def time_once(step, cuda: bool) -> float:
+    """Milliseconds of one ``step()``: CUDA events on GPU, perf_counter on CPU."""
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    step()
+    return (time.perf_counter() - t0) * 1e3
 
 
 def _leaves(xs: list) -> list:
@@ -518,7 +410,14 @@ class Run:
                                                    sp, backend, self.reference)
                 del o
             row["ms"] = self.bench.time(step)
-            row["compute_ms"] = self.bench.time(step, comm_off=True)
+            if fn is None:
+                local = SequenceParallel(layout=layout, check_shapes=False,
+                                         comm=LocalCommunicator(self.world, self.rank),
+                                         **({"attn_strategy": strategy} if mixer == "softmax_attn"
+                                            else {"linear_strategy": strategy}))
+                row["compute_ms"] = self.bench.time(_fwd_bwd(mixer, xs, do, local, backend))
+            else:
+                row["compute_ms"] = row["ms"]
             row["comm_ms"] = row["ms"] - row["compute_ms"]
             if base_ms is not None:
                 if mode == "weak":
@@ -625,6 +524,116 @@ class Run:
         return self.out
 
 
+# ---- one simulated rank on one device ----
+
+SIM_METHOD = {
+    "sp_ms": "median over reps of forward+backward (o.backward(do)) of one op call on rank "
+             "`rank` of a `world`-rank group, simulated on one device: SequenceParallel built "
+             "on LocalCommunicator(world, rank), whose collectives return buffers of the right "
+             "shapes at once (zeros for received states), so only that rank's compute is timed",
+    "base_ms": "the same op without SP: linear family at T_local tokens; softmax attention: "
+               "the causal op over the whole sequence (world x T_local tokens) divided by world, "
+               "the rank's share of the causal work",
+    "ratio": "sp_ms / base_ms, both measured in this run",
+    "host_syncs": "CUDA host synchronizations during one steady-state forward+backward of the "
+                  "SP call (torch.cuda.set_sync_debug_mode), null on CPU",
+}
+
+
+def _median_ms(step, warmup: int, reps: int, cuda: bool) -> float:
+    for _ in range(warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    return statistics.median(time_once(step, cuda) for _ in range(reps))
+
+
+def count_host_syncs(step) -> int | None:
+    """Host synchronizations CUDA reports during one ``step()`` (None without CUDA)."""
+    if not torch.cuda.is_available():
+        return None
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def simulate(args, device: torch.device) -> dict:
+    """Per-rank compute of every SP configuration against the op without SP, on one
+    device (``--simulate``); returns the results dict (also written to ``--out``)."""
+    cuda = device.type == "cuda"
+    B, H, D = args.batch, args.heads, args.head_dim
+    out = {"benchmark": "seqpar bench sp --simulate",
+           "command": " ".join(["seqpar bench sp"] + args.argv),
+           **environment(device, 1), "dtype": str(args.dtype).replace("torch.", ""),
+           "batch": B, "heads": H, "head_dim": D, "warmup": args.warmup, "reps": args.reps,
+           "method": SIM_METHOD, "rows": [], "skipped": [], "complete": False}
+    t0 = time.perf_counter()
+
+    def save():
+        if args.out:
+            write_json(Path(args.out), out)
+
+    def fwd_bwd(mixer, T, sp):
+        xs, = [_leaves(make_inputs(mixer, B, T, H, D, args.dtype, device, seed=T))]
+        do = torch.randn(B, T, H, D, device=device).to(args.dtype)
+        return _fwd_bwd(mixer, xs, do, sp, args.backend)
+
+    for mixer in args.mixers:
+        for T in args.t_local:
+            base_cache = {}
+            for P in args.simulate:
+                if mixer == "softmax_attn":
+                    if P * T not in base_cache:
+                        base_cache[P * T] = _median_ms(fwd_bwd(mixer, P * T, None), args.warmup,
+                                                       args.reps, cuda)
+                    base = base_cache[P * T] / P
+                else:
+                    if T not in base_cache:
+                        base_cache[T] = _median_ms(fwd_bwd(mixer, T, None), args.warmup,
+                                                   args.reps, cuda)
+                    base = base_cache[T]
+                for strategy, layout in _configs(mixer, args):
+                    for rank in sorted({0, 1 % P, P - 1}):
+                        row = {"op": mixer, "strategy": strategy, "layout": layout, "world": P,
+                               "rank": rank, "T_local": T, "base_ms": base}
+                        try:
+                            sp = SequenceParallel(
+                                layout=layout, comm=LocalCommunicator(P, rank),
+                                **({"attn_strategy": strategy} if mixer == "softmax_attn"
+                                   else {"linear_strategy": strategy}))
+                            step = fwd_bwd(mixer, T, sp)
+                            row["sp_ms"] = _median_ms(step, args.warmup, args.reps, cuda)
+                            row["ratio"] = row["sp_ms"] / base
+                            row["host_syncs"] = count_host_syncs(step)
+                        except Exception as e:  # noqa: BLE001 -- recorded in the row; the run goes on
+                            row["error"] = f"{type(e).__name__}: {e}"[:2000]
+                        out["rows"].append(row)
+                        save()
+                        print(f"[{time.perf_counter() - t0:6.1f}s] {mixer:>16} {strategy:>9}/"
+                              f"{layout:<10} P={P} rank={rank} T_local={T}: "
+                              + (f"{row['sp_ms']:8.3f} ms vs {base:8.3f} ms = {row['ratio']:.3f}x"
+                                 f" syncs={row['host_syncs']}" if "error" not in row
+                                 else "ERROR " + row["error"][:300]), flush=True)
+                        if args.budget is not None and time.perf_counter() - t0 > args.budget:
+                            out["skipped"].append(f"stopped after {mixer} P={P} T={T}: "
+                                                  f"--budget {args.budget} s spent")
+                            out["seconds"] = time.perf_counter() - t0
+                            save()
+                            return out
+    out["complete"] = True
+    out["seconds"] = time.perf_counter() - t0
+    save()
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="seqpar bench sp",
@@ -633,6 +642,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="auto: CUDA (NCCL) when available, else CPU (gloo)")
+    p.add_argument("--simulate", default=None, metavar="P[,P...]",
+                   help="no process group: time ranks 0, 1 and P-1 of a P-rank group on this one "
+                        "device with communication stubbed out (LocalCommunicator), beside the op "
+                        "without SP; comma-separated world sizes")
+    p.add_argument("--t-local", default="8192,32768",
+                   help="with --simulate: comma-separated tokens per rank")
     p.add_argument("--mixers", default=",".join(MIXERS), help="comma-separated, among " + ", ".join(MIXERS))
     p.add_argument("--layouts", default="contiguous,zigzag",
                    help="comma-separated SP layouts (softmax attention, and the linear family "
@@ -688,6 +703,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')}: expected a positive int, got {getattr(args, name)}")
     if args.warmup < 0:
         p.error(f"--warmup: expected an int >= 0, got {args.warmup}")
+    if args.simulate is not None:
+        try:
+            args.simulate = [int(x) for x in args.simulate.split(",") if x.strip()]
+            args.t_local = [int(x) for x in args.t_local.split(",") if x.strip()]
+        except ValueError:
+            p.error(f"--simulate / --t-local: expected comma-separated ints, got "
+                    f"{args.simulate!r} / {args.t_local!r}")
+        if not args.simulate or min(args.simulate) < 1 or not args.t_local or min(args.t_local) < 1:
+            p.error(f"--simulate / --t-local: expected positive ints, got {args.simulate} / {args.t_local}")
+        if args.small and "--t-local" not in given:
+            args.t_local = [64]
     args.argv = list(argv)
     return args
 
@@ -711,6 +737,15 @@ def _init(args) -> torch.device:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``seqpar bench sp`` (and ``python -m seqpar.bench.sp``)."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.simulate is not None:
+        use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        device = torch.device("cuda" if use_cuda else "cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+        args.dtype = ({"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+                      if args.dtype != "auto" else torch.bfloat16 if use_cuda else torch.float32)
+        simulate(args, device)
+        return 0
     device = _init(args)
     if args.dtype == "auto":
         args.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

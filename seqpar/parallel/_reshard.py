@@ -19,7 +19,7 @@ def _rank_order(geo: Geometry, device) -> torch.Tensor:
 
 def _to_channels(sp, geo: Geometry, x: torch.Tensor, dim: int, op: str) -> torch.Tensor:
     parts = list(x.chunk(sp.world, dim))
-    got = sp._all_to_all(parts, [parts[sp.rank].shape] * sp.world, op)
+    got = sp.comm.all_to_all(parts, [parts[sp.rank].shape] * sp.world, op)
     y = torch.cat(got, 1)  # rank order
     order = _rank_order(geo, x.device)
     inverse = torch.empty_like(order)
@@ -30,7 +30,7 @@ def _to_channels(sp, geo: Geometry, x: torch.Tensor, dim: int, op: str) -> torch
 def _to_seq(sp, geo: Geometry, y: torch.Tensor, dim: int, op: str) -> torch.Tensor:
     y = y.index_select(1, _rank_order(geo, y.device))
     parts = list(y.chunk(sp.world, 1))
-    got = sp._all_to_all(parts, [parts[sp.rank].shape] * sp.world, op)
+    got = sp.comm.all_to_all(parts, [parts[sp.rank].shape] * sp.world, op)
     return torch.cat(got, dim)
 
 

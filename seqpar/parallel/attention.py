@@ -113,7 +113,7 @@ class _KVAttention(torch.autograd.Function):
         kv = _pack(k, v)
         gathered = None
         if sp.attn_strategy == "allgather":
-            gathered = sp._all_gather(kv, "softmax_attn")
+            gathered = sp.comm.all_gather(kv, "softmax_attn")
             for src in range(P):
                 part.add(*_unpack(gathered[src], k.shape, v.shape), _blocks(geo, src, causal, offsets))
         else:
@@ -121,12 +121,11 @@ class _KVAttention(torch.autograd.Function):
                 src = (r - i) % P
                 if i < P - 1:
                     nxt = torch.empty_like(kv)
-                    reqs = sp._exchange([(kv, (r + 1) % P, 0)], [(nxt, (r - 1) % P, 0)],
-                                        "softmax_attn")
+                    work = sp.comm.send_recv([(kv, (r + 1) % P)], [(nxt, (r - 1) % P)],
+                                             "softmax_attn")
                 part.add(*_unpack(kv, k.shape, v.shape), _blocks(geo, src, causal, offsets))
                 if i < P - 1:
-                    for req in reqs:
-                        req.wait()
+                    work.wait()
                     kv = nxt
         ctx.sp, ctx.geo, ctx.causal, ctx.scale, ctx.offsets = sp, geo, causal, scale, offsets
         ctx.gathered = gathered
@@ -155,23 +154,23 @@ class _KVAttention(torch.autograd.Function):
             dkv_all = [torch.zeros(n, dtype=acc, device=q.device) for _ in range(P)]
             for src in range(P):
                 share(src, ctx.gathered[src], dkv_all[src])
-            dkv = sp._reduce_scatter(dkv_all, "softmax_attn.backward")
+            dkv = sp.comm.reduce_scatter(dkv_all, "softmax_attn.backward")
         else:
             kv, dkv = _pack(k, v), torch.zeros(n, dtype=acc, device=q.device)
             for i in range(P):
                 src = (r - i) % P
-                reqs = []
+                works = []
                 if i < P - 1:
                     kv_next = torch.empty_like(kv)
-                    reqs += sp._exchange([(kv, (r + 1) % P, 0)], [(kv_next, (r - 1) % P, 0)],
-                                         "softmax_attn.backward")
+                    works.append(sp.comm.send_recv([(kv, (r + 1) % P)], [(kv_next, (r - 1) % P)],
+                                                   "softmax_attn.backward"))
                 share(src, kv, dkv)
                 if P > 1:  # the accumulator travels on; after the last step it is home
                     dkv_next = torch.empty_like(dkv)
-                    reqs += sp._exchange([(dkv, (r + 1) % P, 1)], [(dkv_next, (r - 1) % P, 1)],
-                                         "softmax_attn.backward")
-                for req in reqs:
-                    req.wait()
+                    works.append(sp.comm.send_recv([(dkv, (r + 1) % P)], [(dkv_next, (r - 1) % P)],
+                                                   "softmax_attn.backward"))
+                for w in works:
+                    w.wait()
                 if P > 1:
                     dkv = dkv_next
                 if i < P - 1:
@@ -214,7 +213,7 @@ def sp_softmax_attn(sp, q, k, v, *, causal, scale, cu_seqlens):
 
     desc = {"B": B, "T/P": Tl, "H": H, "D": D, "S": S, "Hkv": Hkv, "Dv": Dv, "causal": causal,
             "q dtype": dtype_code(q), **offsets_digest(cu_seqlens)}
-    geo, offsets = sp._agree("q", desc, validate)
+    geo, offsets = sp.agree("q", desc, validate)
     if sp.attn_strategy == "alltoall":
         o, lse = _ulysses(sp, geo, q, k, v, causal, scale, cu_seqlens)
     else:

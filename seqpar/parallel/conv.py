@@ -26,11 +26,11 @@ class _Halo(torch.autograd.Function):
     @staticmethod
     def forward(ctx, sp, geo, width, x):
         n = geo.n_chunks
-        sends, recvs, halos = [], {}, []
+        sends, recvs, halos = [], [], []
         for i, c in enumerate(geo.chunks):
             b = geo.local_span(i)[1]
             if c + 1 < n and geo.owner(c + 1) != sp.rank:
-                sends.append(sp._isend(x[:, b - width:b], geo.owner(c + 1), c, "short_conv"))
+                sends.append((x[:, b - width:b], geo.owner(c + 1)))
         for i, c in enumerate(geo.chunks):
             a = geo.local_span(i)[0]
             if c == 0:
@@ -39,10 +39,9 @@ class _Halo(torch.autograd.Function):
                 halos.append(x[:, a - width:a].clone())
             else:
                 buf = x.new_empty(x.shape[0], width, x.shape[2])
-                recvs[i] = sp._irecv(buf, geo.owner(c - 1), c - 1)
+                recvs.append((buf, geo.owner(c - 1)))
                 halos.append(buf)
-        for w in sends + list(recvs.values()):
-            w.wait()
+        sp.comm.send_recv(sends, recvs, "short_conv").wait()
         ctx.sp, ctx.geo, ctx.width = sp, geo, width
         return x.view_as(x), torch.stack(halos)
 
@@ -51,7 +50,7 @@ class _Halo(torch.autograd.Function):
         sp, geo, width = ctx.sp, ctx.geo, ctx.width
         n = geo.n_chunks
         dx = dx.clone()
-        reqs, got = [], []
+        sends, recvs, got = [], [], []
         for i, c in enumerate(geo.chunks):
             a = geo.local_span(i)[0]
             if c == 0:
@@ -59,15 +58,14 @@ class _Halo(torch.autograd.Function):
             if geo.owner(c - 1) == sp.rank:
                 dx[:, a - width:a] += dhalos[i]
             else:
-                reqs.append(sp._isend(dhalos[i], geo.owner(c - 1), c - 1, "short_conv.backward"))
+                sends.append((dhalos[i], geo.owner(c - 1)))
         for i, c in enumerate(geo.chunks):
             b = geo.local_span(i)[1]
             if c + 1 < n and geo.owner(c + 1) != sp.rank:
                 buf = torch.empty_like(dhalos[i])
-                reqs.append(sp._irecv(buf, geo.owner(c + 1), c))
+                recvs.append((buf, geo.owner(c + 1)))
                 got.append((b, buf))
-        for r in reqs:
-            r.wait()
+        sp.comm.send_recv(sends, recvs, "short_conv.backward").wait()
         for b, buf in got:
             dx[:, b - width:b] += buf
         return None, None, None, dx
@@ -105,7 +103,7 @@ def sp_short_conv(sp, x, weight, bias, *, activation, initial_state, output_fina
 
     desc = {"B": B, "T/P": Tl, "C": C, "w": w, "x dtype": dtype_code(x),
             "initial_state dtype": dtype_code(initial_state), **offsets_digest(cu_seqlens)}
-    geo, offsets, N = sp._agree("x", desc, validate)
+    geo, offsets, N = sp.agree("x", desc, validate)
     if width > 0:
         x, halos = _Halo.apply(sp, geo, width, x)
     else:
@@ -173,7 +171,7 @@ def sp_long_conv(sp, x, kernel, *, cu_seqlens=None):
 
     desc = {"B": B, "T/P": Tl, "C": C, "L": kernel.shape[1], "x dtype": dtype_code(x),
             "kernel dtype": dtype_code(kernel), **offsets_digest(cu_seqlens)}
-    geo = sp._agree("x", desc, validate)
+    geo = sp.agree("x", desc, validate)
     cs = C // P
     xc = seq_to_channels(sp, geo, x, 2, "long_conv")
     y = local_long_conv(xc, kernel[sp.rank * cs:(sp.rank + 1) * cs], cu_seqlens=cu_seqlens)

@@ -1,50 +1,106 @@
-"""Sequence parallelism for the linear family: one state exchange per call.
+"""Sequence parallelism for the linear family: the engines' own kernels, one state exchange
+per direction.
 
-Every linear mixer maps the state entering a stretch of tokens affinely,
-``S_out = M S_in + C`` (DESIGN.md), with ``M`` diagonal (``'diag'`` engine: a scalar or a
-K-vector per head) or K x K (``'delta'`` engine) and ``C`` the state the stretch builds
-from zero. Each rank, per chunk of its shard (one chunk, or two with zigzag):
+Every linear mixer maps the state entering a stretch of tokens affinely, ``S -> M S + C``
+(docs/design.md). A rank's shard is one or two chunks of the global sequence; cut at
+document starts and batch rows, it is a set of independent sequences (:class:`Plan`).
+Each call, with ``p = engine.begin(...)`` (:class:`~seqpar.ops.linear.engine.StatePass`):
 
-1. runs the single-device engine from a zero state, giving the outputs' state-free part
-   and ``C`` (documents that start inside the chunk run with their own initial state);
-2. computes ``M`` (``exp`` of the summed log decay, or the engine run with ``v = 0`` from
-   the identity), which is 0 when a sequence starts inside the chunk (the chain resets);
-3. exchanges ``(M, C)`` with the other ranks (``'scan'``: a pipelined ring in global
-   chunk order, out through the first chunks and back through the second ones under
-   zigzag; ``'allgather'``: one all-gather, each rank folds its prefix) to get the state
-   ``S_in`` entering each of its chunks;
-4. adds the state-dependent part to the outputs of the chunk's first sequence:
-   ``scale (q_t exp(G_t)) S_in`` in closed form (diag), or the engine run with ``v = 0``
-   and initial state ``S_in`` (delta; exact by linearity).
+forward
+  1. ``p.final`` / ``p.transition``: a state-only pass gives, per chunk, the state it
+     builds from zero (``C``) and its transition (``M``; 0 when a document starts
+     inside the chunk: the chain resets);
+  2. the exchange (``'scan'``: a pipelined ring in global chunk order, out through the
+     first chunks and back through the second ones under zigzag; ``'allgather'``: one
+     all-gather, each rank folds its prefix) gives the state ``S_in`` entering each chunk;
+  3. ``p.finish``: the engine's forward with ``S_in`` as the initial state of the
+     sequence continuing into each chunk: exact outputs and final states.
 
-The exchange is an autograd Function whose backward is the reverse scan with transposed
-transitions (the adjoint of ``S_in`` travels from the last chunk to the first); no
-tokens are ever gathered. States and transitions are float32.
+backward
+  1. ``p.initial_grads``: a state-only reverse pass gives the gradient of each chunk's
+     entering state from this rank's output gradients alone;
+  2. the reverse exchange, with transposed transitions, gives the gradient of the state
+     leaving each chunk (what the later chunks did with it);
+  3. ``p.backward``: the engine's backward with that gradient added to the final-state
+     gradient: exact gradients of every input.
+
+The work beyond the single-device op is one state-only pass per direction; no tokens
+cross ranks and nothing of activation size is computed outside the engine's kernels.
 """
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
 
 import torch
 
 from ..ops._validate import check_cu_seqlens, check_state
-from ..ops.linear._run import run_delta, run_diag
+from ..ops.linear.engine import Sequences, apply
 from ._geometry import Geometry, chunk_pieces
-from ._util import Anchor, dtype_code, offsets_digest
+from ._util import dtype_code, offsets_digest
 
 
-# ---- the affine maps (M of shape (..., K, 1 or K) or (..., 1, 1); S of shape (..., K, V)) ----
+# ---- where the sequences are ----
 
-def _apply(kind: str, M, S, transpose: bool = False):
-    if kind == "diag":
-        return M * S
-    return (M.transpose(-1, -2) if transpose else M) @ S
+@dataclass(frozen=True)
+class Plan:
+    """The sequences of one rank's shard and how they link to the global chain.
+
+    ``seqs``: spans of every row (one per chunk without packing; per document piece
+    with packing, B == 1). Per local chunk i: ``head[i]`` (its first sequence continues
+    one that began before the chunk), ``whole[i]`` (that sequence covers the whole
+    chunk, so the chunk passes an entering state on), ``head_span[i]`` / ``tail_span[i]``
+    (span indices of the chunk's first and last sequences). ``inits``: (span, user row)
+    of sequences that start a document or row (user row = document, or -1: the batch row);
+    ``finals``: (span, user row) of the final states returned to the user.
+    """
+    seqs: Sequences
+    head: tuple[bool, ...]
+    whole: tuple[bool, ...]
+    head_span: tuple[int, ...]
+    tail_span: tuple[int, ...]
+    inits: tuple[tuple[int, int], ...]
+    finals: tuple[tuple[int, int], ...]
+    n_users: int
+
+    def rows(self, spans, device) -> torch.Tensor:
+        """Sequence indices of ``spans`` in every row: (len(spans), R) long."""
+        return _rows(self, tuple(spans), device)
 
 
-def _grad_m(kind: str, M, lam, S):
-    """Gradient of ``<lam, M S>`` with respect to M."""
-    if kind == "delta":
-        return lam @ S.transpose(-1, -2)
-    d = (lam * S).sum(-1, keepdim=True)
-    return d.sum(-2, keepdim=True) if M.shape[-2] == 1 else d
+@functools.lru_cache(maxsize=256)
+def _rows(plan: Plan, spans: tuple[int, ...], device) -> torch.Tensor:
+    n = len(plan.seqs.spans)
+    idx = [[r * n + j for r in range(plan.seqs.B)] for j in spans]
+    return torch.tensor(idx, dtype=torch.long).reshape(len(spans), plan.seqs.B).to(device)
+
+
+@functools.lru_cache(maxsize=256)
+def make_plan(geo: Geometry, B: int, offsets: tuple[int, ...] | None) -> Plan:
+    """The :class:`Plan` of this rank's shard (cached: built once per shape and
+    ``cu_seqlens``)."""
+    spans, head, whole, head_span, tail_span, inits, finals = [], [], [], [], [], [], []
+    last_local = len(geo.chunks) - 1
+    for i in range(len(geo.chunks)):
+        pieces = chunk_pieces(geo, i, None if offsets is None else list(offsets))
+        first = len(spans)
+        for p in pieces:
+            j = len(spans)
+            spans.append((p.local, p.local + p.end - p.start))
+            if not p.head:
+                inits.append((j, -1 if p.doc is None else p.doc))
+            if offsets is None:
+                if i == last_local:
+                    finals.append((j, -1))
+            elif p.ends:
+                finals.append((j, p.doc))
+        head.append(pieces[0].head)
+        whole.append(pieces[0].head and len(pieces) == 1)
+        head_span.append(first)
+        tail_span.append(len(spans) - 1)
+    n_users = B if offsets is None else len(offsets) - 1
+    return Plan(Sequences(B, geo.local_len, tuple(spans)), tuple(head), tuple(whole),
+                tuple(head_span), tuple(tail_span), tuple(inits), tuple(finals), n_users)
 
 
 # ---- the exchange ----
@@ -62,43 +118,45 @@ def _chain(sp, geo: Geometry, step, like: torch.Tensor, reverse: bool, op: str) 
     n = geo.n_chunks
     d = -1 if reverse else 1
     width = like.shape[-1]
-    bounds = torch.linspace(0, width, min(sp.pieces, width) + 1).round().long().tolist()
-    slices = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+    cuts = [round(j * width / min(sp.pieces, width)) for j in range(min(sp.pieces, width) + 1)]
+    slices = [slice(a, b) for a, b in zip(cuts, cuts[1:])]
     order = sorted(range(len(geo.chunks)), key=lambda i: geo.chunks[i], reverse=reverse)
+    comm = sp.comm
     x_in = [None] * len(geo.chunks)
     carry, sends = None, []
     for i in order:
         c = geo.chunks[i]
         prev, nxt = c - d, c + d
+        works = bufs = None
         if not 0 <= prev < n:
             x_in[i] = torch.zeros_like(like)
         elif geo.owner(prev) == sp.rank:
             x_in[i] = carry
         else:
             bufs = [like.new_empty(*like.shape[:-1], s.stop - s.start) for s in slices]
-            reqs = [sp._irecv(b, geo.owner(prev), j) for j, b in enumerate(bufs)]
+            works = [comm.send_recv([], [(b, geo.owner(prev))], op) for b in bufs]
         if not 0 <= nxt < n:
             if x_in[i] is None:
-                for r in reqs:
-                    r.wait()
+                for w in works:
+                    w.wait()
                 x_in[i] = torch.cat(bufs, -1)
             continue
         outs = []
         for j, s in enumerate(slices):
             if x_in[i] is None:
-                reqs[j].wait()
+                works[j].wait()
                 piece = bufs[j]
             else:
                 piece = x_in[i][..., s]
             out = step(i, piece, s)
             outs.append(out)
             if geo.owner(nxt) != sp.rank:
-                sends.append(sp._isend(out, geo.owner(nxt), j, op))
+                sends.append(comm.send_recv([(out, geo.owner(nxt))], [], op))
         if x_in[i] is None:
             x_in[i] = torch.cat(bufs, -1)
         carry = torch.cat(outs, -1)
-    for s in sends:
-        s.wait()
+    for w in sends:
+        w.wait()
     return x_in
 
 
@@ -108,14 +166,14 @@ def _gather_chunks(sp, geo: Geometry, xs: list, op: str) -> list:
     flat = torch.cat([x.reshape(x.shape[0], -1) for x in xs], 1)
     sizes = [x[0].numel() for x in xs]
     out = [[None] * geo.n_chunks for _ in xs]
-    for r, buf in enumerate(sp._all_gather(flat, op)):
+    for r, buf in enumerate(sp.comm.all_gather(flat, op)):
         for i, c in enumerate(geo.chunks_of(r)):
             for j, part in enumerate(buf[i].split(sizes)):
                 out[j][c] = part.view(xs[j].shape[1:])
     return out
 
 
-def _fold(kind: str, Ms: list, Cs: list, upto: int, reverse: bool) -> list:
+def _fold(Ms: list, Cs: list, upto: int, reverse: bool) -> list:
     """Serial fold of the chain: entering values of chunks, forward from chunk 0 up to
     ``upto`` (inclusive), or backward from the last chunk down to ``upto``."""
     n = len(Ms)
@@ -124,85 +182,144 @@ def _fold(kind: str, Ms: list, Cs: list, upto: int, reverse: bool) -> list:
     idx = range(n - 1, upto - 1, -1) if reverse else range(upto + 1)
     for c in idx:
         out[c] = x
-        x = _apply(kind, Ms[c], x, transpose=reverse) + Cs[c]
+        x = apply(Ms[c], x, transpose=reverse) + Cs[c]
     return out
 
 
-class _StateExchange(torch.autograd.Function):
-    """``S_in`` of each local chunk from every chunk's ``(M, C)``.
+def exchange(sp, geo: Geometry, M: torch.Tensor, C: torch.Tensor):
+    """``S_in`` of each local chunk, (n_local, ...) like C, from every chunk's ``(M, C)``:
+    ``S_in(c+1) = M_c S_in(c) + C_c``, ``S_in(0) = 0``. Also returns every chunk's M
+    (``'allgather'``; None for ``'scan'``) for :func:`exchange_backward`."""
+    if sp.linear_strategy == "scan":
+        S_in = _chain(sp, geo, lambda i, x, s: apply(M[i], x) + C[i][..., s], C[0],
+                      reverse=False, op="linear")
+        return torch.stack(S_in), None
+    M_all, C_all = _gather_chunks(sp, geo, [M, C], "linear")
+    S_all = _fold(M_all, C_all, max(geo.chunks), reverse=False)
+    return torch.stack([S_all[c] for c in geo.chunks]), M_all
 
-    Forward: ``S_in(c+1) = M_c S_in(c) + C_c``, ``S_in(0) = 0``. Backward, with ``d_c`` the
-    gradient of this rank's use of ``S_in(c)``: ``lam_c = d_c + M_c^T lam_{c+1}`` from the
-    last chunk down, ``dC_c = lam_{c+1}``, ``dM_c = lam_{c+1} S_in(c)^T``.
-    """
+
+def exchange_backward(sp, geo: Geometry, M: torch.Tensor, M_all, d: torch.Tensor) -> torch.Tensor:
+    """The adjoint of :func:`exchange`: from ``d`` (n_local, ...), the gradient of this
+    rank's use of each chunk's ``S_in``, the gradient ``lam`` of the state leaving each
+    local chunk: ``lam_c = d_{c+1} + M_{c+1}^T lam_{c+1}``, zero after the last chunk."""
+    if sp.linear_strategy == "scan":
+        lam = _chain(sp, geo, lambda i, x, s: apply(M[i], x, transpose=True) + d[i][..., s],
+                     d[0], reverse=True, op="linear.backward")
+    else:
+        d_all, = _gather_chunks(sp, geo, [d], "linear.backward")
+        lam_all = _fold(M_all, d_all, min(geo.chunks), reverse=True)
+        lam = [lam_all[c] for c in geo.chunks]
+    return torch.stack(lam)
+
+
+# ---- the op ----
+
+class _LinearSP(torch.autograd.Function):
+    """Outputs and final states of this rank's shard; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, sp, geo, kind, M, C):
-        # M: (n_local, B, H, K, 1 or K) or (n_local, B, H, 1, 1); C: (n_local, B, H, K, V).
-        if sp.linear_strategy == "scan":
-            S_in = _chain(sp, geo, lambda i, x, s: _apply(kind, M[i], x) + C[i][..., s],
-                          C[0], reverse=False, op="linear")
-            M_all = None
-        else:
-            M_all, C_all = _gather_chunks(sp, geo, [M, C], "linear")
-            S_all = _fold(kind, M_all, C_all, max(geo.chunks), reverse=False)
-            S_in = [S_all[c] for c in geo.chunks]
-        S_in = torch.stack(S_in)
-        ctx.sp, ctx.geo, ctx.kind, ctx.M_all = sp, geo, kind, M_all
-        ctx.save_for_backward(M, S_in)
-        return S_in
+    def forward(ctx, sp, geo, plan, engine, opts, init, *xs):
+        ctx.set_materialize_grads(False)
+        p = engine.begin(xs, plan.seqs, **opts)
+        dev = xs[0].device
+        N = plan.seqs.count
+        h0 = None
+        if init is not None:
+            j_init = [j for j, _ in plan.inits]
+            h0 = init.new_zeros(N, *init.shape[1:])
+            if j_init:
+                rows = plan.rows(j_init, dev)  # (n_init, R)
+                src = _user_rows(plan.inits, plan.seqs.B, dev)
+                h0.index_copy_(0, rows.flatten(), init.index_select(0, src.flatten()))
+        with torch.no_grad():
+            F = p.final(h0)
+            Mall = p.transition()
+        n_local = len(geo.chunks)
+        tails = plan.rows(plan.tail_span, dev)  # (n_local, R)
+        heads = plan.rows(plan.head_span, dev)
+        C = F[tails.flatten()].view(n_local, -1, *F.shape[1:])
+        M = Mall[heads.flatten()].view(n_local, -1, *Mall.shape[1:])
+        M = M * _flags(plan.whole, dev).view(-1, *[1] * (M.dim() - 1))
+        S_in, ctx.M_all = exchange(sp, geo, M, C)
+        has_head = [i for i, h in enumerate(plan.head) if h]
+        if has_head:
+            h0 = F.new_zeros(F.shape) if h0 is None else h0
+            hr = heads[has_head].flatten()
+            h0 = h0.index_copy(0, hr, S_in[has_head].flatten(0, 1))
+        o, fin = p.finish(h0)
+        ctx.p, ctx.sp, ctx.geo, ctx.plan, ctx.M = p, sp, geo, plan, M
+        ctx.has_init = init is not None
+        ctx.o_meta = (o.shape, o.dtype)
+        return o, _user_finals(plan, fin, dev)
 
     @staticmethod
-    def backward(ctx, dS_in):
-        sp, geo, kind = ctx.sp, ctx.geo, ctx.kind
-        M, S_in = ctx.saved_tensors
-        dS_in = dS_in.contiguous()
-        if sp.linear_strategy == "scan":
-            lam = _chain(sp, geo, lambda i, x, s: _apply(kind, M[i], x, transpose=True) + dS_in[i][..., s],
-                         dS_in[0], reverse=True, op="linear.backward")
-        else:
-            d_all, = _gather_chunks(sp, geo, [dS_in], "linear.backward")
-            lam_all = _fold(kind, ctx.M_all, d_all, min(geo.chunks), reverse=True)
-            lam = [lam_all[c] for c in geo.chunks]
-        lam = torch.stack(lam)  # lam[i] = adjoint of the state leaving local chunk i
-        return None, None, None, _grad_m(kind, M, lam, S_in), lam
+    def backward(ctx, do, dfin):
+        p, plan, geo = ctx.p, ctx.plan, ctx.geo
+        dev = ctx.M.device
+        N = plan.seqs.count
+        if do is None:
+            do = torch.zeros(ctx.o_meta[0], dtype=ctx.o_meta[1], device=dev)
+        dht = None
+        if dfin is not None and plan.finals:
+            rows = plan.rows([j for j, _ in plan.finals], dev).flatten()
+            src = _user_rows(plan.finals, plan.seqs.B, dev).flatten()
+            dht = dfin.new_zeros(N, *dfin.shape[1:]).index_copy_(0, rows, dfin.index_select(0, src))
+        d0 = p.initial_grads(do, dht)
+        heads = plan.rows(plan.head_span, dev)
+        d = d0[heads.flatten()].view(len(geo.chunks), -1, *d0.shape[1:])
+        d = d * _flags(plan.head, dev).view(-1, *[1] * (d.dim() - 1))
+        lam = exchange_backward(ctx.sp, geo, ctx.M, ctx.M_all, d)
+        tails = plan.rows(plan.tail_span, dev).flatten()
+        dht = (d0.new_zeros(d0.shape) if dht is None else dht).index_add(0, tails, lam.flatten(0, 1))
+        dxs, dh0 = p.backward(do, dht)
+        dinit = None
+        if ctx.has_init and dh0 is not None:
+            dinit = dh0.new_zeros(plan.n_users, *dh0.shape[1:])
+            if plan.inits:
+                rows = plan.rows([j for j, _ in plan.inits], dev).flatten()
+                src = _user_rows(plan.inits, plan.seqs.B, dev).flatten()
+                dinit.index_add_(0, src, dh0.index_select(0, rows))
+        ctx.p = None
+        return (None, None, None, None, None, dinit, *dxs)
 
 
-# ---- per-chunk work ----
-
-def _head_operator(kind, q, k, g, beta, *, scale, chunk_size, backend):
-    """How the state entering a stretch of one sequence reaches its outputs and its end.
-
-    Returns ``R`` (B, T, H, K) float32 and ``M`` such that the stretch's outputs gain
-    ``R_t S_in`` and its final state gains ``M S_in`` (``M``: (B, H, K or 1, 1) diagonal
-    or (B, H, K, K)). Diag: ``R_t = scale q_t exp(G_t)``, ``M = exp(G_T)`` in closed form.
-    Delta: one engine run with ``v = 0`` of width K from the identity state: by linearity
-    its outputs are ``R`` and its final state is ``M`` (one extra pass of width K, after
-    which applying any incoming state is a matmul).
-    """
-    B, T, H, K = k.shape
-    if kind == "delta":
-        eye = torch.eye(K, device=k.device).expand(B, H, K, K).contiguous()
-        R, M = run_delta(q, k, k.new_zeros(B, T, H, K), g, beta, scale=scale, initial_state=eye,
-                         output_final_state=True, offsets=None, chunk_size=chunk_size,
-                         backend=backend)
-        return R.float(), M
-    if g is None:
-        return scale * q.float(), q.new_ones(B, H, 1, 1, dtype=torch.float32)
-    G = g.cumsum(1)
-    G = G[..., None] if g.dim() == 3 else G  # (B, T, H, 1 or K)
-    return scale * q.float() * G.exp(), G[:, -1, :, :, None].exp()
+@functools.lru_cache(maxsize=256)
+def _flags(flags: tuple[bool, ...], device) -> torch.Tensor:
+    """float32 0/1 per local chunk, on the device (cached: no copy per call)."""
+    return torch.tensor(flags, dtype=torch.float32).to(device)
 
 
-def sp_linear(sp, kind, q, k, v, g, beta, *, scale, initial_state, output_final_state,
-              cu_seqlens, chunk_size, backend):
+@functools.lru_cache(maxsize=256)
+def _user_rows_cached(pairs: tuple, B: int, device) -> torch.Tensor:
+    rows = [[u if u >= 0 else r for r in range(B)] for _, u in pairs]
+    return torch.tensor(rows, dtype=torch.long).reshape(len(pairs), B).to(device)
+
+
+def _user_rows(pairs, B, device):
+    """User state rows of (span, user row) pairs, per row: (len(pairs), R) long."""
+    return _user_rows_cached(tuple(pairs), B, device)
+
+
+def _user_finals(plan: Plan, fin: torch.Tensor, device) -> torch.Tensor:
+    """The final states handed to the user (see :func:`sp_linear`)."""
+    out = fin.new_zeros(plan.n_users, *fin.shape[1:])
+    if plan.finals:
+        rows = plan.rows([j for j, _ in plan.finals], device).flatten()
+        dst = _user_rows(plan.finals, plan.seqs.B, device).flatten()
+        out.index_copy_(0, dst, fin.index_select(0, rows))
+    return out
+
+
+def sp_linear(sp, engine, xs: tuple, *, scale, initial_state, output_final_state, cu_seqlens,
+              chunk_size, backend):
     """Sequence-parallel linear-family op (called by the public ops with ``sp=``).
 
-    Each rank passes its shard of q, k (B, T/P, H, K), v (B, T/P, H, V), g, beta and the
-    same global ``cu_seqlens`` (B == 1; documents may cross shard boundaries) on every
-    rank.
+    Each rank passes its shard of the engine's inputs ``xs`` (q, k (B, T/P, H, K), v
+    (B, T/P, H, V), gates) and the same global ``cu_seqlens`` (B == 1; documents may
+    cross shard boundaries) on every rank.
 
-    initial_state: the same (N, H, K, V) tensor (or None) on every rank, N = B or the
+    initial_state: the same (N, H, K, Vs) tensor (or None) on every rank, N = B or the
         number of documents. Row n enters where sequence / document n starts: on rank 0
         without packing, on the rank holding the document's first token when packed.
         Its gradient on each rank is that rank's share: sum it over the SP group (as
@@ -210,100 +327,32 @@ def sp_linear(sp, kind, q, k, v, g, beta, *, scale, initial_state, output_final_
     Returns:
         o: this rank's shard of the outputs, (B, T/P, H, V) in v's dtype.
         final state (if ``output_final_state``), float32:
-        * not packed: (B, H, K, V), the state after this rank's last token, so the rank
+        * not packed: (B, H, K, Vs), the state after this rank's last token, so the rank
           holding the last token of the sequence (rank P-1 contiguous, rank 0 zigzag)
           returns the single-device final state;
-        * packed: (N, H, K, V), the final state of each document that ends on this
+        * packed: (N, H, K, Vs), the final state of each document that ends on this
           rank and zeros for the others, so the sum over ranks is the single-device
           result.
     """
+    q, v = xs[0], xs[2]
     B, Tl, H, K = q.shape
-    V = v.shape[-1]
-    g_dims = -1 if g is None else g.dim()
+    Vs = engine.state_width(v.shape[-1])
+
     def validate():
         geo = sp.geometry(Tl)
         offsets = check_cu_seqlens(cu_seqlens, B, geo.total, q.device)
         N = B if offsets is None else len(offsets) - 1
-        check_state("initial_state", initial_state, (N, H, K, V), q.device)
-        return geo, offsets, N
+        check_state("initial_state", initial_state, (N, H, K, Vs), q.device)
+        return geo, offsets
 
-    desc = {"delta rule": kind == "delta", "B": B, "T/P": Tl, "H": H, "K": K, "V": V,
-            "gate dims": g_dims, "q dtype": dtype_code(q),
-            "initial_state dtype": dtype_code(initial_state), **offsets_digest(cu_seqlens)}
-    geo, offsets, N = sp._agree("q", desc, validate)
-    if initial_state is not None:
-        initial_state = initial_state.float()
-    run = run_diag if kind == "diag" else run_delta
-    common = dict(scale=scale, chunk_size=chunk_size, backend=backend)
-
-    def sl(x, a, b):
-        return None if x is None else x[:, a:b]
-
-    plans, o_loc, Ms, Cs = [], [], [], []
-    for i in range(len(geo.chunks)):
-        pieces = chunk_pieces(geo, i, offsets)
-        a, b = geo.local_span(i)
-        xs = [sl(x, a, b) for x in (q, k, v, g, beta)]
-        args = xs[:4] if kind == "diag" else xs
-        if offsets is None:
-            init = None if pieces[0].head else initial_state
-            o, fin = run(*args, initial_state=init, output_final_state=True, offsets=None, **common)
-        else:
-            local = [p.local - a for p in pieces] + [b - a]
-            init = None
-            if initial_state is not None:
-                init = torch.stack([torch.zeros_like(initial_state[0]) if p.head else initial_state[p.doc]
-                                    for p in pieces])
-            o, fin = run(*args, initial_state=init, output_final_state=True, offsets=local, **common)
-        head = None
-        if pieces[0].head:
-            p = pieces[0]
-            hx = [sl(x, p.local, p.local + p.end - p.start) for x in (q, k, g, beta)]
-            head = _head_operator(kind, *hx, **common)
-        if head is not None and len(pieces) == 1:
-            M = head[1]
-        else:  # a sequence starts inside the chunk: the chain resets
-            M = torch.zeros(B, H, K if kind == "delta" or g_dims == 4 else 1,
-                            K if kind == "delta" else 1, device=q.device)
-        plans.append((pieces, fin, head))
-        o_loc.append(o)
-        Ms.append(M)
-        Cs.append(fin[-1:] if offsets is not None else fin)
-
-    S_in = _StateExchange.apply(sp, geo, kind, torch.stack(Ms), torch.stack(Cs))
-
-    outs, finals = [], {}
-    for i, ((pieces, fin, head), o) in enumerate(zip(plans, o_loc)):
-        if head is None:
-            outs.append(o)
-            continue
-        R, M_head = head
-        h = pieces[0].end - pieces[0].start
-        o_dep = torch.einsum("bthk,bhkv->bthv", R, S_in[i])
-        outs.append(torch.cat([(o[:, :h].float() + o_dep).to(o.dtype), o[:, h:]], 1))
-        S_dep = _apply(kind, M_head, S_in[i])
-        # The head sequence's state at the end of its piece: its own part plus S_in's.
-        finals[i] = (fin if offsets is None else fin[:1]) + S_dep
-    # Anchor before cat / clone: outputs of a custom Function that are views of its
-    # input could not be modified in place by the caller.
-    outs[0] = Anchor.apply(outs[0], S_in)
-    o = torch.cat(outs, 1)
-    if not output_final_state:
-        return o, None
-    S = _final_states(geo, plans, finals, offsets, N, (H, K, V), q.device)
-    return o, Anchor.apply(S, S_in).clone()
-
-
-def _final_states(geo, plans, head_finals, offsets, N, hkv, device):
-    """Assemble the returned final state from the pieces' final states (see
-    :func:`sp_linear`)."""
-    if offsets is None:
-        last = len(plans) - 1
-        return head_finals.get(last, plans[last][1])
-    rows = {}
-    for i, (pieces, fin, _) in enumerate(plans):
-        for j, p in enumerate(pieces):
-            if p.ends:
-                rows[p.doc] = head_finals[i][0] if (j == 0 and p.head) else fin[j]
-    zero = torch.zeros(hkv, device=device)
-    return torch.stack([rows.get(n, zero) for n in range(N)])
+    gates = [x for x in xs[3:] if x is not None]
+    desc = {"engine": ("diag", "delta", "mlstm").index(engine.name), "B": B, "T/P": Tl, "H": H,
+            "K": K, "Vs": Vs, "gates": sum(x.dim() for x in gates) + 10 * len(gates),
+            "q dtype": dtype_code(q), "initial_state dtype": dtype_code(initial_state),
+            **offsets_digest(cu_seqlens)}
+    geo, offsets = sp.agree("q", desc, validate)
+    plan = make_plan(geo, B, None if offsets is None else tuple(offsets))
+    init = None if initial_state is None else initial_state.float()
+    opts = dict(scale=scale, chunk_size=chunk_size, backend=backend)
+    o, fin = _LinearSP.apply(sp, geo, plan, engine, opts, init, *xs)
+    return o, (fin if output_final_state else None)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .chunk_diag import _chunks, _segsum
+from .chunk_diag import ChunkTerms, _chunks, _segsum
 
 
 def wy_terms(qc, kc, vc, gc, bc, scale: float, inverse=None):
@@ -66,6 +66,24 @@ def wy_terms(qc, kc, vc, gc, bc, scale: float, inverse=None):
     return P, W, U, q_dec, k_dec, chunk_decay
 
 
+def chunk_delta_terms(q, k, v, g, beta, *, scale: float, chunk_size: int = 64) -> ChunkTerms:
+    """:class:`~.chunk_diag.ChunkTerms` of the delta rule (K x K chunk transitions);
+    shapes as in :func:`chunk_delta`."""
+    B, T, H, K = q.shape
+    C = min(chunk_size, T)
+    n = -(-T // C)
+    # Zero padding is inert: beta = 0 writes nothing, k = 0 reads nothing, g = 0 decays nothing.
+    gc = None if g is None else _chunks(g, n, C)[..., None]
+    P, W, U, q_dec, k_dec, chunk_decay = wy_terms(
+        _chunks(q, n, C), _chunks(k, n, C), _chunks(v, n, C), gc,
+        _chunks(beta, n, C)[..., None], scale)
+    k_dec_t = k_dec.transpose(-1, -2)
+    eye = torch.eye(K, device=q.device)
+    M = (eye if chunk_decay is None else chunk_decay * eye) - k_dec_t @ W  # (B, H, n, K, K)
+    M = M.expand(B, H, n, K, K)
+    return ChunkTerms(P @ U, q_dec - P @ W, M, k_dec_t @ U, T, v.dtype)
+
+
 def chunk_delta(q, k, v, g, beta, *, scale: float, initial_state=None,
                 output_final_state=False, chunk_size: int = 64):
     """Chunkwise (gated) delta rule on one device.
@@ -78,27 +96,6 @@ def chunk_delta(q, k, v, g, beta, *, scale: float, initial_state=None,
     Returns:
         o: (B, T, H, V) in v's dtype; final state (B, H, K, V) float32 or None.
     """
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    C = min(chunk_size, T)
-    n = -(-T // C)
-    # Zero padding is inert: beta = 0 writes nothing, k = 0 reads nothing, g = 0 decays nothing.
-    gc = None if g is None else _chunks(g, n, C)[..., None]
-    P, W, U, q_dec, k_dec, chunk_decay = wy_terms(
-        _chunks(q, n, C), _chunks(k, n, C), _chunks(v, n, C), gc,
-        _chunks(beta, n, C)[..., None], scale)
-
-    o = P @ U
-    q_eff = q_dec - P @ W  # (B, H, n, C, K): how each output reads the incoming state
-    k_dec_t = k_dec.transpose(-1, -2)
-    eye = torch.eye(K, device=q.device)
-    M = (eye if chunk_decay is None else chunk_decay * eye) - k_dec_t @ W  # (B, H, n, K, K)
-    local = k_dec_t @ U  # state each chunk builds from zero: (B, H, n, K, V)
-    S = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
-    inter = []
-    for i in range(n):
-        inter.append(q_eff[:, :, i] @ S)
-        S = M[:, :, i] @ S + local[:, :, i]
-    o = o + torch.stack(inter, 2)
-    o = o.movedim(1, 3).reshape(B, n * C, H, V)[:, :T]
-    return o.to(v.dtype), (S if output_final_state else None)
+    terms = chunk_delta_terms(q, k, v, g, beta, scale=scale, chunk_size=chunk_size)
+    o, S = terms.scan(initial_state)
+    return o, (S if output_final_state else None)

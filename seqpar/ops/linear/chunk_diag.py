@@ -44,19 +44,68 @@ def _segsum(g: torch.Tensor) -> torch.Tensor:
     return x.masked_fill(~ones.tril()[..., None], float("-inf"))
 
 
-def chunk_diag(q, k, v, g, *, scale: float, initial_state=None, output_final_state=False,
-               chunk_size: int = 64):
-    """Chunkwise diagonal-decay linear attention on one device.
+class ChunkTerms:
+    """The state-independent part of a chunkwise run on a (B, T) batch, float32,
+    differentiable: ``o_intra`` (B, H, n, C, V) the outputs from inside each chunk,
+    ``q_eff`` (B, H, n, C, K) how each output reads the state entering its chunk,
+    ``M`` the chunk transitions ((B, H, n, K or 1, 1) diagonal, or (B, H, n, K, K)) and
+    ``local`` (B, H, n, K, V) the state each chunk builds from zero. Then
+    ``o_c = o_intra_c + q_eff_c S_c`` and ``S_{c+1} = M_c S_c + local_c``."""
 
-    Args:
-        q, k: (B, T, H, K); v: (B, T, H, V), any float dtype (computed in float32).
-        g: None, (B, T, H) or (B, T, H, K) log decay in float32.
-        initial_state: (B, H, K, V) or None.
-    Returns:
-        o: (B, T, H, V) in v's dtype; final state (B, H, K, V) float32 or None.
-    """
+    def __init__(self, o_intra, q_eff, M, local, T: int, dtype: torch.dtype):
+        self.o_intra, self.q_eff, self.M, self.local = o_intra, q_eff, M, local
+        self.T, self.dtype = T, dtype
+
+    def apply(self, c: int, S, transpose: bool = False):
+        M = self.M[:, :, c]
+        if M.shape[-1] == 1:
+            return M * S
+        return (M.transpose(-1, -2) if transpose else M) @ S
+
+    def scan(self, initial_state=None):
+        """Outputs (B, T, H, V) in the inputs' dtype and the final state (B, H, K, V)
+        float32 from ``initial_state`` (or zeros)."""
+        B, H, n, _, K = self.q_eff.shape
+        V = self.local.shape[-1]
+        S = self.local.new_zeros(B, H, K, V) if initial_state is None else initial_state.float()
+        inter = []
+        for c in range(n):
+            inter.append(self.q_eff[:, :, c] @ S)
+            S = self.apply(c, S) + self.local[:, :, c]
+        o = self.o_intra + torch.stack(inter, 2)
+        o = o.movedim(1, 3).reshape(B, -1, H, V)[:, :self.T]
+        return o.to(self.dtype), S
+
+    def final(self, initial_state=None):
+        """The final state (B, H, K, V) float32 alone."""
+        S = torch.zeros_like(self.local[:, :, 0]) if initial_state is None else initial_state
+        for c in range(self.local.shape[2]):
+            S = self.apply(c, S) + self.local[:, :, c]
+        return S
+
+    def transition(self):
+        """The product of the chunk transitions: (B, H, K or 1, K or 1)."""
+        M = self.M[:, :, 0]
+        for c in range(1, self.M.shape[2]):
+            Mc = self.M[:, :, c]
+            M = Mc * M if Mc.shape[-1] == 1 else Mc @ M
+        return M
+
+    def initial_grad(self, do, dht=None):
+        """The gradient (B, H, K, V) of the entering state from the output gradient do
+        (B, T, H, V) and the final state's gradient dht (or None)."""
+        B, H, n, C, K = self.q_eff.shape
+        V = self.local.shape[-1]
+        do = _chunks(do, n, C)
+        lam = self.local.new_zeros(B, H, K, V) if dht is None else dht.float()
+        for c in range(n - 1, -1, -1):
+            lam = self.apply(c, lam, transpose=True) + self.q_eff[:, :, c].transpose(-1, -2) @ do[:, :, c]
+        return lam
+
+
+def chunk_diag_terms(q, k, v, g, *, scale: float, chunk_size: int = 64) -> ChunkTerms:
+    """:class:`ChunkTerms` of the diagonal family; shapes as in :func:`chunk_diag`."""
     B, T, H, K = q.shape
-    V = v.shape[-1]
     C = min(chunk_size, T)
     n = -(-T // C)
     # Zero padding is inert: k = 0 adds nothing and g = 0 decays nothing.
@@ -81,14 +130,20 @@ def chunk_diag(q, k, v, g, *, scale: float, initial_state=None, output_final_sta
         q_dec = qc * G.exp()
         k_dec = kc * decay[..., -1, :, :]  # exp(G_C - G_j): the last row of the decay
         chunk_decay = G[..., -1:, :].transpose(-1, -2).exp()  # (B, H, n, K or 1, 1)
-
-    o = attn @ vc
     local = k_dec.transpose(-1, -2) @ vc  # state each chunk builds from zero: (B, H, n, K, V)
-    S = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
-    inter = []
-    for i in range(n):
-        inter.append(q_dec[:, :, i] @ S)
-        S = chunk_decay[:, :, i] * S + local[:, :, i]
-    o = o + torch.stack(inter, 2)
-    o = o.movedim(1, 3).reshape(B, n * C, H, V)[:, :T]
-    return o.to(v.dtype), (S if output_final_state else None)
+    return ChunkTerms(attn @ vc, q_dec, chunk_decay, local, T, v.dtype)
+
+
+def chunk_diag(q, k, v, g, *, scale: float, initial_state=None, output_final_state=False,
+               chunk_size: int = 64):
+    """Chunkwise diagonal-decay linear attention on one device.
+
+    Args:
+        q, k: (B, T, H, K); v: (B, T, H, V), any float dtype (computed in float32).
+        g: None, (B, T, H) or (B, T, H, K) log decay in float32.
+        initial_state: (B, H, K, V) or None.
+    Returns:
+        o: (B, T, H, V) in v's dtype; final state (B, H, K, V) float32 or None.
+    """
+    o, S = chunk_diag_terms(q, k, v, g, scale=scale, chunk_size=chunk_size).scan(initial_state)
+    return o, (S if output_final_state else None)

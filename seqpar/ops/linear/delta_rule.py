@@ -1,12 +1,12 @@
 """DeltaNet: ``S_t = S_{t-1} + beta_t k_t^T (v_t - k_t S_{t-1})``, ``o_t = scale * q_t S_t``.
 
-The caller L2-normalizes k. Engine: ``chunk_delta`` with no decay.
+The caller L2-normalizes k. Engine: :data:`~.delta.DELTA` with no decay.
 """
 from __future__ import annotations
 
 from .._validate import autocast_inputs, check_scale
 from ._run import linear_call
-from .gated_delta_rule import delta_reference, delta_step
+from .delta import DELTA, delta_reference, delta_step
 
 
 def delta_rule_step(q, k, v, beta, state, scale=None):
@@ -26,6 +26,6 @@ def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_st
                cu_seqlens=None, chunk_size=64, backend="auto", sp=None):
     """DeltaNet. beta: (B, T, H) in (0, 1). Keywords and returns as in
     :func:`seqpar.ops.gla`."""
-    return linear_call("delta", q, k, v, None, beta, gate=None, scale=scale,
+    return linear_call(DELTA, q, k, v, None, beta, gate=None, scale=scale,
                        initial_state=initial_state, output_final_state=output_final_state,
                        cu_seqlens=cu_seqlens, chunk_size=chunk_size, backend=backend, sp=sp)

@@ -1,12 +1,12 @@
 """Linear attention: ``S_t = S_{t-1} + k_t^T v_t``, ``o_t = scale * q_t S_t``.
 
-Engine: ``chunk_diag`` with no decay.
+Engine: :data:`~.diag.DIAG` with no decay.
 """
 from __future__ import annotations
 
 from .._validate import autocast_inputs, check_scale
 from ._run import linear_call
-from .gla import diag_reference, diag_step
+from .diag import DIAG, diag_reference, diag_step
 
 
 def linear_attn_step(q, k, v, state, scale=None):
@@ -29,6 +29,6 @@ def linear_attn(q, k, v, *, scale=None, initial_state=None, output_final_state=F
     q, k: (B, T, H, K); v: (B, T, H, V). Keywords as in :func:`seqpar.ops.gla`.
     Returns o (B, T, H, V) in v's dtype and the final state (N, H, K, V) float32 or None.
     """
-    return linear_call("diag", q, k, v, None, gate=None, scale=scale, initial_state=initial_state,
+    return linear_call(DIAG, q, k, v, None, gate=None, scale=scale, initial_state=initial_state,
                        output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                        chunk_size=chunk_size, backend=backend, sp=sp)

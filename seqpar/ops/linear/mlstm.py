@@ -19,6 +19,8 @@ from .._validate import (autocast_inputs, check_backend, check_gate, check_qkv, 
                          check_tensor, fail)
 from ._family import pick_backend, reference_scan
 from ._run import check_options, documents, linear_call
+from .diag import DIAG
+from .engine import LinearEngine, Sequences, StatePass, scale_state, segments
 
 
 def mlstm_step(q, k, v, i, f, state, scale=None):
@@ -79,7 +81,15 @@ def mlstm(q, k, v, i, f, *, scale=None, initial_state=None, output_final_state=F
         C0, n0 = initial_state
         check_tensor("initial_state[0] (C)", C0, shape=(None, H, K, V), device=q.device)
         check_tensor("initial_state[1] (n)", n0, shape=(C0.shape[0], H, K), device=q.device)
-    if sp is None and pick_backend(check_backend(backend), q) == "triton":
+    triton = pick_backend(check_backend(backend), q) == "triton"
+    if sp is not None and triton:
+        check_options(output_final_state, chunk_size, backend)
+        state0 = None if initial_state is None else torch.cat([C0.float(), n0.float()[..., None]], -1)
+        o, S = sp.linear(MLSTM, (q, k, v, i, f), scale=scale, initial_state=state0,
+                         output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                         chunk_size=chunk_size, backend=backend)
+        return o, (None if S is None else (S[..., :V], S[..., V]))
+    if triton:
         check_options(output_final_state, chunk_size, backend)
         offsets, N = documents(cu_seqlens, B, T, q.device)
         if initial_state is not None and initial_state[0].shape[0] != N:
@@ -96,8 +106,102 @@ def mlstm(q, k, v, i, f, *, scale=None, initial_state=None, output_final_state=F
     # does) left gradient errors of ~10%.
     k_in = k.float() * torch.sigmoid(i)[..., None]
     v_aug = torch.cat([v.float(), torch.ones_like(v[..., :1], dtype=torch.float32)], -1)
-    h, S = linear_call("diag", q.float(), k_in, v_aug, F.logsigmoid(f), gate="head", scale=scale,
+    h, S = linear_call(DIAG, q.float(), k_in, v_aug, F.logsigmoid(f), gate="head", scale=scale,
                        initial_state=state0, output_final_state=output_final_state,
                        cu_seqlens=cu_seqlens, chunk_size=chunk_size, backend=backend, sp=sp)
     o = (h[..., :V] / h[..., V:].abs().clamp_min(1.0)).to(v.dtype)
     return o, (None if S is None else (S[..., :V], S[..., V]))
+
+
+class MlstmEngine(LinearEngine):
+    """mLSTM's own kernels (:mod:`.triton_mlstm`) under sequence parallelism. The pair
+    (C, n) travels as one state (N, H, K, V + 1) with n as its last column; the
+    transition is the product of the forget gates, (N, H, 1, 1). Without Triton, mLSTM
+    runs on :data:`~.diag.DIAG` (see :func:`mlstm`)."""
+
+    name = "mlstm"
+    inputs = ("q", "k", "v", "i", "f")
+
+    def state_width(self, V: int) -> int:
+        return V + 1
+
+    def begin(self, xs, seqs, *, scale, chunk_size, backend):
+        return _TritonMlstmPass(xs, seqs, scale)
+
+
+def _pair(S):
+    return (None, None) if S is None else (S[..., :-1].contiguous(), S[..., -1].contiguous())
+
+
+class _TritonMlstmPass(StatePass):
+    """mLSTM's kernels on the packed stream of a shard's sequences; the state-only passes
+    run segment by segment (:class:`~.engine.Segments`)."""
+
+    def __init__(self, xs, seqs: Sequences, scale: float):
+        from .triton_common import as_packed
+
+        self.shape, self.seqs, self.scale = xs[2].shape, seqs, scale
+        self.q, self.k, self.v, self.i, self.f = (as_packed(x) for x in xs)
+        self.offsets = seqs.offsets
+        self.seg = segments(tuple(self.offsets), self.q.device)
+        self.logf = F.logsigmoid(self.f)
+        self._decays = None
+
+    def decays(self):
+        if self._decays is None:
+            self._decays = self.seg.decays(self.logf)
+        return self._decays
+
+    def final(self, h0):
+        from .triton_mlstm import mlstm_final_states
+
+        if not self.seg.split:
+            return torch.cat([x if x.dim() == 4 else x[..., None] for x in mlstm_final_states(
+                self.k, self.v, self.i, self.f, *_pair(h0), self.offsets)], -1)
+        C, n = mlstm_final_states(self.k, self.v, self.i, self.f, None, None, self.seg.offsets)
+        _, after, total = self.decays()
+        out = self.seg.combine(torch.cat([C, n[..., None]], -1), after)
+        return out if h0 is None else out + scale_state(h0, total)
+
+    def transition(self):
+        total = self.decays()[2] if self.seg.split else torch.segment_reduce(
+            self.logf[0], "sum", lengths=self.seg.tokens, axis=0, unsafe=True)
+        return total.exp()[..., None, None]
+
+    def finish(self, h0):
+        from .triton_mlstm import mlstm_forward
+
+        self.C0, self.n0 = _pair(h0)
+        o, self.o32, self.u, CT, nT = mlstm_forward(self.q, self.k, self.v, self.i, self.f,
+                                                     self.C0, self.n0, self.scale, self.offsets)
+        return o.reshape(self.shape), torch.cat([CT, nT[..., None]], -1)
+
+    def initial_grads(self, do, dht):
+        from .triton_common import as_packed
+        from .triton_mlstm import mlstm_initial_grads
+
+        do = as_packed(do).contiguous()
+        if not self.seg.split:
+            dC, dn = mlstm_initial_grads(self.q, self.f, self.o32, self.u, do, *_pair(dht),
+                                         self.scale, self.offsets)
+            return torch.cat([dC, dn[..., None]], -1)
+        dC, dn = mlstm_initial_grads(self.q, self.f, self.o32, self.u, do, None, None,
+                                     self.scale, self.seg.offsets)
+        before, _, total = self.decays()
+        out = self.seg.combine(torch.cat([dC, dn[..., None]], -1), before)
+        return out if dht is None else out + scale_state(dht, total)
+
+    def backward(self, do, dht):
+        from .triton_common import as_packed
+        from .triton_mlstm import mlstm_backward
+
+        dq, dk, dv, di, df, dC0, dn0 = mlstm_backward(
+            self.q, self.k, self.v, self.i, self.f, self.C0, self.n0, self.o32, self.u,
+            as_packed(do).contiguous(), *_pair(dht), self.scale, self.offsets)
+        B, T = self.shape[:2]
+        dxs = tuple(x.reshape(B, T, *x.shape[2:]) for x in (dq, dk, dv, di, df))
+        dh0 = None if dC0 is None else torch.cat([dC0, dn0[..., None]], -1)
+        return dxs, dh0
+
+
+MLSTM = MlstmEngine()

@@ -1,13 +1,13 @@
 """Simple GLA: one data-dependent decay per head and token.
 
 ``S_t = exp(g_t) S_{t-1} + k_t^T v_t``, ``o_t = scale * q_t S_t``. A constant ``g`` per
-head is RetNet's retention / Lightning Attention's decay. Engine: ``chunk_diag``.
+head is RetNet's retention / Lightning Attention's decay. Engine: :data:`~.diag.DIAG`.
 """
 from __future__ import annotations
 
 from .._validate import autocast_inputs, check_scale
 from ._run import linear_call
-from .gla import diag_reference, diag_step
+from .diag import DIAG, diag_reference, diag_step
 
 
 def simple_gla_step(q, k, v, g, state, scale=None):
@@ -30,6 +30,6 @@ def simple_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state
     g: (B, T, H) log decay (<= 0), any float dtype, used in float32. Everything else
     as in :func:`seqpar.ops.gla`: o (B, T, H, V), final state (N, H, K, V) float32.
     """
-    return linear_call("diag", q, k, v, g, gate="head", scale=scale, initial_state=initial_state,
+    return linear_call(DIAG, q, k, v, g, gate="head", scale=scale, initial_state=initial_state,
                        output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                        chunk_size=chunk_size, backend=backend, sp=sp)

@@ -170,6 +170,52 @@ def _fwd_kernel(k, w, u, gc, h0, h, vn, ht, offs, coff,
 
 
 @triton.jit
+def _chain_kernel(k, w, u, gc, h0, ht, mt, offs, coff,
+                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                  BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
+                  HAS_H0: tl.constexpr, PREC: tl.constexpr):
+    """The state-only forward pass of sequence parallelism, one document and head per
+    program column. Programs ``i_v < cdiv(V, BV)`` carry the state from h0 (or zero)
+    with the pseudo-values ``U - W S`` and store the final state (a V tile) into ht
+    (N, H, K, V); the others carry the K x K transition from the identity with ``-W M``
+    alone and store it (a tile of its columns) into mt (N, H, K, K). By linearity the
+    document maps any entering state S to ``mt S + ht``."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    n, i_h = i_nh // H, i_nh % H
+    bos, T_doc, boc = _doc_span(offs, coff, n)
+    NV: tl.constexpr = (V + BV - 1) // BV
+    trans = i_v >= NV
+    keep = i_v < NV
+    width = tl.where(trans, K, V)
+    kk = tl.arange(0, BK)
+    cols = (i_v - trans.to(tl.int32) * NV) * BV + tl.arange(0, BV)
+    rows = tl.arange(0, BT)
+    m_s = (kk[:, None] < K) & (cols[None, :] < width)
+    b_s = tl.where(kk[:, None] == cols[None, :], 1., 0.) * trans.to(tl.float32)
+    if HAS_H0:
+        b_s += tl.load(h0 + i_nh.to(tl.int64) * K * V + kk[:, None] * V + cols[None, :],
+                       mask=m_s & keep, other=0.)
+    for c in range(tl.cdiv(T_doc, BT).to(tl.int32)):
+        i_c = (boc + c) * H + i_h
+        p_w = tl.make_block_ptr(w + i_c * BT * K, (BT, K), (K, 1), (0, 0), (BT, BK), (1, 0))
+        p_kT = tl.make_block_ptr(k + (bos * H + i_h) * K, (K, T_doc), (1, H * K), (0, c * BT), (BK, BT), (0, 1))
+        b_w = tl.load(p_w, boundary_check=(0, 1), padding_option="zero")
+        b_v = tl.load(u + i_c.to(tl.int64) * BT * V + rows[:, None] * V + cols[None, :],
+                      mask=(cols[None, :] < V) & keep, other=0.).to(tl.float32)
+        b_v -= mma(b_w, b_s.to(b_w.dtype), PREC)
+        b_kT = tl.load(p_kT, boundary_check=(0, 1), padding_option="zero")
+        if USE_G:
+            b_g, g_last = _gates(gc, bos, c, T_doc, i_h, H, BT)
+            b_s *= tl.exp2(g_last)
+            b_v *= tl.exp2(g_last - b_g)[:, None]
+        b_s += mma(b_kT, b_v.to(b_kT.dtype), PREC)
+    if trans:
+        tl.store(mt + i_nh.to(tl.int64) * K * K + kk[:, None] * K + cols[None, :], b_s, mask=m_s)
+    else:
+        tl.store(ht + i_nh.to(tl.int64) * K * V + kk[:, None] * V + cols[None, :], b_s, mask=m_s)
+
+
+@triton.jit
 def _dv_local_kernel(q, k, do, gc, dvl, offs, cidx, scale, H: tl.constexpr, K: tl.constexpr,
                      V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      USE_G: tl.constexpr, PREC: tl.constexpr):
@@ -201,11 +247,12 @@ def _dv_local_kernel(q, k, do, gc, dvl, offs, cidx, scale, H: tl.constexpr, K: t
 def _bwd_kernel(q, k, w, gc, do, dht, dvl, dvn, dsl, dh0, offs, coff, scale,
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                 BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
-                HAS_DHT: tl.constexpr, PREC: tl.constexpr):
+                HAS_DHT: tl.constexpr, STORE: tl.constexpr, PREC: tl.constexpr):
     """Reverse state pass of one document, head and V tile, last chunk first: the
     gradient of the state leaving each chunk into dsl (NT, H, K, V), the gradient of v'
     into dvn (packed, v's dtype) from its state-free part in dvl (packed, v's dtype) and
-    the gradient of the initial state into dh0."""
+    the gradient of the initial state into dh0. Without STORE only dh0 is written (the
+    state-only pass of sequence parallelism)."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     n, i_h = i_nh // H, i_nh % H
     bos, T_doc, boc = _doc_span(offs, coff, n)
@@ -217,12 +264,11 @@ def _bwd_kernel(q, k, w, gc, do, dht, dvl, dvn, dsl, dh0, offs, coff, scale,
     for i in range(NC):
         c = NC - 1 - i
         i_c = (boc + c) * H + i_h
-        p_l = tl.make_block_ptr(dsl + i_c * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
-        tl.store(p_l, b_ds.to(p_l.dtype.element_ty), boundary_check=(0, 1))
+        if STORE:
+            p_l = tl.make_block_ptr(dsl + i_c * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
+            tl.store(p_l, b_ds.to(p_l.dtype.element_ty), boundary_check=(0, 1))
         p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (T_doc, K), (H * K, 1), (c * BT, 0), (BT, BK), (1, 0))
         p_dvl = tl.make_block_ptr(dvl + (bos * H + i_h) * V, (T_doc, V), (H * V, 1), (c * BT, i_v * BV),
-                                  (BT, BV), (1, 0))
-        p_dvn = tl.make_block_ptr(dvn + (bos * H + i_h) * V, (T_doc, V), (H * V, 1), (c * BT, i_v * BV),
                                   (BT, BV), (1, 0))
         p_qT = tl.make_block_ptr(q + (bos * H + i_h) * K, (K, T_doc), (1, H * K), (0, c * BT), (BK, BT), (0, 1))
         p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
@@ -236,8 +282,11 @@ def _bwd_kernel(q, k, w, gc, do, dht, dvl, dvn, dsl, dh0, offs, coff, scale,
             b_kds *= tl.exp2(g_last - b_g)[:, None]
             b_ds *= tl.exp2(g_last)
             b_do *= tl.exp2(b_g)[:, None]
-        b_dv = (tl.load(p_dvl, boundary_check=(0, 1), padding_option="zero") + b_kds).to(p_dvn.dtype.element_ty)
-        tl.store(p_dvn, b_dv, boundary_check=(0, 1))
+        b_dv = (tl.load(p_dvl, boundary_check=(0, 1), padding_option="zero") + b_kds).to(p_dvl.dtype.element_ty)
+        if STORE:
+            p_dvn = tl.make_block_ptr(dvn + (bos * H + i_h) * V, (T_doc, V), (H * V, 1),
+                                      (c * BT, i_v * BV), (BT, BV), (1, 0))
+            tl.store(p_dvn, b_dv, boundary_check=(0, 1))
         b_qT = tl.load(p_qT, boundary_check=(0, 1), padding_option="zero")
         b_wT = tl.load(p_wT, boundary_check=(0, 1), padding_option="zero")
         b_ds += mma(b_qT, b_do.to(b_qT.dtype), PREC) - mma(b_wT, b_dv, PREC)
@@ -473,64 +522,127 @@ DV_LOCAL_META = dict(BK=BK, BV=BV, num_warps=8)
 INVERSE_META = dict(num_warps=1)
 
 
+class DeltaPrep:
+    """The state-independent part of the delta rule's forward on a packed stream: the
+    chunk plan, cumulative log2 gates gc (1, TT, H) float32 or None, N = (I + A)^{-1}
+    (``ai`` float32 and ``an`` in the inputs' dtype, (NT, H, BT, BT)), W (NT, H, BT, K) and
+    U (NT, H, BT, V) in the inputs' dtype."""
+
+    def __init__(self, k, v, g, beta, offsets: list[int]):
+        _, TT, H, K = k.shape
+        V = v.shape[-1]
+        self.offsets = offsets
+        self.plan = plan = chunk_plan(offsets, k.device)
+        NT, use_g, bk, prec = plan.n_chunks, g is not None, _k_tile(K), dot_precision(v.dtype)
+        self.gc = _cumsum(g, plan, H) if use_g else None
+        a = torch.empty(NT, H, BT, BT, device=k.device, dtype=torch.float32)
+        _wy_a_kernel[(NT, H)](k, beta, self.gc, a, plan.offsets, plan.chunk_index, H=H, K=K,
+                              BT=BT, BK=bk, USE_G=use_g, PREC=prec, num_warps=NUM_WARPS)
+        self.ai = unit_lower_inverse(a)
+        # the backward's copy of N in the inputs' dtype, which every product using N takes
+        self.an = self.ai if k.dtype == torch.float32 else k.new_empty(NT, H, BT, BT)
+        self.w, self.u = k.new_empty(NT, H, BT, K), v.new_empty(NT, H, BT, V)
+        _wy_wu_kernel[(NT, H)](k, v, beta, self.gc, self.ai, self.an, self.w, self.u,
+                               plan.offsets, plan.chunk_index, H=H, K=K, V=V, BT=BT,
+                               BD=BV_STATE, USE_G=use_g, STORE_N=self.an is not self.ai,
+                               PREC=prec, num_warps=NUM_WARPS)
+
+
+def delta_chain(prep: DeltaPrep, k, h0, V: int):
+    """The state-only forward pass (:func:`_chain_kernel`) on a :class:`DeltaPrep` of k
+    (1, TT, H, K): the final states ht (N, H, K, V) float32 from h0 (N, H, K, V) or zero,
+    and the transitions mt (N, H, K, K) float32, so each document maps an entering S to
+    ``mt S + ht``."""
+    H, K = k.shape[2], k.shape[3]
+    N = prep.plan.n_docs
+    ht = torch.empty(N, H, K, V, device=k.device, dtype=torch.float32)
+    mt = torch.empty(N, H, K, K, device=k.device, dtype=torch.float32)
+    grid, meta = _state_grid(V + K, N, H, k.dtype, k.device)
+    _chain_kernel[(triton.cdiv(V, meta["BV"]) + triton.cdiv(K, meta["BV"]), N * H)](
+        k, prep.w, prep.u, prep.gc, h0, ht, mt, prep.plan.offsets, prep.plan.chunk_offsets,
+        H=H, K=K, V=V, BK=_k_tile(K), USE_G=prep.gc is not None, HAS_H0=h0 is not None,
+        PREC=dot_precision(k.dtype), **meta)
+    return ht, mt
+
+
+def delta_finish(q, k, v, prep: DeltaPrep, h0, scale: float):
+    """The state pass and outputs on a :class:`DeltaPrep`: o (1, TT, H, V) in v's dtype,
+    final states (N, H, K, V) float32, entering states h (NT, H, K, V) and v' (1, TT, H, V)
+    in the inputs' dtype."""
+    H, K, V = q.shape[2], q.shape[3], v.shape[3]
+    plan, use_g, prec = prep.plan, prep.gc is not None, dot_precision(v.dtype)
+    h, vn = k.new_empty(plan.n_chunks, H, K, V), torch.empty_like(v)
+    ht = torch.empty(plan.n_docs, H, K, V, device=q.device, dtype=torch.float32)
+    grid, meta = _state_grid(V, plan.n_docs, H, v.dtype, v.device)
+    _fwd_kernel[grid](
+        k, prep.w, prep.u, prep.gc, h0, h, vn, ht, plan.offsets, plan.chunk_offsets, H=H, K=K,
+        V=V, BK=_k_tile(K), USE_G=use_g, HAS_H0=h0 is not None, PREC=prec, **meta)
+    o = torch.empty_like(v)
+    _pair_kernel[(triton.cdiv(V, BV), plan.n_chunks, H)](q, k, vn, h, prep.gc, o, plan.offsets,
+                                                         plan.chunk_index,
+                                                         scale, H=H, K=K, V=V, BT=BT, BK=BK,
+                                                         BV=BV, USE_G=use_g, BACKWARD=False,
+                                                         PREC=prec, num_warps=NUM_WARPS)
+    return o, ht, h, vn
+
+
 def delta_forward(q, k, v, g, beta, h0, scale: float, offsets: list[int]):
     """Packed inputs q, k (1, TT, H, K), v (1, TT, H, V), g None or (1, TT, H) float32,
     beta (1, TT, H), h0 None or (N, H, K, V) float32. Returns o (1, TT, H, V) in v's
     dtype, the final states (N, H, K, V) float32 and, for the backward, N (NT, H, BT, BT),
     W (NT, H, BT, K) and the entering states (NT, H, K, V) in k's dtype, and v'
     (1, TT, H, V) in v's dtype."""
-    _, TT, H, K = q.shape
-    V = v.shape[-1]
-    plan = chunk_plan(offsets, q.device)
-    NT, use_g, bk, prec = plan.n_chunks, g is not None, _k_tile(K), dot_precision(v.dtype)
-    gc = _cumsum(g, plan, H) if use_g else None
-    f32 = dict(device=q.device, dtype=torch.float32)
-    a = torch.empty(NT, H, BT, BT, **f32)
-    _wy_a_kernel[(NT, H)](k, beta, gc, a, plan.offsets, plan.chunk_index, H=H, K=K, BT=BT,
-                          BK=bk, USE_G=use_g, PREC=prec, num_warps=NUM_WARPS)
-    ai = unit_lower_inverse(a)
-    # the backward's copy of N in the inputs' dtype, which every product using N takes: the
-    # inverse kernel itself wrote 16-bit N 33% slower on an H100 (its 16 x 16 blocks are
-    # 32-byte rows; bench/results/profile_wy2_h100.log)
-    an = ai if k.dtype == torch.float32 else k.new_empty(NT, H, BT, BT)
-    w, u = k.new_empty(NT, H, BT, K), v.new_empty(NT, H, BT, V)
-    _wy_wu_kernel[(NT, H)](k, v, beta, gc, ai, an, w, u, plan.offsets, plan.chunk_index, H=H,
-                           K=K, V=V, BT=BT, BD=BV_STATE, USE_G=use_g, STORE_N=an is not ai,
-                           PREC=prec, num_warps=NUM_WARPS)
-    h, vn = k.new_empty(NT, H, K, V), torch.empty_like(v)
-    ht = torch.empty(plan.n_docs, H, K, V, **f32)
+    prep = DeltaPrep(k, v, g, beta, offsets)
+    o, ht, h, vn = delta_finish(q, k, v, prep, h0, scale)
+    return o, ht, prep.an, prep.w, h, vn
+
+
+def _dv_local(q, k, do, gc, plan, scale):
+    H, K, V = q.shape[2], q.shape[3], do.shape[3]
+    dvl = torch.empty_like(do)
+    _dv_local_kernel[(plan.n_chunks, H)](q, k, do, gc, dvl, plan.offsets, plan.chunk_index,
+                                         scale, H=H, K=K, V=V, BT=BT, USE_G=gc is not None,
+                                         PREC=dot_precision(do.dtype), **DV_LOCAL_META)
+    return dvl
+
+
+def delta_initial_grads(q, k, v, prep: DeltaPrep, do, dht, scale: float):
+    """The state-only backward pass on a :class:`DeltaPrep`: the gradient (N, H, K, V)
+    float32 of each document's initial state from do (1, TT, H, V) and dht (N, H, K, V)
+    or None, and the state-free part of dv' (reusable by :func:`delta_backward`)."""
+    H, K, V = q.shape[2], q.shape[3], v.shape[3]
+    plan = prep.plan
+    dvl = _dv_local(q, k, do, prep.gc, plan, scale)
+    dh0 = torch.empty(plan.n_docs, H, K, V, device=q.device, dtype=torch.float32)
     grid, meta = _state_grid(V, plan.n_docs, H, v.dtype, v.device)
-    _fwd_kernel[grid](
-        k, w, u, gc, h0, h, vn, ht, plan.offsets, plan.chunk_offsets, H=H, K=K, V=V, BK=bk,
-        USE_G=use_g, HAS_H0=h0 is not None, PREC=prec, **meta)
-    o = torch.empty_like(v)
-    _pair_kernel[(triton.cdiv(V, BV), NT, H)](q, k, vn, h, gc, o, plan.offsets,
-                                              plan.chunk_index,
-                                              scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-                                              USE_G=use_g, BACKWARD=False,
-                                              PREC=prec, num_warps=NUM_WARPS)
-    return o, ht, an, w, h, vn
+    _bwd_kernel[grid](
+        q, k, prep.w, prep.gc, do, dht, dvl, None, None, dh0, plan.offsets, plan.chunk_offsets,
+        scale, H=H, K=K, V=V, BK=_k_tile(K), USE_G=prep.gc is not None,
+        HAS_DHT=dht is not None, STORE=False, PREC=dot_precision(v.dtype), **meta)
+    return dh0, dvl
 
 
-def delta_backward(q, k, v, g, beta, ai, w, h, vn, do, dht, scale: float, offsets: list[int]):
+def delta_backward(q, k, v, g, beta, ai, w, h, vn, do, dht, scale: float, offsets: list[int],
+                   gc=None, dvl=None):
     """Gradients of :func:`delta_forward` (its saved N, W, states and v' passed back):
     dq, dk, dv, dbeta like their inputs, dg (1, TT, H) float32 or None, dh0 (N, H, K, V)
-    float32."""
+    float32. ``gc`` and ``dvl`` (from :func:`delta_initial_grads`) skip recomputing
+    them."""
     _, TT, H, K = q.shape
     V = v.shape[-1]
     plan = chunk_plan(offsets, q.device)
     NT, use_g, bk, prec = plan.n_chunks, g is not None, _k_tile(K), dot_precision(v.dtype)
-    gc = _cumsum(g, plan, H) if use_g else None
+    if use_g and gc is None:
+        gc = _cumsum(g, plan, H)
     f32 = dict(device=q.device, dtype=torch.float32)
-    dvl = torch.empty_like(v)
-    _dv_local_kernel[(NT, H)](q, k, do, gc, dvl, plan.offsets, plan.chunk_index, scale, H=H,
-                              K=K, V=V, BT=BT, USE_G=use_g, PREC=prec, **DV_LOCAL_META)
+    if dvl is None:
+        dvl = _dv_local(q, k, do, gc, plan, scale)
     dsl, dvn = k.new_empty(NT, H, K, V), torch.empty_like(v)
     dh0 = torch.empty(plan.n_docs, H, K, V, **f32)
     grid, meta = _state_grid(V, plan.n_docs, H, v.dtype, v.device)
     _bwd_kernel[grid](
         q, k, w, gc, do, dht, dvl, dvn, dsl, dh0, plan.offsets, plan.chunk_offsets, scale, H=H,
-        K=K, V=V, BK=bk, USE_G=use_g, HAS_DHT=dht is not None, PREC=prec, **meta)
+        K=K, V=V, BK=bk, USE_G=use_g, HAS_DHT=dht is not None, STORE=True, PREC=prec, **meta)
     NK = triton.cdiv(K, BK)
     dq, dk_part, dw = torch.empty_like(q), torch.empty_like(k), torch.empty_like(k)
     # gate terms: one slot per K tile of _dqk_kernel, the last for _wy_bwd_kernel

@@ -81,13 +81,14 @@ def _state_kernel(x, y, gc, h, s0, s_out, offs, coff, scale,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                   BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
                   REVERSE: tl.constexpr, HAS_S0: tl.constexpr, STORE_OUT: tl.constexpr,
-                  PREC: tl.constexpr):
+                  STORE_H: tl.constexpr, PREC: tl.constexpr):
     """Sequential state pass of one document, head and (K, V) tile.
 
     Forward (REVERSE=False, x=k, y=v): stores the state entering each chunk into h.
     Backward (REVERSE=True, x=q, y=do): walks chunks last to first and stores the
     gradient of the state leaving each chunk into h. s0 is the initial state (or dht),
-    s_out receives the final state (or dh0).
+    s_out receives the final state (or dh0). Without STORE_H only s_out is written: the
+    state-only passes of sequence parallelism.
     """
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, i_h = i_nh // H, i_nh % H
@@ -99,9 +100,10 @@ def _state_kernel(x, y, gc, h, s0, s_out, offs, coff, scale,
         b_h += tl.load(p_s, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
     for i in range(NC):
         c = NC - 1 - i if REVERSE else i
-        p_h = tl.make_block_ptr(h + ((boc + c) * H + i_h) * K * V, (K, V), (V, 1),
-                                (i_k * BK, i_v * BV), (BK, BV), (1, 0))
-        tl.store(p_h, b_h.to(p_h.dtype.element_ty), boundary_check=(0, 1))
+        if STORE_H:
+            p_h = tl.make_block_ptr(h + ((boc + c) * H + i_h) * K * V, (K, V), (V, 1),
+                                    (i_k * BK, i_v * BV), (BK, BV), (1, 0))
+            tl.store(p_h, b_h.to(p_h.dtype.element_ty), boundary_check=(0, 1))
         p_x = tl.make_block_ptr(x + (bos * H + i_h) * K, (K, T_doc), (1, H * K),
                                 (i_k * BK, c * BT), (BK, BT), (0, 1))
         p_y = tl.make_block_ptr(y + (bos * H + i_h) * V, (T_doc, V), (H * V, 1),
@@ -309,16 +311,16 @@ def _cumsum(g, plan, H):
     return gc
 
 
-def _state_pass(x, y, gc, s0, plan, scale, reverse, store_out, K, V):
+def _state_pass(x, y, gc, s0, plan, scale, reverse, store_out, K, V, store_h=True):
     H = x.shape[2]
     BV = BV_STATE
-    h = x.new_empty(plan.n_chunks, H, K, V, dtype=_state_dtype(x))
+    h = x.new_empty(plan.n_chunks, H, K, V, dtype=_state_dtype(x)) if store_h else None
     s_out = x.new_empty(plan.n_docs, H, K, V, dtype=torch.float32) if store_out else None
     grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), plan.n_docs * H)
     _state_kernel[grid](x, y, gc, h, s0, s_out, plan.offsets, plan.chunk_offsets, scale,
                         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
                         REVERSE=reverse, HAS_S0=s0 is not None, STORE_OUT=store_out,
-                        PREC=dot_precision(x.dtype), num_warps=NUM_WARPS)
+                        STORE_H=store_h, PREC=dot_precision(x.dtype), num_warps=NUM_WARPS)
     return h, s_out
 
 
@@ -370,6 +372,26 @@ def diag_backward(q, k, v, g, h0, do, dht, scale: float, offsets: list[int]):
         _dg_kernel[(plan.n_chunks, H)](r_part, b_part, dg, plan.offsets, plan.chunk_index,
                                        TT, H=H, BT=BT, NK=NK)
     return dq, dk, dv, dg, dh0
+
+
+def diag_final_states(k, v, g, h0, offsets: list[int]):
+    """The state-only forward pass: final states (N, H, K, V) float32 of the packed
+    documents of k (1, TT, H, K), v (1, TT, H, V), g None or (1, TT, H) float32, from h0
+    (N, H, K, V) or zeros; no per-chunk states, no outputs."""
+    K, V = k.shape[-1], v.shape[-1]
+    plan = chunk_plan(offsets, k.device)
+    gc = None if g is None else _cumsum(g, plan, k.shape[2])
+    return _state_pass(k, v, gc, h0, plan, 1.0, False, True, K, V, store_h=False)[1]
+
+
+def diag_initial_grads(q, do, g, dht, scale: float, offsets: list[int]):
+    """The state-only backward pass: the gradient (N, H, K, V) float32 of each packed
+    document's initial state from the output gradient do (1, TT, H, V) and the final
+    states' gradient dht (N, H, K, V) or None."""
+    K, V = q.shape[-1], do.shape[-1]
+    plan = chunk_plan(offsets, q.device)
+    gc = None if g is None else _cumsum(g, plan, q.shape[2])
+    return _state_pass(q, do, gc, dht, plan, scale, True, True, K, V, store_h=False)[1]
 
 
 # torch.library registration: compile traces these as single nodes (no graph break).

@@ -151,14 +151,15 @@ def _cumsum_kernel(g, gc, offs, cidx, H: tl.constexpr, K: tl.constexpr, BT: tl.c
 def _state_scan(x, y, gc, h, s0, s_out, offs, coff, scale, i_k, i_v, i_nh,
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                 BK: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr,
-                HAS_S0: tl.constexpr, STORE_OUT: tl.constexpr, PREC: tl.constexpr):
+                HAS_S0: tl.constexpr, STORE_OUT: tl.constexpr, STORE_H: tl.constexpr,
+                PREC: tl.constexpr):
     """Sequential state pass of document and head ``i_nh`` and (K, V) tile
     ``(i_k, i_v)``.
 
     Forward (REVERSE=False, x=k, y=v): stores the state entering each chunk into h.
     Backward (REVERSE=True, x=q, y=do): walks chunks last to first and stores the
     gradient of the state leaving each chunk into h. s0 is the initial state (or dht),
-    s_out receives the final state (or dh0).
+    s_out receives the final state (or dh0). Without STORE_H only s_out is written.
     """
     n, i_h = i_nh // H, i_nh % H
     bos, T_doc, boc = _doc_span(offs, coff, n)
@@ -172,7 +173,8 @@ def _state_scan(x, y, gc, h, s0, s_out, offs, coff, scale, i_k, i_v, i_nh,
         b_h += tl.load(s0 + i_nh * K * V + o_s, mask=m_s, other=0.).to(tl.float32)
     for i in range(NC):
         c = NC - 1 - i if REVERSE else i
-        tl.store(h + ((boc + c) * H + i_h) * K * V + o_s, b_h.to(h.dtype.element_ty), mask=m_s)
+        if STORE_H:
+            tl.store(h + ((boc + c) * H + i_h) * K * V + o_s, b_h.to(h.dtype.element_ty), mask=m_s)
         t = c * BT + tl.arange(0, BT)
         last = tl.minimum(c * BT + BT, T_doc) - 1
         b_x = _load(x, bos, t[None, :], T_doc, i_h, kk[:, None], H, K)
@@ -195,23 +197,23 @@ def _state_scan(x, y, gc, h, s0, s_out, offs, coff, scale, i_k, i_v, i_nh,
 def _state_kernel(k, v, gc, h, h0, ht, offs, coff,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                   BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr,
-                  PREC: tl.constexpr):
+                  STORE_H: tl.constexpr, PREC: tl.constexpr):
     """The forward state pass (:func:`_state_scan`): entering states h and the final
     state ht, one program per (K tile, V tile, document and head)."""
     _state_scan(k, v, gc, h, h0, ht, offs, coff, 1., tl.program_id(0), tl.program_id(1),
-                tl.program_id(2), H, K, V, BT, BK, BV, False, HAS_H0, True, PREC)
+                tl.program_id(2), H, K, V, BT, BK, BV, False, HAS_H0, True, STORE_H, PREC)
 
 
 @triton.jit
 def _state_bwd_kernel(q, do, gc, dh, dht, dh0, offs, coff, scale,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr,
-                      HAS_H0: tl.constexpr, PREC: tl.constexpr):
+                      HAS_H0: tl.constexpr, STORE_H: tl.constexpr, PREC: tl.constexpr):
     """The reverse state pass (:func:`_state_scan`): gradients dh of the leaving states
     and dh0 where there is an initial state, one program per (K tile, V tile, document
     and head)."""
     _state_scan(q, do, gc, dh, dht, dh0, offs, coff, scale, tl.program_id(0), tl.program_id(1),
-                tl.program_id(2), H, K, V, BT, BK, BV, True, HAS_DHT, HAS_H0, PREC)
+                tl.program_id(2), H, K, V, BT, BK, BV, True, HAS_DHT, HAS_H0, STORE_H, PREC)
 
 
 @triton.jit
@@ -438,29 +440,31 @@ def _cumsum(g, plan):
     return gc
 
 
-def _state_pass(k, v, gc, h0, plan, bk=BK):
+def _state_pass(k, v, gc, h0, plan, bk=BK, store_h=True):
     """The forward state pass (:func:`_state_kernel`) in key tiles of ``bk`` (narrower:
     more sequential programs in flight, each reloading v): entering states h (NT, H, K, V)
     in the states' dtype, final states ht (N, H, K, V) float32."""
     H, K, V = k.shape[2], k.shape[3], v.shape[3]
-    h = k.new_empty(plan.n_chunks, H, K, V, dtype=_state_dtype(k))
+    h = k.new_empty(plan.n_chunks, H, K, V, dtype=_state_dtype(k)) if store_h else None
     ht = k.new_empty(plan.n_docs, H, K, V, dtype=torch.float32)
     _state_kernel[(triton.cdiv(K, bk), triton.cdiv(V, BV_STATE), plan.n_docs * H)](
         k, v, gc, h, h0, ht, plan.offsets, plan.chunk_offsets, H=H, K=K, V=V, BT=BT, BK=bk,
-        BV=BV_STATE, HAS_H0=h0 is not None, PREC=dot_precision(k.dtype), num_warps=NUM_WARPS)
+        BV=BV_STATE, HAS_H0=h0 is not None, STORE_H=store_h, PREC=dot_precision(k.dtype),
+        num_warps=NUM_WARPS)
     return h, ht
 
 
-def _state_bwd(q, do, gc, h0, dht, plan, scale, bk=BK):
+def _state_bwd(q, do, gc, h0, dht, plan, scale, bk=BK, store_h=True, want_dh0=None):
     """The reverse state pass (:func:`_state_bwd_kernel`) in key tiles of ``bk`` (as
     :func:`_state_pass`): leaving-state gradients dh (NT, H, K, V) in the states' dtype,
     dh0 (N, H, K, V) float32 or None."""
     H, K, V = q.shape[2], q.shape[3], do.shape[3]
-    dh = q.new_empty(plan.n_chunks, H, K, V, dtype=_state_dtype(q))
-    dh0 = q.new_empty(plan.n_docs, H, K, V, dtype=torch.float32) if h0 is not None else None
+    want_dh0 = h0 is not None if want_dh0 is None else want_dh0
+    dh = q.new_empty(plan.n_chunks, H, K, V, dtype=_state_dtype(q)) if store_h else None
+    dh0 = q.new_empty(plan.n_docs, H, K, V, dtype=torch.float32) if want_dh0 else None
     _state_bwd_kernel[(triton.cdiv(K, bk), triton.cdiv(V, BV_STATE), plan.n_docs * H)](
         q, do, gc, dh, dht, dh0, plan.offsets, plan.chunk_offsets, scale, H=H, K=K, V=V, BT=BT,
-        BK=bk, BV=BV_STATE, HAS_DHT=dht is not None, HAS_H0=h0 is not None,
+        BK=bk, BV=BV_STATE, HAS_DHT=dht is not None, HAS_H0=want_dh0, STORE_H=store_h,
         PREC=dot_precision(q.dtype), num_warps=NUM_WARPS)
     return dh, dh0
 
@@ -541,6 +545,22 @@ def gla_backward(q, k, v, gc, A, h, h0, do, dht, scale: float, offsets: list[int
     dA = _dA(do, v, plan, scale)
     dq, dk, dg = _dqk(q, k, v, do, h, dh, gc, dA, *_dqk_diag(q, k, gc, dA, plan), plan, scale)
     return dq, dk, dv, dg, dh0
+
+
+def gla_final_states(k, v, g, h0, offsets: list[int]):
+    """The state-only forward pass: final states (N, H, K, V) float32 of the packed
+    documents of k (1, TT, H, K), v (1, TT, H, V), g (1, TT, H, K) float32, from h0
+    (N, H, K, V) or zeros; no per-chunk states, no outputs."""
+    plan = chunk_plan(offsets, k.device)
+    return _state_pass(k, v, _cumsum(g, plan), h0, plan, store_h=False)[1]
+
+
+def gla_initial_grads(q, do, g, dht, scale: float, offsets: list[int]):
+    """The state-only backward pass: the gradient (N, H, K, V) float32 of each packed
+    document's initial state from do (1, TT, H, V) and dht (N, H, K, V) or None."""
+    plan = chunk_plan(offsets, q.device)
+    return _state_bwd(q, do, _cumsum(g, plan), None, dht, plan, scale, store_h=False,
+                      want_dh0=True)[1]
 
 
 # torch.library registration: compile traces these as single nodes (no graph break).

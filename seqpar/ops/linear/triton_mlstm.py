@@ -70,7 +70,8 @@ def _dot32(a, b, PREC: tl.constexpr, A32: tl.constexpr):
 def _state_walk(x, y, gc, wc, wn, h, hn, s0, n0, s_out, n_out, offs, coff, scale, i_k, i_v,
                 i_nh, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                 BK: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr,
-                HAS_S0: tl.constexpr, STORE_OUT: tl.constexpr, PREC: tl.constexpr):
+                HAS_S0: tl.constexpr, STORE_OUT: tl.constexpr, STORE_H: tl.constexpr,
+                PREC: tl.constexpr):
     """Sequential pass over the chunks of document and head ``i_nh`` for one (K, V)
     tile, carrying ``(C (BK, BV), n (BK,))`` in float32.
 
@@ -78,7 +79,8 @@ def _state_walk(x, y, gc, wc, wn, h, hn, s0, n0, s_out, n_out, offs, coff, scale
     Backward (REVERSE, x=q, y=do, wc=1/m, wn=c): walks chunks last to first and stores
     the gradient of the pair leaving each chunk. (s0, n0): initial pair (or its
     gradient at the end); (s_out, n_out) receive the final pair (or dC0, dn0). The
-    ``n`` slice is stored by the programs of the first V tile.
+    ``n`` slice is stored by the programs of the first V tile. Without STORE_H only the
+    final pair is written (the state-only passes of sequence parallelism).
     """
     n, i_h = i_nh // H, i_nh % H
     bos, T_doc, boc = _doc_span(offs, coff, n)
@@ -92,11 +94,12 @@ def _state_walk(x, y, gc, wc, wn, h, hn, s0, n0, s_out, n_out, offs, coff, scale
         b_n += tl.load(n0 + i_nh * K + o_k, mask=o_k < K, other=0.).to(tl.float32)
     for i in range(NC):
         c = NC - 1 - i if REVERSE else i
-        p_h = tl.make_block_ptr(h + ((boc + c) * H + i_h) * K * V, (K, V), (V, 1),
-                                (i_k * BK, i_v * BV), (BK, BV), (1, 0))
-        tl.store(p_h, b_h, boundary_check=(0, 1))
-        if i_v == 0:
-            tl.store(hn + ((boc + c) * H + i_h) * K + o_k, b_n, mask=o_k < K)
+        if STORE_H:
+            p_h = tl.make_block_ptr(h + ((boc + c) * H + i_h) * K * V, (K, V), (V, 1),
+                                    (i_k * BK, i_v * BV), (BK, BV), (1, 0))
+            tl.store(p_h, b_h, boundary_check=(0, 1))
+            if i_v == 0:
+                tl.store(hn + ((boc + c) * H + i_h) * K + o_k, b_n, mask=o_k < K)
         p_x = tl.make_block_ptr(x + (bos * H + i_h) * K, (K, T_doc), (1, H * K),
                                 (i_k * BK, c * BT), (BK, BT), (0, 1))
         p_y = tl.make_block_ptr(y + (bos * H + i_h) * V, (T_doc, V), (H * V, 1),
@@ -127,11 +130,22 @@ def _state_walk(x, y, gc, wc, wn, h, hn, s0, n0, s_out, n_out, offs, coff, scale
 def _state_kernel(x, y, gc, wc, wn, h, hn, s0, n0, s_out, n_out, offs, coff, scale,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                   BK: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr,
-                  PREC: tl.constexpr):
+                  STORE_H: tl.constexpr, PREC: tl.constexpr):
     """The forward's state pass (:func:`_state_walk`), storing the final pair."""
     _state_walk(x, y, gc, wc, wn, h, hn, s0, n0, s_out, n_out, offs, coff, scale,
                 tl.program_id(0), tl.program_id(1), tl.program_id(2), H, K, V, BT, BK, BV,
-                False, HAS_S0, True, PREC)
+                False, HAS_S0, True, STORE_H, PREC)
+
+
+@triton.jit
+def _state_rev_kernel(q, do, gc, rm, cu, dht, dnt, ds0, dn0, offs, coff, scale,
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                      BK: tl.constexpr, BV: tl.constexpr, HAS_DT: tl.constexpr,
+                      PREC: tl.constexpr):
+    """The backward's reverse pass alone, storing only the initial pair's gradient."""
+    _state_walk(q, do, gc, rm, cu, None, None, dht, dnt, ds0, dn0, offs, coff, scale,
+                tl.program_id(0), tl.program_id(1), tl.program_id(2), H, K, V, BT, BK, BV,
+                True, HAS_DT, True, False, PREC)
 
 
 @triton.jit
@@ -147,10 +161,10 @@ def _state_bwd_kernel(k, v, q, do, gc, ig, rm, cu, h, hn, dh, dhn, s0, n0, dht, 
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if i_nh < NH:
         _state_walk(k, v, gc, ig, ig, h, hn, s0, n0, None, None, offs, coff, scale, i_k, i_v,
-                    i_nh, H, K, V, BT, BK, BV, False, HAS_S0, False, PREC)
+                    i_nh, H, K, V, BT, BK, BV, False, HAS_S0, False, True, PREC)
     else:
         _state_walk(q, do, gc, rm, cu, dh, dhn, dht, dnt, ds0, dn0, offs, coff, scale, i_k,
-                    i_v, i_nh - NH, H, K, V, BT, BK, BV, True, HAS_DT, HAS_S0, PREC)
+                    i_v, i_nh - NH, H, K, V, BT, BK, BV, True, HAS_DT, HAS_S0, True, PREC)
 
 
 @triton.jit
@@ -355,7 +369,7 @@ def mlstm_forward(q, k, v, i, f, C0, n0, scale: float, offsets: list[int]):
     h, hn, CT, nT = _pairs(k, v, plan, 1)
     _state_kernel[_state_grid(plan, H, K, V)](
         k, v, gc, ig, ig, h, hn, C0, n0, CT, nT, plan.offsets, plan.chunk_offsets, scale,
-        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV_STATE, HAS_S0=C0 is not None,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV_STATE, HAS_S0=C0 is not None, STORE_H=True,
         PREC=dot_precision(q.dtype), num_warps=NUM_WARPS)
     o, o32, u = torch.empty_like(v), torch.empty_like(v, dtype=torch.float32), torch.empty_like(i)
     _pair_kernel[(triton.cdiv(V, BV), plan.n_chunks, H)](
@@ -402,6 +416,42 @@ def mlstm_backward(q, k, v, i, f, C0, n0, o32, u, do, dCT, dnT, scale: float,
                                    H=H, BT=BT, NK=NK)
     di = i_part.sum(0)[None]
     return dq, dk, dv, di, dg * torch.sigmoid(-f), dC0, dn0
+
+
+def mlstm_final_states(k, v, i, f, C0, n0, offsets: list[int]):
+    """The state-only forward pass: the final pair (CT (N, H, K, V), nT (N, H, K)) float32
+    of the packed documents of k (1, TT, H, K), v (1, TT, H, V), gate pre-activations i, f
+    (1, TT, H) float32, from (C0, n0) or zeros; no per-chunk states, no outputs."""
+    H, K, V = k.shape[2], k.shape[3], v.shape[3]
+    plan = chunk_plan(offsets, k.device)
+    ig, gc = _gate_inputs(i, f, plan, H)
+    CT = k.new_empty(plan.n_docs, H, K, V, dtype=torch.float32)
+    nT = k.new_empty(plan.n_docs, H, K, dtype=torch.float32)
+    _state_kernel[_state_grid(plan, H, K, V)](
+        k, v, gc, ig, ig, None, None, C0, n0, CT, nT, plan.offsets, plan.chunk_offsets, 1.0,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV_STATE, HAS_S0=C0 is not None, STORE_H=False,
+        PREC=dot_precision(k.dtype), num_warps=NUM_WARPS)
+    return CT, nT
+
+
+def mlstm_initial_grads(q, f, o32, u, do, dCT, dnT, scale: float, offsets: list[int]):
+    """The state-only backward pass: the gradient (dC0 (N, H, K, V), dn0 (N, H, K))
+    float32 of each packed document's initial pair, from o32 and u of
+    :func:`mlstm_forward`, do (1, TT, H, V) and the final pair's gradient (or None)."""
+    _, TT, H, K = q.shape
+    V = do.shape[-1]
+    plan = chunk_plan(offsets, q.device)
+    gc = _cumsum(F.logsigmoid(f), plan, H)
+    rm, cu = torch.empty_like(u), torch.empty_like(u)
+    _norm_grad_kernel[(triton.cdiv(TT, BT), H)](do, o32, u, rm, cu, TT, H=H, V=V, BT=BT, BV=BV,
+                                               num_warps=NUM_WARPS)
+    dC0 = q.new_empty(plan.n_docs, H, K, V, dtype=torch.float32)
+    dn0 = q.new_empty(plan.n_docs, H, K, dtype=torch.float32)
+    _state_rev_kernel[_state_grid(plan, H, K, V)](
+        q, do, gc, rm, cu, dCT, dnT, dC0, dn0, plan.offsets, plan.chunk_offsets, scale,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV_STATE, HAS_DT=dCT is not None,
+        PREC=dot_precision(q.dtype), num_warps=NUM_WARPS)
+    return dC0, dn0
 
 
 # torch.library registration, as triton_diag's: absent tensors come back empty.

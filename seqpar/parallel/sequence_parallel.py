@@ -1,37 +1,17 @@
-"""``SequenceParallel``: the process group, strategy and layout every SP op reads, and
-the byte-counting communication primitives they share."""
+"""``SequenceParallel``: the communicator, strategy and layout every SP op reads."""
 from __future__ import annotations
-
-from collections import defaultdict
-
-import torch
-import torch.distributed as dist
 
 from ..ops._validate import fail
 from ._geometry import LAYOUTS, Geometry
 from ._util import DTYPES
 from .attention import sp_softmax_attn
+from .comm import Communicator
 from .conv import sp_long_conv, sp_short_conv
 from .linear import sp_linear
 
 LINEAR_STRATEGIES = ("scan", "allgather")
 ATTN_STRATEGIES = ("ring", "alltoall", "allgather")
-_SHAPE_SLOTS = 12
-
-
-def _resolve_group(group):
-    """A ProcessGroup from ``None`` (the default group), a ProcessGroup or a 1-D DeviceMesh."""
-    if group is not None and hasattr(group, "get_group") and hasattr(group, "ndim"):
-        if group.ndim != 1:
-            fail("group", "a ProcessGroup or a 1-D DeviceMesh (pass mesh['sp'] for one dimension)",
-                 f"a {group.ndim}-D DeviceMesh")
-        return group.get_group()
-    if not dist.is_available() or not dist.is_initialized():
-        fail("group", "an initialized torch.distributed process group: call "
-             "torch.distributed.init_process_group(backend) first (torchrun sets the "
-             "environment for it) and pass the SP group, or None for the default group",
-             "torch.distributed not initialized")
-    return dist.group.WORLD if group is None else group
+_AGREED_CACHE = 1024
 
 
 class SequenceParallel:
@@ -44,7 +24,7 @@ class SequenceParallel:
 
     Args:
         group: a ``torch.distributed`` ProcessGroup, a 1-D DeviceMesh, or None for the
-            default group (torch.distributed must be initialized).
+            default group (torch.distributed must be initialized). Ignored with ``comm``.
         strategy: shorthand that sets the field it names: ``'scan'`` sets
             ``linear_strategy``; ``'ring'`` / ``'alltoall'`` set ``attn_strategy``;
             ``'allgather'`` sets both. None keeps the defaults.
@@ -59,12 +39,14 @@ class SequenceParallel:
             ``'alltoall'`` (Ulysses; needs the head counts divisible by P).
         pieces: the ``'scan'`` strategy splits each state into this many pieces along V
             so that sending one piece overlaps folding the next.
-        check_shapes: every call all-gathers a dozen int64s describing each rank's
-            shard and whether its arguments passed the local checks (one small
-            collective per call, about 100 bytes per rank, counted as
-            ``'shape_check'``), and raises on every rank on a mismatch or a bad argument
-            anywhere instead of hanging or computing garbage. Turn off once a setup is
-            known good; local checks still run.
+        check_shapes: the first call with a new combination of shapes, dtypes and
+            options all-gathers a dozen int64s describing each rank's shard and whether
+            its arguments passed the local checks (counted as ``'shape_check'``), and
+            raises on every rank on a mismatch or a bad argument anywhere instead of
+            hanging or computing garbage (see :meth:`agree`). Local checks always run.
+        comm: the :class:`~seqpar.parallel.comm.Communicator` to run on; default, one
+            over ``group``. ``LocalCommunicator(world, rank)`` simulates one rank on a
+            single device with communication stubbed out (for timing its compute).
 
     Short convolutions always exchange halos; long convolutions always reshard by
     all-to-all. ``bytes_sent`` counts every byte this rank sends (forward and backward),
@@ -75,8 +57,10 @@ class SequenceParallel:
 
     def __init__(self, group=None, strategy: str | None = None, layout: str = "contiguous", *,
                  linear_strategy: str | None = None, attn_strategy: str | None = None,
-                 pieces: int = 4, check_shapes: bool = True):
-        self.group = _resolve_group(group)
+                 pieces: int = 4, check_shapes: bool = True, comm: Communicator | None = None):
+        if comm is not None and not isinstance(comm, Communicator):
+            fail("comm", "a seqpar.parallel.Communicator (or None)", type(comm).__name__)
+        self.comm = Communicator(group) if comm is None else comm
         if layout not in LAYOUTS:
             fail("layout", "'contiguous' or 'zigzag'", repr(layout))
         self.layout = layout
@@ -102,9 +86,9 @@ class SequenceParallel:
         self.linear_strategy, self.attn_strategy = lin, att
         self.pieces = pieces
         self.check_shapes = bool(check_shapes)
-        self.rank = dist.get_rank(self.group)
-        self.world = dist.get_world_size(self.group)
-        self.bytes_by_op: dict[str, int] = defaultdict(int)
+        self.group = self.comm.group
+        self.rank, self.world = self.comm.rank, self.comm.world
+        self._agreed: set = set()
 
     def __repr__(self) -> str:
         return (f"SequenceParallel(world={self.world}, rank={self.rank}, layout={self.layout!r}, "
@@ -114,80 +98,38 @@ class SequenceParallel:
     @property
     def bytes_sent(self) -> int:
         """Bytes this rank has sent since construction or the last :meth:`reset_bytes`."""
-        return sum(self.bytes_by_op.values())
+        return self.comm.bytes_sent
+
+    @property
+    def bytes_by_op(self) -> dict[str, int]:
+        """Bytes this rank has sent, by op label."""
+        return self.comm.bytes_by_op
 
     def reset_bytes(self) -> None:
-        self.bytes_by_op.clear()
-
-    def _count(self, op: str, *tensors: torch.Tensor) -> None:
-        self.bytes_by_op[op] += sum(t.numel() * t.element_size() for t in tensors)
-
-    # ---- primitives (peers are ranks of this group) ----
-    def _isend(self, t: torch.Tensor, peer: int, tag: int, op: str):
-        self._count(op, t)
-        return dist.isend(t.contiguous(), group=self.group, group_dst=peer, tag=tag)
-
-    def _irecv(self, t: torch.Tensor, peer: int, tag: int):
-        return dist.irecv(t, group=self.group, group_src=peer, tag=tag)
-
-    def _exchange(self, sends: list, recvs: list, op: str) -> list:
-        """Post ``sends`` and ``recvs`` ((tensor, peer, tag) each) as one batch; returns
-        the requests. NCCL runs unbatched sends and receives one after another, so a ring
-        step where each rank sends before it receives waits forever (two ranks that send
-        to each other first); batched, they progress together."""
-        self._count(op, *(t for t, _, _ in sends))
-        ops = [dist.P2POp(dist.isend, t.contiguous(), group=self.group, group_peer=peer, tag=tag)
-               for t, peer, tag in sends]
-        ops += [dist.P2POp(dist.irecv, t, group=self.group, group_peer=peer, tag=tag)
-                for t, peer, tag in recvs]
-        return dist.batch_isend_irecv(ops)
-
-    def _all_gather(self, t: torch.Tensor, op: str) -> list[torch.Tensor]:
-        """Every rank's ``t`` (same shape everywhere), in rank order."""
-        t = t.contiguous()
-        self._count(op, *[t] * (self.world - 1))
-        out = [torch.empty_like(t) for _ in range(self.world)]
-        dist.all_gather(out, t, group=self.group)
-        return out
-
-    def _all_to_all(self, parts: list[torch.Tensor], shapes: list, op: str) -> list[torch.Tensor]:
-        """Send ``parts[j]`` to rank j; receive a tensor of ``shapes[j]`` from each rank j."""
-        parts = [p.contiguous() for p in parts]
-        self._count(op, *[p for j, p in enumerate(parts) if j != self.rank])
-        out = [parts[0].new_empty(s) for s in shapes]
-        dist.all_to_all(out, parts, group=self.group)
-        return out
-
-    def _reduce_scatter(self, parts: list[torch.Tensor], op: str) -> torch.Tensor:
-        """Sum over ranks of every rank's ``parts[self.rank]``."""
-        parts = [p.contiguous() for p in parts]
-        self._count(op, *[p for j, p in enumerate(parts) if j != self.rank])
-        out = torch.empty_like(parts[self.rank])
-        dist.reduce_scatter(out, parts, group=self.group)
-        return out
+        self.comm.reset_bytes()
 
     # ---- checks ----
-    def _agree(self, name: str, desc: dict, validate):
+    def agree(self, name: str, desc: dict, validate):
         """Run ``validate()`` (local checks that raise ValueError) and make every rank of the
         group agree before any exchange, so that a bad call raises on every rank instead
         of leaving the others waiting: ``desc`` (label -> int: shapes, dtypes, options of
-        the call) must match across ranks, and no rank's checks may have failed. Returns
-        ``validate()``'s result. With ``check_shapes=False`` only the local checks run.
+        the call, a digest of ``cu_seqlens``) must match across ranks, and no rank's checks
+        may have failed. Returns ``validate()``'s result.
+
+        The collective (a dozen int64s per rank, one host sync) runs once per new ``desc``:
+        a descriptor every rank has already agreed on is accepted from the cache, so a
+        training step makes no agreement traffic after its first. With
+        ``check_shapes=False`` only the local checks run.
         """
         err, result = None, None
         try:
             result = validate()
         except ValueError as e:
             err = e
-        if self.check_shapes and self.world > 1:
+        key = (name, *desc.items())
+        if self.check_shapes and self.world > 1 and key not in self._agreed:
             keys = list(desc)
-            if len(keys) >= _SHAPE_SLOTS:
-                raise AssertionError("shape descriptor too long")
-            t = torch.full((_SHAPE_SLOTS,), -1, dtype=torch.int64)
-            t[:len(keys) + 1] = torch.tensor([int(desc[k]) for k in keys] + [int(err is not None)])
-            if dist.get_backend(self.group) == "nccl":
-                t = t.cuda()
-            got = [x.tolist() for x in self._all_gather(t, "shape_check")]
+            got = self.comm.gather_ints([int(desc[k]) for k in keys] + [int(err is not None)])
             differ = [i for i in range(len(keys)) if any(g[i] != got[0][i] for g in got)]
             if differ:
                 def show(k, v):
@@ -201,6 +143,10 @@ class SequenceParallel:
                 bad = [r for r, g in enumerate(got) if g[len(keys)]]
                 fail(name, "arguments that every rank of the SP group accepts",
                      f"a ValueError on rank(s) {bad} (see the error there)")
+            if err is None:
+                if len(self._agreed) >= _AGREED_CACHE:
+                    self._agreed.clear()
+                self._agreed.add(key)
         if err is not None:
             raise err
         return result
@@ -210,10 +156,10 @@ class SequenceParallel:
         return Geometry.of(self.world, self.rank, self.layout, local_len, name)
 
     # ---- hooks called by seqpar.ops ----
-    def linear(self, kind, q, k, v, g, beta, *, scale, initial_state, output_final_state,
-               cu_seqlens, chunk_size, backend):
+    def linear(self, engine, xs, *, scale, initial_state, output_final_state, cu_seqlens,
+               chunk_size, backend):
         """Linear-family hook of :mod:`seqpar.ops` (see :mod:`seqpar.parallel.linear`)."""
-        return sp_linear(self, kind, q, k, v, g, beta, scale=scale, initial_state=initial_state,
+        return sp_linear(self, engine, xs, scale=scale, initial_state=initial_state,
                          output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                          chunk_size=chunk_size, backend=backend)
 

@@ -1,0 +1,144 @@
+"""The delta engine: ``S_t = exp(g_t) (S_{t-1} - beta_t k_t^T k_t S_{t-1}) + beta_t k_t^T v_t``,
+``o_t = scale q_t S_t`` (DeltaNet with ``g`` absent, Gated DeltaNet).
+
+Here: the float64 token step and reference, and :data:`DELTA`, the engine: the WY
+chunkwise PyTorch path (:mod:`.chunk_delta`) and the Triton kernels
+(:mod:`.triton_delta`) on one device and under sequence parallelism. A transition is a
+K x K matrix per sequence and head, computed by the Triton state-only pass from the WY
+factors (:func:`.triton_delta.delta_chain`).
+"""
+from __future__ import annotations
+
+import torch
+
+from .._validate import check_scale
+from ._family import per_document, pick_backend, reference_scan
+from .chunk_delta import chunk_delta, chunk_delta_terms
+from .engine import ChunkPass, LinearEngine, Sequences, StatePass
+
+
+def delta_step(q, k, v, g, beta, state, scale):
+    """One token of the (gated) delta rule, computed in the state's dtype.
+
+    q, k: (B, H, K); v: (B, H, V); g: (B, H) log decay or None; beta: (B, H);
+    state: (B, H, K, V). Returns o (B, H, V) in v's dtype and the new state.
+    """
+    out_dtype = v.dtype
+    q, k, v, beta = (x.to(state.dtype) for x in (q, k, v, beta))
+    if g is not None:
+        state = state * g.to(state.dtype).exp()[..., None, None]
+    pred = torch.einsum("bhk,bhkv->bhv", k, state)
+    state = state + k[..., :, None] * (beta[..., None] * (v - pred))[..., None, :]
+    o = scale * torch.einsum("bhk,bhkv->bhv", q, state)
+    return o.to(out_dtype), state
+
+
+def delta_reference(q, k, v, g, beta, *, scale, initial_state, output_final_state, cu_seqlens):
+    """Float64 token loop for the delta family (g None for DeltaNet)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = check_scale(scale, K)
+    offsets = None if cu_seqlens is None else cu_seqlens.tolist()
+
+    def step(x, S):
+        qt, kt, vt, gt, bt = x
+        return delta_step(qt, kt, vt, gt, bt, S, scale)
+
+    return reference_scan(step, (q, k, v, g, beta), initial_state,
+                          lambda n: torch.zeros(n, H, K, V, dtype=torch.float64, device=q.device),
+                          output_final_state, offsets)
+
+
+class DeltaEngine(LinearEngine):
+    name = "delta"
+    inputs = ("q", "k", "v", "g", "beta")
+
+    def run(self, xs, *, scale, initial_state, output_final_state, offsets, chunk_size, backend):
+        """q, k: (B, T, H, K); v: (B, T, H, V); g: None or (B, T, H) float32; beta:
+        (B, T, H); initial_state: (N, H, K, V) float32 or None. Returns o (B, T, H, V) in
+        v's dtype and the final state (N, H, K, V) float32 or None."""
+        if pick_backend(backend, xs[0]) == "triton":
+            from .triton_delta import triton_delta
+
+            return triton_delta(*xs, scale=scale, initial_state=initial_state,
+                                output_final_state=output_final_state, offsets=offsets)
+
+        def fn(part, state):
+            return chunk_delta(*part, scale=scale, initial_state=state,
+                               output_final_state=output_final_state, chunk_size=chunk_size)
+
+        return per_document(fn, offsets, xs, initial_state, output_final_state)
+
+    def begin(self, xs, seqs, *, scale, chunk_size, backend):
+        if pick_backend(backend, xs[0]) == "triton":
+            return _TritonDeltaPass(xs, seqs, scale)
+        return ChunkPass(xs, seqs, lambda part: chunk_delta_terms(*part, scale=scale,
+                                                                  chunk_size=chunk_size))
+
+
+class _TritonDeltaPass(StatePass):
+    """The Triton kernels on the packed stream of a shard's sequences: the WY factors
+    once (:class:`~.triton_delta.DeltaPrep`), one state-only launch for the final states
+    and the K x K transitions together, the state-only reverse pass whose state-free
+    part of dv' the full backward reuses."""
+
+    def __init__(self, xs, seqs: Sequences, scale: float):
+        from .triton_common import as_packed
+        from .triton_delta import MAX_DIM, DeltaPrep
+        from .._validate import fail
+
+        K, V = xs[0].shape[-1], xs[2].shape[-1]
+        for name, d in (("k", K), ("v", V)):
+            if d > MAX_DIM:
+                fail(name, f"head dim <= {MAX_DIM} for backend='triton'", d)
+        self.shape, self.seqs, self.scale = xs[2].shape, seqs, scale
+        self.q, self.k, self.v, self.g, self.beta = (as_packed(x) for x in xs)
+        self.offsets = seqs.offsets
+        self.prep = DeltaPrep(self.k, self.v, self.g, self.beta, self.offsets)
+        self._chain = None
+        self._dvl = None
+
+    def _chain_pass(self, h0):
+        from .triton_delta import delta_chain
+
+        return delta_chain(self.prep, self.k, h0, self.v.shape[-1])
+
+    def final(self, h0):
+        ht, mt = self._chain_pass(h0)
+        self._chain = mt
+        return ht
+
+    def transition(self):
+        if self._chain is None:
+            self._chain = self._chain_pass(None)[1]
+        return self._chain
+
+    def finish(self, h0):
+        from .triton_delta import delta_finish
+
+        o, ht, self.h, self.vn = delta_finish(self.q, self.k, self.v, self.prep, h0, self.scale)
+        self.h0 = h0
+        return o.reshape(self.shape), ht
+
+    def initial_grads(self, do, dht):
+        from .triton_common import as_packed
+        from .triton_delta import delta_initial_grads
+
+        dh0, self._dvl = delta_initial_grads(self.q, self.k, self.v, self.prep, as_packed(do),
+                                             dht, self.scale)
+        return dh0
+
+    def backward(self, do, dht):
+        from .triton_common import as_packed
+        from .triton_delta import delta_backward
+
+        dq, dk, dv, dg, dbeta, dh0 = delta_backward(
+            self.q, self.k, self.v, self.g, self.beta, self.prep.an, self.prep.w, self.h,
+            self.vn, as_packed(do), dht, self.scale, self.offsets, gc=self.prep.gc, dvl=self._dvl)
+        B, T = self.shape[:2]
+        dxs = tuple(None if x is None else x.reshape(B, T, *x.shape[2:])
+                    for x in (dq, dk, dv, dg, dbeta))
+        return dxs, (dh0 if self.h0 is not None else None)
+
+
+DELTA = DeltaEngine()

@@ -1,0 +1,272 @@
+"""What every engine of the linear family provides, and the sequences it runs on.
+
+An engine runs one kind of transition (see docs/design.md): ``diag`` (a scalar or a
+key-vector decay: linear attention, simple GLA / retention, GLA), ``delta`` (the WY
+form: DeltaNet, Gated DeltaNet) and ``mlstm`` (a scalar decay with a normalizer state).
+Each one lives in its own module with its float64 token step and reference, its
+chunkwise PyTorch path and the entry points of its Triton kernels, and offers:
+
+* :meth:`LinearEngine.run`: the single-device op (autograd through its kernels);
+* :meth:`LinearEngine.begin`: a :class:`StatePass` over a shard's sequences, the four
+  steps sequence parallelism needs (:mod:`seqpar.parallel.linear`).
+
+States are float32 tensors ``(N, H, K, Vs)`` with ``Vs = V`` (mLSTM: ``V + 1``, the
+normalizer as one more column); a transition ``M`` is ``(N, H, 1, 1)`` (scalar),
+``(N, H, K, 1)`` (diagonal) or ``(N, H, K, K)``, acting as ``M * S`` or ``M @ S``.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Sequences:
+    """The independent sequences of a local ``(B, T)`` batch.
+
+    ``spans``: token ranges ``[a, b)`` of one row that run as separate sequences (the
+    same in every row); sequence ``row * len(spans) + j`` is span j of that row. Without
+    packing they are a shard's chunks (one, or two under the zigzag layout); packed
+    input (``B == 1``) adds a span per document piece.
+    """
+    B: int
+    T: int
+    spans: tuple[tuple[int, int], ...]
+
+    @property
+    def count(self) -> int:
+        return self.B * len(self.spans)
+
+    @functools.cached_property
+    def offsets(self) -> list[int]:
+        """Offsets of the sequences in the packed stream ``(1, B T, ...)``."""
+        out = [0]
+        for r in range(self.B):
+            for a, b in self.spans:
+                out.append(r * self.T + b)
+        return out
+
+
+def apply(M: torch.Tensor, S: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """``M S`` (or ``M^T S``) for a transition M of any engine and states S (..., K, Vs)."""
+    if M.shape[-1] == 1:
+        return M * S
+    return (M.transpose(-1, -2) if transpose else M) @ S
+
+
+class StatePass:
+    """One SP call's work on a shard's :class:`Sequences`, in the order the SP layer runs
+    it (each step may keep what a later one reuses):
+
+    1. :meth:`final` and :meth:`transition` (no autograd): each sequence's final state
+       from ``h0`` and the transition ``M`` that maps an entering state to its end;
+    2. :meth:`finish`: outputs and final states from the entering states ``h0``;
+    3. :meth:`initial_grads` (backward): the gradient of each sequence's entering state
+       from the output gradient alone (plus ``dht``);
+    4. :meth:`backward`: the gradients of every input and of ``h0``.
+    """
+
+    def final(self, h0: torch.Tensor | None) -> torch.Tensor:
+        """Final states (N, H, K, Vs) float32 from the entering states h0 (or zeros)."""
+        raise NotImplementedError
+
+    def transition(self) -> torch.Tensor:
+        """Each sequence's transition (N, H, K or 1, K or 1) float32."""
+        raise NotImplementedError
+
+    def finish(self, h0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Outputs (B, T, H, V) and final states (N, H, K, Vs) float32 from h0."""
+        raise NotImplementedError
+
+    def initial_grads(self, do: torch.Tensor, dht: torch.Tensor | None) -> torch.Tensor:
+        """Gradients (N, H, K, Vs) float32 of the entering states given do and dht."""
+        raise NotImplementedError
+
+    def backward(self, do: torch.Tensor, dht: torch.Tensor | None) -> tuple:
+        """Gradients of the inputs (in the engine's argument order; None where an input
+        needs none) and of h0 (N, H, K, Vs) float32 or None."""
+        raise NotImplementedError
+
+
+class LinearEngine:
+    """Base of the engines; see the module docstring."""
+
+    name: str = ""
+    #: names of the per-token inputs, in the order ``run`` and ``begin`` take them
+    inputs: tuple[str, ...] = ()
+
+    def state_width(self, V: int) -> int:
+        """Vs: columns of the exchanged state for values of width V."""
+        return V
+
+    def run(self, xs: tuple, *, scale: float, initial_state, output_final_state: bool,
+            offsets, chunk_size: int, backend: str):
+        raise NotImplementedError
+
+    def begin(self, xs: tuple, seqs: Sequences, *, scale: float, chunk_size: int,
+              backend: str) -> StatePass:
+        raise NotImplementedError
+
+
+class TorchPass(StatePass):
+    """:class:`StatePass` of the chunkwise PyTorch paths: the inputs are detached into
+    leaves (keeping ``requires_grad``), :meth:`finish` runs the subclass's differentiable
+    ``forward(h0)`` on them and keeps the graph, and :meth:`backward` differentiates it."""
+
+    def __init__(self, xs: tuple, seqs: Sequences):
+        self.seqs = seqs
+        self.leaves = tuple(None if x is None else x.detach().requires_grad_(x.requires_grad)
+                            for x in xs)
+        self._graph = None
+
+    def forward(self, h0):
+        raise NotImplementedError
+
+    def finish(self, h0):
+        h0_leaf = None if h0 is None else h0.detach().requires_grad_()
+        with torch.enable_grad():
+            o, fin = self.forward(h0_leaf)
+        self._graph = (h0_leaf, o, fin)
+        return o.detach(), fin.detach()
+
+    def backward(self, do, dht):
+        h0_leaf, o, fin = self._graph
+        leaves = self.leaves
+        wrt = [x for x in leaves if x is not None and x.requires_grad]
+        if h0_leaf is not None:
+            wrt.append(h0_leaf)
+        outs, grads = [o], [do]
+        if dht is not None:
+            outs.append(fin)
+            grads.append(dht)
+        got = list(torch.autograd.grad(outs, wrt, grads, allow_unused=True)) if wrt else []
+        dxs = tuple(got.pop(0) if x is not None and x.requires_grad else None for x in leaves)
+        dh0 = got.pop(0) if h0_leaf is not None else None
+        self._graph = None
+        return dxs, dh0
+
+
+def span_split(xs: tuple, seqs: Sequences):
+    """Per span: the inputs ``x[:, a:b]`` of every row."""
+    return [tuple(None if x is None else x[:, a:b] for x in xs) for a, b in seqs.spans]
+
+
+class ChunkPass(TorchPass):
+    """:class:`~.engine.StatePass` of a chunkwise PyTorch path: ``terms(xs_span)`` gives
+    the span's :class:`~.chunk_diag.ChunkTerms`, computed once (differentiably) and shared
+    by every step."""
+
+    def __init__(self, xs: tuple, seqs: Sequences, terms):
+        super().__init__(xs, seqs)
+        with torch.enable_grad():
+            self.terms = [terms(part) for part in span_split(self.leaves, seqs)]
+
+    def _per_span(self, fn, *states):
+        n = len(self.seqs.spans)
+        out = []
+        for j, t in enumerate(self.terms):
+            args = [None if s is None else s.view(self.seqs.B, n, *s.shape[1:])[:, j]
+                    for s in states]
+            out.append(fn(t, *args))
+        return out
+
+    @staticmethod
+    def _stack(parts):
+        return torch.stack(parts, 1).flatten(0, 1)
+
+    def final(self, h0):
+        with torch.no_grad():
+            return self._stack(self._per_span(lambda t, s: t.final(s), h0))
+
+    def transition(self):
+        with torch.no_grad():
+            return self._stack(self._per_span(lambda t: t.transition()))
+
+    def forward(self, h0):
+        parts = self._per_span(lambda t, s: t.scan(s), h0)
+        o = torch.cat([p[0] for p in parts], 1)
+        return o, self._stack([p[1] for p in parts])
+
+    def initial_grads(self, do, dht):
+        n = len(self.seqs.spans)
+        dos = [do[:, a:b] for a, b in self.seqs.spans]
+        with torch.no_grad():
+            out = []
+            for j, t in enumerate(self.terms):
+                d = None if dht is None else dht.view(self.seqs.B, n, *dht.shape[1:])[:, j]
+                out.append(t.initial_grad(dos[j], d))
+            return self._stack(out)
+
+
+
+#: tokens per segment of the state-only passes (a multiple of the kernels' 64-token chunk)
+SEGMENT = 2048
+
+
+class Segments:
+    """Sequences cut into segments of at most :data:`SEGMENT` tokens, for the state-only
+    passes of the diagonal engines.
+
+    A sequential state pass walks a sequence chunk by chunk with one program per
+    (sequence, head, tile): at long lengths and small batches too few programs to fill
+    the GPU, each waiting on its loads. Walking every segment from zero in parallel
+    and combining the results by their decays (float64 sums of per-segment gate totals,
+    no cancellation) gives the same final states and entering-state gradients with
+    many programs in flight. Built once per offsets and device (:func:`segments`).
+    """
+
+    def __init__(self, offsets: tuple[int, ...], device: torch.device):
+        seg, seq_of, counts, tokens = [offsets[0]], [], [], []
+        for n, (s, e) in enumerate(zip(offsets, offsets[1:])):
+            cuts = list(range(s + SEGMENT, e, SEGMENT)) + [e]
+            counts.append(len(cuts))
+            for a, b in zip([s] + cuts, cuts):
+                seq_of.append(n)
+                tokens.append(b - a)
+            seg.extend(cuts)
+        self.offsets = seg
+        self.split = len(seg) > len(offsets)
+        long = dict(dtype=torch.long, device=device)
+        first = torch.tensor([0] + counts, **long).cumsum(0)
+        self.first_of_seg = first[:-1][torch.tensor(seq_of, **long)]  # (n_seg,)
+        self.last_of_seq = first[1:] - 1  # (N,)
+        self.counts = torch.tensor(counts, **long)  # segments per sequence
+        self.tokens = torch.tensor(tokens, **long)  # tokens per segment
+        self.seq_of = torch.tensor(seq_of, **long)
+
+    def decays(self, g: torch.Tensor | None):
+        """Log decays of a packed gate stream g (1, TT, H[, K]) (natural log, <= 0):
+        per segment the sums of the gates before it and after it inside its sequence
+        (n_seg, H[, K]), and per sequence the total (N, H[, K]); float32."""
+        sums = torch.segment_reduce(g[0], "sum", lengths=self.tokens, axis=0, unsafe=True)
+        sums = sums.double()
+        incl = sums.cumsum(0)
+        start = (incl - sums)[self.first_of_seg]  # sum of everything before the sequence
+        before = incl - sums - start
+        total = incl[self.last_of_seq] - (incl - sums)[self.first_of_seg[self.last_of_seq]]
+        after = total[self.seq_of] - before - sums
+        return before.float(), after.float(), total.float()
+
+    def combine(self, parts: torch.Tensor, logw: torch.Tensor | None) -> torch.Tensor:
+        """Per sequence, the sum of its segments' ``parts`` (n_seg, H, K, Vs), each weighted
+        by ``exp(logw)`` ((n_seg, H) or (n_seg, H, K); None: unweighted)."""
+        if logw is not None:
+            w = logw.exp()
+            parts = parts * (w[..., None, None] if w.dim() == 2 else w[..., None])
+        return torch.segment_reduce(parts, "sum", lengths=self.counts, axis=0, unsafe=True)
+
+
+@functools.lru_cache(maxsize=64)
+def segments(offsets: tuple[int, ...], device: torch.device) -> Segments:
+    """The cached :class:`Segments` of a packed stream's sequence offsets."""
+    return Segments(offsets, device)
+
+
+def scale_state(S: torch.Tensor, logw: torch.Tensor | None) -> torch.Tensor:
+    """``exp(logw) * S`` for states S (N, H, K, Vs) and log weights (N, H) or (N, H, K)."""
+    if logw is None:
+        return S
+    w = logw.exp()
+    return S * (w[..., None, None] if w.dim() == 2 else w[..., None])
