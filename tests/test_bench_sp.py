@@ -2,7 +2,8 @@
 
 * The closed forms of bytes per rank (issue 7: all-gather moves P - 1 states per rank,
   the scan about one, whatever P) against a hand count.
-* The communication stand-ins leave ``torch.distributed`` as they found it.
+* The local communicator stands in for a group without one, and ``--simulate`` times
+  one rank's compute on one device for every op, strategy and layout.
 * The longest-context search on a synthetic memory/time model: doubling, the jump to the
   memory model's limit, bisection after an out-of-memory, the time cut.
 * One 2-rank gloo run of the benchmark under torchrun at tiny sizes: every row present,
@@ -22,7 +23,7 @@ import pytest
 import torch.distributed as dist
 
 from seqpar.bench.longest import fit_in_time, next_size
-from seqpar.bench.sp import LINEAR, expected_linear_bytes, no_communication
+from seqpar.bench.sp import LINEAR, expected_linear_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 1024
@@ -49,14 +50,50 @@ def test_closed_form_bytes(world, layout):
     assert mlstm == hops * B * H * D * (D + 1) * 4  # the normalizer rides as an extra column
 
 
-def test_no_communication_restores_torch_distributed():
-    real = {n: getattr(dist, n) for n in ("isend", "irecv", "all_gather", "all_to_all", "P2POp")}
-    with no_communication():
-        assert dist.isend is not real["isend"]
-        buf = __import__("torch").ones(3)
-        dist.irecv(buf, 0).wait()
-        assert buf.abs().sum() == 0
-    assert {n: getattr(dist, n) for n in real} == real
+def test_local_communicator_stands_in_without_a_group():
+    """LocalCommunicator: buffers of the right shapes, received states zeroed, bytes
+    counted as a real group would count them, and no process group touched."""
+    import torch
+
+    from seqpar.parallel import LocalCommunicator
+
+    comm = LocalCommunicator(4, 1)
+    t = torch.ones(3, 2)
+    buf = torch.full((3, 2), 7.0)
+    comm.send_recv([(t, 2)], [(buf, 0)], "x").wait()
+    assert buf.abs().sum() == 0 and comm.bytes_by_op["x"] == t.numel() * 4
+    got = comm.all_gather(t, "y")
+    assert len(got) == 4 and all(torch.equal(g, t) for g in got)
+    assert comm.bytes_by_op["y"] == 3 * t.numel() * 4
+    assert comm.gather_ints([5, 6]) == [[5, 6]] * 4
+    assert not dist.is_initialized()
+    with pytest.raises(ValueError, match="rank"):
+        LocalCommunicator(2, 2)
+
+
+def test_bench_sp_simulate_cpu(tmp_path):
+    """``seqpar bench sp --simulate`` on CPU at small shapes: every op, strategy and layout,
+    ranks 0, 1 and P-1, each beside the op without SP, with versions and device."""
+    from seqpar.bench.sp import main
+
+    out = tmp_path / "sim.json"
+    assert main(["--simulate", "2,4", "--device", "cpu", "--small", "--t-local", "32",
+                 "--heads", "4", "--head-dim", "16", "--reps", "1", "--warmup", "0",
+                 "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["complete"] and data["torch"] and data["device"] == "cpu"
+    rows = data["rows"]
+    assert not [r for r in rows if "error" in r]
+    keys = {(r["op"], r["strategy"], r["layout"], r["world"], r["rank"]) for r in rows}
+    for op in LINEAR:
+        for strategy in ("scan", "allgather"):
+            for layout in ("contiguous", "zigzag"):
+                assert {(op, strategy, layout, 2, r) for r in (0, 1)} <= keys
+                assert {(op, strategy, layout, 4, r) for r in (0, 1, 3)} <= keys
+    assert {r["op"] for r in rows} == set(LINEAR) | {"softmax_attn"}
+    for r in rows:
+        assert r["T_local"] == 32 and r["base_ms"] > 0 and r["sp_ms"] > 0
+        assert abs(r["ratio"] - r["sp_ms"] / r["base_ms"]) < 1e-9
 
 
 def _simulate(capacity, mem, secs, budget=1e9, known=True):
