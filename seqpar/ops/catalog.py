@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from ._validate import fail
 from .linear import (delta_rule, delta_rule_reference, delta_rule_step, gated_delta_rule,
                      gated_delta_rule_reference, gated_delta_rule_step, gla, gla_reference,
-                     gla_step, linear_attn, linear_attn_reference, linear_attn_step, mlstm,
-                     mlstm_reference, mlstm_step, simple_gla, simple_gla_reference,
-                     simple_gla_step)
+                     gla_step, linear_attn, linear_attn_reference, linear_attn_step, mamba2,
+                     mamba2_reference, mamba2_step, mlstm, mlstm_reference, mlstm_step,
+                     simple_gla, simple_gla_reference, simple_gla_step)
 from .long_conv import long_conv, long_conv_reference
 from .short_conv import short_conv, short_conv_reference, short_conv_step
 from .softmax_attn import softmax_attn, softmax_attn_reference
@@ -279,7 +279,8 @@ class OpSpec:
 
 
 # Inputs shared by the linear family.
-Q, K_, V_ = Input("q", ("B", "T", "H", "K")), Input("k", ("B", "T", "H", "K")), Input("v", ("B", "T", "H", "V"))
+Q, K_, V_ = (Input("q", ("B", "T", "H", "K")), Input("k", ("B", "T", "H", "K")),
+             Input("v", ("B", "T", "H", "V")))
 K_UNIT = Input("k", ("B", "T", "H", "K"), unit)
 G_HEAD = Input("g", ("B", "T", "H"), log_decay, "float32")
 BETA = Input("beta", ("B", "T", "H"), probability)
@@ -307,6 +308,12 @@ def _specs() -> list[OpSpec]:
                 Input("f", ("B", "T", "H"), forget_preact, "float32")),
                (STATE[0], Input("initial_state[1]", ("N", "H", "K"), normal, "float32")),
                regimes=("mild", "strong", "normalizer")),
+        # Mamba-2 (SSD): x, B, C as v, k, q of the diag engine, dt folded into the gates.
+        OpSpec("mamba2", mamba2, mamba2_step, mamba2_reference, "diag", "linear",
+               (Input("x", ("B", "T", "H", "V")), Input("dt", ("B", "T", "H"), time_step, "float32"),
+                Input("A", ("H",), negative_rate, "float32"), Input("B", ("B", "T", "G", "K")),
+                Input("C", ("B", "T", "G", "K")), Input("D", ("H",), normal, "float32")),
+               STATE),
         OpSpec("softmax_attn", softmax_attn, None, softmax_attn_reference, "attn", "attn",
                (Q, Input("k", ("B", "T", "Hkv", "K")), Input("v", ("B", "T", "Hkv", "V"))),
                outputs=("o", "lse")),
