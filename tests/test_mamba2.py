@@ -38,6 +38,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from seqpar import ops  # noqa: E402
 from seqpar.ops import catalog  # noqa: E402
+from seqpar.ops.catalog import state_parts  # noqa: E402
 
 SPEC = catalog.get("mamba2")
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
@@ -201,45 +202,59 @@ def _prefix_ends(sp, T):
     return [(r + 1) * c if sp.layout == "contiguous" else (n - r) * c for r in range(sp.world)]
 
 
-def sp_case(sp, packing, seed):
-    """SP against the single-process op on the full sequence, on this rank: {name:
-    max relative error over ranks}."""
+def sp_case(sp, spec, packing, seed, *, extra=None, sizes=None, **options):
+    """A linear op of the catalogue under SP against the same op on the full sequence in
+    this process: {name: max relative error over ranks} of the output, the final
+    state(s) and every input's gradient.
+
+    extra(gen, H, K, V): inputs added to the catalogue's; sizes: size overrides (e.g.
+    G); options: more keywords of the op. Unpacked, each rank's final state is the
+    state after its last token; packed, each rank returns the documents that end on it
+    (zeros elsewhere), so they are compared summed over ranks."""
     from seqpar.parallel import shard
 
     gen = torch.Generator().manual_seed(seed)
     cu = None if PACKINGS[packing] is None else torch.tensor(PACKINGS[packing], dtype=torch.int32)
-    B, H, K, V, G = (1 if cu is not None else 2), 4, 4, 6, 2
+    B, H, K, V = (1 if cu is not None else 2), 4, 4, 6
     N = B if cu is None else len(cu) - 1
-    xs = draw_inputs(gen, B, SP_T, H, K, V, G=G, dtype=torch.float32, decay="strong", D_shape="H",
-                     bias=True, cu=cu)
-    s0 = SPEC.make_state(N, H, K, V, generator=gen)
+    xs = spec.make_inputs(B, SP_T, H, K, V, generator=gen, cu_seqlens=cu,
+                          decay="strong" if "strong" in spec.regimes else "mild", **(sizes or {}))
+    xs.update(extra(gen, H, K, V) if extra else {})
+    s0 = state_parts(spec.make_state(N, H, K, V, generator=gen))
     w = torch.randn(B, SP_T, H, V, generator=gen)
-    w2 = torch.randn(N, H, K, V, generator=gen)
-    kw = dict(dt_softplus=True, output_final_state=True, cu_seqlens=cu, chunk_size=SP_CHUNK)
+    w2 = [torch.randn(p.shape, generator=gen) for p in s0]
+    kw = dict(output_final_state=True, cu_seqlens=cu, chunk_size=SP_CHUNK, **options)
 
-    ref, ref_s = _leaves(xs), s0.clone().requires_grad_()
-    o_ref, S_ref = ops.mamba2(**ref, initial_state=ref_s, **kw)
-    loss = (o_ref * w).sum() + (S_ref * w2).sum()
+    def run(inputs, parts, **more):
+        return spec.fn(**inputs, initial_state=parts[0] if len(parts) == 1 else tuple(parts),
+                       **kw, **more)
+
+    def state_loss(S):
+        return sum((p * q).sum() for p, q in zip(state_parts(S), w2))
+
+    ref, ref_s = _leaves(xs), [p.clone().requires_grad_() for p in s0]
+    o_ref, S_ref = run(ref, ref_s)
+    loss = (o_ref * w).sum() + state_loss(S_ref)
     if cu is None:
-        # Unpacked, rank r's final state is the state after its last token (a prefix
-        # run), and every rank's enters the loss the SP gradients are of.
-        S_all = [ops.mamba2(**{n: (x[:, :e] if n in SPEC.timed else x) for n, x in ref.items()},
-                            initial_state=ref_s, **kw)[1] for e in _prefix_ends(sp, SP_T)]
-        loss = (o_ref * w).sum() + sum((S_e * w2).sum() for S_e in S_all)
+        # Every rank's final state (a prefix run) enters the loss the SP gradients are of.
+        S_all = [run({n: (x[:, :e] if n in spec.timed else x) for n, x in ref.items()}, ref_s)[1]
+                 for e in _prefix_ends(sp, SP_T)]
+        loss = (o_ref * w).sum() + sum(state_loss(S_e) for S_e in S_all)
         S_ref = S_all[sp.rank]
-    g_ref = torch.autograd.grad(loss, [*ref.values(), ref_s])
+    leaves_ref = [*ref.values(), *ref_s]
+    g_ref = torch.autograd.grad(loss, leaves_ref)
 
-    mine = {n: (shard(x, sp) if n in SPEC.timed else x).detach().requires_grad_() for n, x in xs.items()}
-    my_s = s0.clone().requires_grad_()
-    o, S = ops.mamba2(**mine, initial_state=my_s, sp=sp, **kw)
-    g = torch.autograd.grad((o * shard(w, sp)).sum() + (S * w2).sum(), [*mine.values(), my_s],
-                            allow_unused=True)
-    g = [torch.zeros_like(x) if d is None else d for d, x in zip(g, [*mine.values(), my_s])]
+    mine = {n: (shard(x, sp) if n in spec.timed else x).detach().requires_grad_() for n, x in xs.items()}
+    my_s = [p.clone().requires_grad_() for p in s0]
+    o, S = run(mine, my_s, sp=sp)
+    leaves = [*mine.values(), *my_s]
+    g = torch.autograd.grad((o * shard(w, sp)).sum() + state_loss(S), leaves, allow_unused=True)
+    g = [torch.zeros_like(x) if d is None else d for d, x in zip(g, leaves)]
 
     errs = {}
 
     def add(name, got, want, summed=False):
-        if summed:  # a replicated input's gradient, or packed final states: summed over ranks
+        if summed:  # a replicated input's gradient, or packed final states
             got = got.detach().clone()
             dist.all_reduce(got, group=sp.group)
         e = torch.tensor(rel_err(got, want), dtype=torch.float64)
@@ -247,11 +262,19 @@ def sp_case(sp, packing, seed):
         errs[name] = e.item()
 
     add("o", o, shard(o_ref.detach(), sp))
-    add("S", S, S_ref.detach(), summed=cu is not None)
-    for name, d, d_ref in zip([*xs, "initial_state"], g, g_ref):
-        timed = name in SPEC.timed
+    for i, (a, b) in enumerate(zip(state_parts(S), state_parts(S_ref))):
+        add(f"S[{i}]", a, b.detach(), summed=cu is not None)
+    names = [*xs, *(f"initial_state[{i}]" for i in range(len(s0)))]
+    for name, d, d_ref in zip(names, g, g_ref):
+        timed = name in spec.timed
         add(f"d{name}", d, shard(d_ref, sp) if timed else d_ref, summed=not timed)
     return errs
+
+
+def mamba2_sp_case(sp, packing, seed):
+    """Mamba-2 with 2 groups over 4 heads, D per head, dt_bias and dt_softplus."""
+    return sp_case(sp, SPEC, packing, seed, sizes=dict(G=2), dt_softplus=True,
+                   extra=lambda gen, H, K, V: {"dt_bias": torch.randn(H, generator=gen)})
 
 
 def _sp_cases():
@@ -269,7 +292,7 @@ def _worker(rank, world, store_dir, path, seed):
     out = {}
     for name, kw, packing in _sp_cases():
         try:
-            out[name] = sp_case(SequenceParallel(**kw), packing, seed)
+            out[name] = mamba2_sp_case(SequenceParallel(**kw), packing, seed)
         except Exception:  # noqa: BLE001 - reported by the test of this case
             out[name] = traceback.format_exc()
     torch.save(out, f"{path}.{rank}")
