@@ -40,9 +40,9 @@ def _skip(D, H: int, V: int, dtype):
 
 class _Skip(torch.autograd.Function):
     """``o + D x`` in x's dtype, with D's gradient a contraction over tokens that
-    accumulates in float32: as an autograd product in bf16, each term ``dy x`` is
-    rounded before the sum, and the sum (small against its terms when they cancel)
-    comes out several percent off."""
+    accumulates in float32: as an autograd product in bf16, each term ``dy x`` would be
+    rounded before the sum, and a sum small against its terms (they cancel) would keep
+    little relative precision."""
 
     @staticmethod
     def forward(ctx, o, x, D):
