@@ -9,7 +9,8 @@ sequence parallelism on 2 and 4 gloo ranks (layouts x linear strategies, batch r
 packed documents crossing shard edges), where outputs, final states and the gradients
 of every input equal the single-process op within relative L2 1e-5 (replicated inputs,
 A, D, dt_bias and the initial state, summed over ranks as a data-parallel all-reduce
-would). Bad arguments raise ValueError naming them.
+would). The Mamba2 mixer with several groups (the generic layer tests build one group):
+packed documents and the generation cache. Bad arguments raise ValueError naming them.
 """
 from __future__ import annotations
 
@@ -162,6 +163,31 @@ def test_step_continues_forward():
         o_t, st_ = ops.mamba2_step(**SPEC.step_inputs(xs, t), state=st_, dt_softplus=True)
         outs.append(o_t[:, None])
     assert rel_err(torch.cat(outs, 1), o) < 1e-5 and rel_err(st_, S) < 1e-5
+
+
+def test_layer_with_groups():
+    """The Mamba2 mixer with 2 groups over 4 heads and d_state != head_dim (the generic
+    layer tests build the default, one group): a packed batch equals its documents one by
+    one, and prefill plus steps equals one forward."""
+    from seqpar.layers import Mamba2
+
+    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    with torch.random.fork_rng():
+        torch.manual_seed(int(torch.randint(0, 2**31, (), generator=gen)))
+        m = Mamba2(16, 4, 6, d_state=5, n_groups=2, chunk_size=4)
+    x = torch.randn(1, 13, 16, generator=gen)
+    cu = torch.tensor([0, 5, 6, 13], dtype=torch.int32)
+    with torch.no_grad():
+        y, _ = m(x, cu_seqlens=cu)
+        docs = torch.cat([m(x[:, a:b])[0] for a, b in zip(cu.tolist(), cu.tolist()[1:])], 1)
+        assert rel_err(y, docs) < 1e-5
+        full, _ = m(x)
+        parts, cache = m(x[:, :7], output_state=True)
+        parts = [parts]
+        for t in range(7, 13):
+            yt, cache = m.step(x[:, t:t + 1], cache)
+            parts.append(yt)
+        assert rel_err(torch.cat(parts, 1), full) < 1e-5
 
 
 BAD = [
