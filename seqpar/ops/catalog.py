@@ -14,7 +14,8 @@ packed documents), ``G`` (groups of Mamba-2's B and C shared across heads, defau
 Regimes (``decay=``). ``'mild'``: decays near 1 (memories of tens of tokens);
 ``'strong'``: per-token decays down to ~e^-15 and beyond (exp underflow, cancellation in
 cumulative gates); ``'normalizer'`` (mLSTM only): aligned keys and long memory, so the
-max(|q n|, 1) normalizer is active and its gradients nearly cancel.
+max(|q n|, 1) normalizer is active and its gradients nearly cancel. Ops without decays
+draw the same values in 'mild' and 'strong'.
 
 Every value of the dict :meth:`OpSpec.make_inputs` returns is a floating-point tensor the
 op differentiates; pass ``cu_seqlens``, initial states and options to the op yourself.
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -122,6 +123,14 @@ def negative_rate(shape, gen, decay):
 
 # ---------------------------------------------------------------- specs
 
+def _source(generator, device) -> tuple[torch.Generator, torch.device]:
+    """The generator to draw with (default: seeded with 0 on ``device``, else CPU) and
+    the device to put the values on (default: the generator's)."""
+    gen = generator if generator is not None else torch.Generator(
+        device=device if device is not None else "cpu").manual_seed(0)
+    return gen, (torch.device(device) if device is not None else gen.device)
+
+
 @dataclass(frozen=True)
 class Input:
     """One tensor argument: its keyword name, its shape in size symbols, how its values
@@ -155,7 +164,6 @@ class OpSpec:
         outputs: names of what ``fn`` returns (one name: a bare tensor).
         regimes: the ``decay=`` values :meth:`make_inputs` accepts.
         variant_of: the op ``fn`` is, for variants (benchmarks skip them).
-        sizes: default sizes this op overrides (e.g. Mamba-2's G).
     """
     name: str
     fn: Callable
@@ -168,7 +176,6 @@ class OpSpec:
     outputs: tuple[str, ...] = ("o", "final_state")
     regimes: tuple[str, ...] = ("mild", "strong")
     variant_of: str | None = None
-    sizes: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.engine not in ENGINES:
@@ -183,7 +190,6 @@ class OpSpec:
         """Every size symbol of this op (see the module docstring), with overrides."""
         s = dict(B=B, T=T, H=H, K=K, V=V, N=B if N is None else N, G=1, Hkv=H, C=H * K,
                  W=4, L=T)
-        s.update(self.sizes)
         bad = sorted(set(over) - set(s))
         if bad:
             fail("sizes", "keywords among " + ", ".join(s), ", ".join(bad))
@@ -228,9 +234,7 @@ class OpSpec:
             fail("decay", f"one of {self.regimes} for {self.name}", repr(decay))
         if cu_seqlens is not None and B != 1:
             fail("cu_seqlens", "B == 1 with packed documents", f"B = {B}")
-        gen = generator if generator is not None else torch.Generator(
-            device=device if device is not None else "cpu").manual_seed(0)
-        device = torch.device(device) if device is not None else gen.device
+        gen, device = _source(generator, device)
         s = self.resolve(B, T, H, K, V, **sizes)
         out = {}
         for inp in self.inputs:
@@ -262,9 +266,7 @@ class OpSpec:
         pair, or None. Recurrent states are float32; a conv state takes ``dtype``."""
         if not self.state:
             return None
-        gen = generator if generator is not None else torch.Generator(
-            device=device if device is not None else "cpu").manual_seed(0)
-        device = torch.device(device) if device is not None else gen.device
+        gen, device = _source(generator, device)
         s = self.resolve(N, 1, H, K, V, N=N, **sizes)
         parts = []
         for p in self.state:
