@@ -1,69 +1,32 @@
 """The linear family's PyTorch chunk path against its float64 token-loop references.
 
-For every op: outputs, final states and the gradient of every input (q, k, v, gates,
-beta, mLSTM's i/f, initial states) within the precision contract of DESIGN.md (relative
-L2 1e-4 in float32, 2e-2 with bf16 inputs against the reference on the same bf16 values
-in float64), over hypothesis-drawn shapes: ragged T (1..300, rarely a multiple of the
-chunk), chunk sizes 16/32/64, K != V, B > 1, packed documents, initial/final states,
-mild and strong decays. And every ``*_step`` replays the chunk outputs token by token.
+Every linear op of :mod:`seqpar.ops.catalog` (its inputs, states and value regimes come
+from there): outputs, final states and the gradient of every input (q, k, v, gates,
+beta, mLSTM's i/f, Mamba-2's dt, A, D, initial states) within the precision contract of
+docs/design.md (relative L2 1e-4 in float32, 2e-2 with bf16 inputs against the reference
+on the same bf16 values in float64), over hypothesis-drawn shapes: ragged T (1..300,
+rarely a multiple of the chunk), chunk sizes 16/32/64, K != V, B > 1, packed documents,
+initial/final states, every regime the op has (mild and strong decays, mLSTM's active
+normalizer). And every step replays the chunk outputs token by token.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import grad_errors, rel_err
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from seqpar import ops
+from seqpar.ops import catalog
+from seqpar.ops.catalog import state_parts
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
-@dataclass(frozen=True)
-class Spec:
-    """How to call one op. ``gates(gen, B, T, H, K, strong)`` returns its extra
-    positional inputs after (q, k, v), float32, in call order."""
-    name: str
-    gate_names: tuple
-    gates: Callable
-    normalize_k: bool = False
-    pair_state: bool = False
-
-    def fn(self, suffix=""):
-        return getattr(ops, self.name + suffix)
-
-
-def _logsig_gate(shape, gen, strong):
-    # Strong decays (a_t down to ~e^-15) stress exp overflow and cancellation.
-    x = torch.randn(shape, generator=gen)
-    return F.logsigmoid(x * 3 - 6 if strong else x + 2)
-
-
-def _beta(shape, gen):
-    return torch.sigmoid(torch.randn(shape, generator=gen))
-
-
-SPECS = [
-    Spec("linear_attn", (), lambda gen, B, T, H, K, strong: ()),
-    Spec("simple_gla", ("g",), lambda gen, B, T, H, K, strong: (
-        _logsig_gate((B, T, H), gen, strong),)),
-    Spec("gla", ("g",), lambda gen, B, T, H, K, strong: (
-        _logsig_gate((B, T, H, K), gen, strong),)),
-    Spec("delta_rule", ("beta",), lambda gen, B, T, H, K, strong: (
-        _beta((B, T, H), gen),), normalize_k=True),
-    Spec("gated_delta_rule", ("g", "beta"), lambda gen, B, T, H, K, strong: (
-        _logsig_gate((B, T, H), gen, strong), _beta((B, T, H), gen)), normalize_k=True),
-    # mLSTM takes pre-activations: f~ very negative is a strong forget gate.
-    Spec("mlstm", ("i", "f"), lambda gen, B, T, H, K, strong: (
-        torch.randn(B, T, H, generator=gen),
-        torch.randn(B, T, H, generator=gen) * (3 if strong else 1) - (6 if strong else -2)),
-        pair_state=True),
-]
+# Every linear-family op of the catalogue, variants (retention's constant decay) included.
+SPECS = [catalog.get(n) for n in catalog.names("linear")]
 
 
 @dataclass(frozen=True)
@@ -78,7 +41,7 @@ class Case:
     packed: bool
     initial: bool
     final: bool
-    strong: bool
+    regime: str  # a catalogue regime; ops without it run 'strong'
     dtype: torch.dtype
     seed: int
 
@@ -99,7 +62,7 @@ def cases(draw, max_t=300, max_bth=900, packing=True):
     V = draw(st.sampled_from([v for v in (4, 8, 12, 16) if v != K]))
     return Case(T=T, B=B, H=H, K=K, V=V, chunk_size=draw(st.sampled_from([16, 32, 64])),
                 cuts=cuts, packed=packed, initial=draw(st.booleans()), final=draw(st.booleans()),
-                strong=draw(st.booleans()),
+                regime=draw(st.sampled_from(catalog.REGIMES)),
                 dtype=draw(st.sampled_from([torch.float32, torch.float32, torch.bfloat16])),
                 seed=draw(st.integers(0, 2**31 - 1)))
 
@@ -107,41 +70,32 @@ def cases(draw, max_t=300, max_bth=900, packing=True):
 # Cases every run must cover, whatever hypothesis draws.
 FIXED = [
     Case(T=1, B=2, H=2, K=8, V=4, chunk_size=64, cuts=(), packed=False, initial=True, final=True,
-         strong=False, dtype=torch.float32, seed=1),
+         regime="mild", dtype=torch.float32, seed=1),
     Case(T=1, B=1, H=2, K=4, V=8, chunk_size=16, cuts=(), packed=True, initial=False, final=True,
-         strong=True, dtype=torch.bfloat16, seed=2),
+         regime="strong", dtype=torch.bfloat16, seed=2),
     Case(T=300, B=1, H=2, K=16, V=8, chunk_size=64, cuts=(1, 77, 141), packed=True, initial=True,
-         final=True, strong=True, dtype=torch.float32, seed=3),
+         final=True, regime="strong", dtype=torch.float32, seed=3),
     Case(T=200, B=2, H=2, K=8, V=12, chunk_size=32, cuts=(), packed=False, initial=True,
-         final=True, strong=True, dtype=torch.bfloat16, seed=4),
+         final=True, regime="strong", dtype=torch.bfloat16, seed=4),
     Case(T=96, B=3, H=2, K=16, V=4, chunk_size=32, cuts=(), packed=False, initial=False,
-         final=True, strong=False, dtype=torch.float32, seed=5),
+         final=True, regime="mild", dtype=torch.float32, seed=5),
+    Case(T=130, B=2, H=2, K=8, V=12, chunk_size=64, cuts=(), packed=False, initial=True,
+         final=True, regime="normalizer", dtype=torch.float32, seed=6),
 ]
 
 
-def make_inputs(spec: Spec, case: Case):
-    """Fresh random leaves (q, k, v, *gates, initial state or None) for ``case``."""
+def regime(spec, case: Case) -> str:
+    return case.regime if case.regime in spec.regimes else "strong"
+
+
+def make_inputs(spec, case: Case, cu=None):
+    """Fresh random inputs ``{name: tensor}`` and the initial state (or None) for ``case``."""
     gen = torch.Generator().manual_seed(case.seed)
-    B, T, H, K, V = case.B, case.T, case.H, case.K, case.V
-    q = torch.randn(B, T, H, K, generator=gen)
-    k = torch.randn(B, T, H, K, generator=gen)
-    if spec.normalize_k:
-        k = F.normalize(k, dim=-1)
-    v = torch.randn(B, T, H, V, generator=gen)
-    gates = spec.gates(gen, B, T, H, K, case.strong)
-    N = len(case.cuts) + 1 if case.packed else B
-    state = None
-    if case.initial:
-        state = torch.randn(N, H, K, V, generator=gen)
-        if spec.pair_state:
-            state = (state, torch.randn(N, H, K, generator=gen))
-    return (q.to(case.dtype), k.to(case.dtype), v.to(case.dtype), *gates), state
-
-
-def _flat(state):
-    if state is None:
-        return []
-    return list(state) if isinstance(state, tuple) else [state]
+    xs = spec.make_inputs(case.B, case.T, case.H, case.K, case.V, dtype=case.dtype, generator=gen,
+                          cu_seqlens=cu, decay=regime(spec, case))
+    N = len(case.cuts) + 1 if case.packed else case.B
+    state = spec.make_state(N, case.H, case.K, case.V, generator=gen) if case.initial else None
+    return xs, state
 
 
 def _leaves(xs, state, dtype=None):
@@ -149,7 +103,7 @@ def _leaves(xs, state, dtype=None):
     def leaf(x):
         return (x if dtype is None else x.to(dtype)).detach().requires_grad_()
 
-    xs = [leaf(x) for x in xs]
+    xs = {n: leaf(x) for n, x in xs.items()}
     if state is None:
         return xs, None
     return xs, (tuple(leaf(s) for s in state) if isinstance(state, tuple) else leaf(state))
@@ -158,7 +112,7 @@ def _leaves(xs, state, dtype=None):
 def _loss_and_grads(o, S, weights, leaves):
     w, w2 = weights
     loss = (o.to(w.dtype) * w).sum()
-    for s, ws in zip(_flat(S), w2):
+    for s, ws in zip(state_parts(S), w2):
         loss = loss + (s.to(ws.dtype) * ws).sum()
     return torch.autograd.grad(loss, leaves)
 
@@ -171,6 +125,7 @@ def _loss_and_grads(o, S, weights, leaves):
 @example(case=FIXED[2])
 @example(case=FIXED[3])
 @example(case=FIXED[4])
+@example(case=FIXED[5])
 def test_chunk_matches_reference(spec, case):
     tol = TOL[case.dtype]
     errs = chunk_errors(spec, case)
@@ -178,65 +133,62 @@ def test_chunk_matches_reference(spec, case):
     assert not bad, f"{spec.name} {case}: errors over {tol}: {bad}"
 
 
-def chunk_errors(spec: Spec, case: Case) -> dict:
+def chunk_errors(spec, case: Case) -> dict:
     """Relative errors of the chunk path against the reference: output, final state(s)
     and the gradient of every input under ``(o * w).sum() + (S * w2).sum()``."""
-    xs, state = make_inputs(spec, case)
     cu = None
     if case.packed:
         cu = torch.tensor((0, *case.cuts, case.T), dtype=torch.int32)
+    xs, state = make_inputs(spec, case, cu)
     out_state = case.final
 
     xc, sc = _leaves(xs, state)
-    o, S = spec.fn()(*xc, initial_state=sc, output_final_state=out_state, cu_seqlens=cu,
-                     chunk_size=case.chunk_size, backend="torch")
+    o, S = spec.fn(**xc, initial_state=sc, output_final_state=out_state, cu_seqlens=cu,
+                   chunk_size=case.chunk_size, backend="torch")
     assert o.dtype == case.dtype and o.shape == (case.B, case.T, case.H, case.V)
     assert (S is None) == (not out_state)
 
     xr, sr = _leaves(xs, state, torch.float64)
-    o_ref, S_ref = spec.fn("_reference")(*xr, initial_state=sr, output_final_state=out_state,
-                                         cu_seqlens=cu)
+    o_ref, S_ref = spec.reference(**xr, initial_state=sr, output_final_state=out_state,
+                                  cu_seqlens=cu)
 
     # The loss weights are the upstream gradients; autograd hands them to o in o's dtype,
     # so they are drawn representable there and both sides see the same values.
     gen = torch.Generator().manual_seed(case.seed + 1)
     w = torch.randn(o.shape, generator=gen).to(o.dtype).float()
-    w2 = [torch.randn(s.shape, generator=gen) for s in _flat(S)]
-    grads = _loss_and_grads(o, S, (w, w2), xc + _flat(sc))
+    w2 = [torch.randn(s.shape, generator=gen) for s in state_parts(S)]
+    grads = _loss_and_grads(o, S, (w, w2), [*xc.values(), *state_parts(sc)])
     grads_ref = _loss_and_grads(o_ref, S_ref, (w.double(), [x.double() for x in w2]),
-                                xr + _flat(sr))
+                                [*xr.values(), *state_parts(sr)])
 
-    names = ["q", "k", "v", *spec.gate_names]
-    names += [f"initial_state[{i}]" for i in range(len(_flat(state)))]
+    names = [*xs, *(f"initial_state[{i}]" for i in range(len(state_parts(state))))]
     errs = {"o": rel_err(o, o_ref)}
-    for i, (a, b) in enumerate(zip(_flat(S), _flat(S_ref))):
+    for i, (a, b) in enumerate(zip(state_parts(S), state_parts(S_ref))):
         errs[f"S[{i}]"] = rel_err(a, b)
     errs.update(grad_errors(names, grads, grads_ref))
     return errs
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.step is not None], ids=lambda s: s.name)
 @settings(max_examples=6)
 @given(case=cases(max_t=80, max_bth=160, packing=False))
 def test_step_replays_chunk(spec, case):
-    """Generation: ``*_step`` token by token from the same initial state gives the chunk
-    path's outputs and final state."""
+    """Generation: the op's step token by token from the same initial state gives the
+    chunk path's outputs and final state."""
     xs, state = make_inputs(spec, case)
-    o, S = spec.fn()(*xs, initial_state=state, output_final_state=True,
-                     chunk_size=case.chunk_size, backend="torch")
-    B, H, K, V = case.B, case.H, case.K, case.V
+    o, S = spec.fn(**xs, initial_state=state, output_final_state=True,
+                   chunk_size=case.chunk_size, backend="torch")
     st_ = state
     if st_ is None:
-        st_ = torch.zeros(B, H, K, V)
-        if spec.pair_state:
-            st_ = (st_, torch.zeros(B, H, K))
+        st_ = spec.make_state(case.B, case.H, case.K, case.V)
+        st_ = tuple(torch.zeros_like(s) for s in st_) if isinstance(st_, tuple) else torch.zeros_like(st_)
     outs = []
     for t in range(case.T):
-        o_t, st_ = spec.fn("_step")(*(x[:, t] for x in xs), st_)
+        o_t, st_ = spec.step(**spec.step_inputs(xs, t), state=st_)
         outs.append(o_t)
     tol = TOL[case.dtype]
     o_step = torch.stack(outs, 1)
     assert o_step.dtype == o.dtype
     assert rel_err(o_step, o) < tol
-    for a, b in zip(_flat(st_), _flat(S)):
+    for a, b in zip(state_parts(st_), state_parts(S)):
         assert a.dtype == torch.float32 and rel_err(a, b) < tol

@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from seqpar import ops
+from seqpar.ops import catalog
 
-OPS = ["linear_attn", "simple_gla", "gla", "delta_rule", "gated_delta_rule", "mlstm"]
+# The linear ops of the catalogue (variants such as retention run the same kernels).
+OPS = catalog.names("linear", variants=False)
 # seqpar op name -> FLA module and function
 FLA = {"linear_attn": ("fla.ops.linear_attn", "chunk_linear_attn"),
        "simple_gla": ("fla.ops.simple_gla", "chunk_simple_gla"),
@@ -36,32 +37,18 @@ FLA = {"linear_attn": ("fla.ops.linear_attn", "chunk_linear_attn"),
 
 
 def make_inputs(op, B, T, H, D, device, dtype=torch.bfloat16, seed=0):
-    """Leaves requiring grad: q, k, v (B, T, H, D) in ``dtype`` and the op's gates."""
+    """Leaves requiring grad ``{name: tensor}``: the catalogue's inputs of ``op`` with
+    K = V = D, data inputs in ``dtype`` (mild decays)."""
     gen = torch.Generator(device=device).manual_seed(seed)
-
-    def r(*s, dt=dtype):
-        return torch.randn(*s, generator=gen, device=device, dtype=dt)
-
-    q, k, v = r(B, T, H, D), r(B, T, H, D), r(B, T, H, D)
-    if op in ("delta_rule", "gated_delta_rule"):
-        k = F.normalize(k.float(), dim=-1).to(dtype)
-    extra = []
-    if op in ("simple_gla", "gated_delta_rule"):
-        extra.append(F.logsigmoid(r(B, T, H, dt=torch.float32) + 2))
-    if op == "gla":
-        extra.append(F.logsigmoid(r(B, T, H, D, dt=torch.float32) + 2))
-    if op in ("delta_rule", "gated_delta_rule"):
-        extra.append(torch.sigmoid(r(B, T, H, dt=torch.float32)).to(dtype))
-    if op == "mlstm":
-        extra += [r(B, T, H, dt=torch.float32), r(B, T, H, dt=torch.float32) + 2]
-    return [x.requires_grad_() for x in (q, k, v, *extra)]
+    return catalog.get(op).make_inputs(B, T, H, D, D, dtype=dtype, device=device, generator=gen,
+                                       requires_grad=True)
 
 
 def seqpar_fn(op):
     # 'triton' explicitly: this benchmark measures the kernels, and a CPU run must fail
     # rather than time the PyTorch path under their name.
-    f = getattr(ops, op)
-    return lambda *xs: f(*xs, backend="triton")[0]
+    f = catalog.get(op).fn
+    return lambda xs: f(**xs, backend="triton")[0]
 
 
 def fla_fn(op):
@@ -70,14 +57,13 @@ def fla_fn(op):
     mod, name = FLA[op]
     f = getattr(importlib.import_module(mod), name)
     if op == "linear_attn":
-        return lambda q, k, v: f(q, k, v, normalize=False)[0]
-    return lambda *xs: f(*xs)[0]
+        return lambda xs: f(xs["q"], xs["k"], xs["v"], normalize=False)[0]
+    return lambda xs: f(*xs.values())[0]
 
 
-def sdpa_fn(q, k, v):
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       is_causal=True)
-    return o.transpose(1, 2)
+def sdpa_fn(xs):
+    q, k, v = (xs[n].transpose(1, 2) for n in "qkv")
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
 
 
 def io_bytes(xs, out_like):
@@ -93,16 +79,16 @@ def measure(fn, xs, rep_ms):
 
     def fwd():
         with torch.no_grad():
-            fn(*xs)
+            fn(xs)
 
     def fwd_bwd():
-        o = fn(*xs)
+        o = fn(xs)
         o.backward(do)
-        for x in xs:
+        for x in xs.values():
             x.grad = None
 
     with torch.no_grad():
-        o = fn(*xs)
+        o = fn(xs)
     do = torch.randn_like(o)
     t_f = do_bench(fwd, warmup=max(10, rep_ms // 4), rep=rep_ms, return_mode="median")
     t_fb = do_bench(fwd_bwd, warmup=max(10, rep_ms // 4), rep=rep_ms, return_mode="median")
@@ -145,12 +131,12 @@ def run(args, save):
                 except Exception as e:  # not importable: record, go on
                     rows.append(dict(op=op, impl=impl, T=T, B=B, error=repr(e)[:300]))
                     continue
-            xs = make_inputs("linear_attn" if op == "softmax" else op, B, T, args.heads, args.dim, dev)
+            xs = make_inputs("softmax_attn" if op == "softmax" else op, B, T, args.heads, args.dim, dev)
             row = dict(op=op, impl=impl, T=T, B=B, H=args.heads, D=args.dim, dtype="bfloat16")
             try:
                 t0 = time.time()
                 t_f, t_fb, peak, o = measure(fn, xs, args.rep_ms)
-                fb_bytes = io_bytes(xs, o)
+                fb_bytes = io_bytes(list(xs.values()), o)
                 row.update(fwd_ms=t_f, fwd_bwd_ms=t_fb, fwd_tok_s=B * T / t_f * 1e3,
                            fwd_bwd_tok_s=B * T / t_fb * 1e3, peak_bytes=peak,
                            peak_bytes_per_token=peak / (B * T),

@@ -14,6 +14,7 @@ from .attention import Attention, KVCache, apply_rope, default_positions
 from .hyena import Hyena, HyenaCache, ImplicitFilter
 from .linear import (GLA, MLSTM, DeltaNet, GatedDeltaNet, LinearAttention, LinearCache,
                      LinearMixer, Retention, SimpleGLA)
+from .mamba2 import Mamba2
 from .mlp import SwiGLU
 
 MIXERS: dict[str, type[Mixer]] = {
@@ -24,6 +25,7 @@ MIXERS: dict[str, type[Mixer]] = {
     "deltanet": DeltaNet,
     "gdn": GatedDeltaNet,
     "mlstm": MLSTM,
+    "mamba2": Mamba2,
     "hyena": Hyena,
     "attn": Attention,
 }
@@ -54,5 +56,5 @@ def build_mixer(name: str, *, d_model: int, n_heads: int, head_dim: int, n_kv_he
 
 __all__ = ["MIXERS", "Attention", "DeltaNet", "GLA", "GatedDeltaNet", "Hyena", "HyenaCache",
            "ImplicitFilter", "KVCache", "LinearAttention", "LinearCache", "LinearMixer", "MLSTM",
-           "Mixer", "Retention", "SimpleGLA", "SwiGLU", "apply_rope", "build_mixer",
+           "Mamba2", "Mixer", "Retention", "SimpleGLA", "SwiGLU", "apply_rope", "build_mixer",
            "check_mixer_name", "default_positions"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -51,13 +52,14 @@ class LinearMixer(Mixer):
         norm_eps: epsilon of the per-head output RMSNorm.
         chunk_size, backend: passed to the op.
 
-    Subclasses set ``op_name`` (a function of :mod:`seqpar.ops` with a ``*_step``
-    companion), ``normalize_qk`` and ``state_flops`` (FLOPs per state element per token
-    in the forward recurrence), and override :meth:`build_gates`, :meth:`reset_gates`
-    and :meth:`gates`.
+    Subclasses set ``op`` and ``op_step`` (a function of :mod:`seqpar.ops` and its
+    one-token step, as staticmethods), ``normalize_qk`` and ``state_flops`` (FLOPs per
+    state element per token in the forward recurrence), and override
+    :meth:`build_gates`, :meth:`reset_gates` and :meth:`gates`.
     """
 
-    op_name: str
+    op: Callable
+    op_step: Callable
     cache_type = LinearCache
     normalize_qk = False
     state_flops = 4  # k^T v write and q S read, one multiply-add each
@@ -135,7 +137,7 @@ class LinearMixer(Mixer):
         self.check_state(state, cu_seqlens, sp, output_state)
         q, k, v, conv = self._qkv(x, None if state is None else state.conv, output_state,
                                   cu_seqlens, sp)
-        o, S = getattr(ops, self.op_name)(
+        o, S = self.op(
             q, k, v, *self.gates(x), initial_state=None if state is None else state.state,
             output_final_state=output_state, cu_seqlens=cu_seqlens,
             chunk_size=self.chunk_size, backend=self.backend, sp=sp)
@@ -148,8 +150,8 @@ class LinearMixer(Mixer):
         h, conv = ops.short_conv_step(self.qkv_proj(x[:, 0]), self.conv_weight, activation="silu",
                                       state=cache.conv)
         q, k, v = self._split(h[:, None])
-        step = getattr(ops, self.op_name + "_step")
-        o, S = step(q[:, 0], k[:, 0], v[:, 0], *(g[:, 0] for g in self.gates(x)), cache.state)
+        o, S = self.op_step(q[:, 0], k[:, 0], v[:, 0], *(g[:, 0] for g in self.gates(x)),
+                            cache.state)
         return self._output(o[:, None], x), LinearCache(conv, S)
 
     def flops_per_token(self, seq_len: int) -> float:
@@ -162,12 +164,12 @@ class LinearMixer(Mixer):
 class LinearAttention(LinearMixer):
     """Causal linear attention (Katharopoulos et al.), identity feature map after the
     SiLU conv; the per-head output RMSNorm replaces the normalizer (TransNormer)."""
-    op_name = "linear_attn"
+    op, op_step = staticmethod(ops.linear_attn), staticmethod(ops.linear_attn_step)
 
 
 class Retention(LinearMixer):
     """RetNet's retention: fixed per-head decay ``gamma_h = 1 - 2^(-5 - h)``."""
-    op_name = "simple_gla"
+    op, op_step = staticmethod(ops.simple_gla), staticmethod(ops.simple_gla_step)
 
     def build_gates(self):
         self.register_buffer("log_decay", torch.empty(self.n_heads), persistent=False)
@@ -185,7 +187,7 @@ class Retention(LinearMixer):
 
 class SimpleGLA(LinearMixer):
     """Simple GLA: one data-dependent decay per head, ``logsigmoid(W x) / 16``."""
-    op_name = "simple_gla"
+    op, op_step = staticmethod(ops.simple_gla), staticmethod(ops.simple_gla_step)
 
     def build_gates(self):
         self.gk_proj = nn.Linear(self.d_model, self.n_heads, bias=True)
@@ -201,7 +203,7 @@ class SimpleGLA(LinearMixer):
 class GLA(LinearMixer):
     """GLA: per-key-channel decay from a low-rank projection (D -> 16 -> H K),
     ``logsigmoid(.) / 16``, as in Yang et al. 2024."""
-    op_name = "gla"
+    op, op_step = staticmethod(ops.gla), staticmethod(ops.gla_step)
     gate_rank = 16
 
     def build_gates(self):
@@ -238,7 +240,7 @@ class _Beta(LinearMixer):
 
 class DeltaNet(_Beta):
     """DeltaNet (Schlag et al. 2021; Yang et al. 2024)."""
-    op_name = "delta_rule"
+    op, op_step = staticmethod(ops.delta_rule), staticmethod(ops.delta_rule_step)
 
     def gates(self, x):
         return (self.beta(x),)
@@ -248,7 +250,7 @@ class GatedDeltaNet(_Beta):
     """Gated DeltaNet (Yang et al. 2025): Mamba-2 decay
     ``g = -exp(A_log) * softplus(W x + dt_bias)`` per head, A ~ U(0, 16) and
     dt ~ logU(1e-3, 1e-1) at init."""
-    op_name = "gated_delta_rule"
+    op, op_step = staticmethod(ops.gated_delta_rule), staticmethod(ops.gated_delta_rule_step)
 
     def build_gates(self):
         super().build_gates()
@@ -272,7 +274,7 @@ class GatedDeltaNet(_Beta):
 class MLSTM(LinearMixer):
     """xLSTM's mLSTM with sigmoid input and forget gates, each a per-head projection
     with bias; the forget bias starts at linspace(3, 6) over heads (long memory)."""
-    op_name = "mlstm"
+    op, op_step = staticmethod(ops.mlstm), staticmethod(ops.mlstm_step)
 
     def build_gates(self):
         self.if_proj = nn.Linear(self.d_model, 2 * self.n_heads, bias=True)

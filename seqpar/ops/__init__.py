@@ -1,7 +1,7 @@
 """Single-device sequence mixers. Each takes ``sp=`` to run sequence-parallel.
 
 Linear family (returns ``(o, final_state)``): :func:`linear_attn`, :func:`simple_gla`,
-:func:`gla`, :func:`delta_rule`, :func:`gated_delta_rule`, :func:`mlstm`; each has a
+:func:`gla`, :func:`delta_rule`, :func:`gated_delta_rule`, :func:`mlstm`, :func:`mamba2`; each has a
 ``*_step`` (one token, for generation) and a ``*_reference`` (float64 token loop).
 Softmax attention for hybrids: :func:`softmax_attn`. Convolutions: :func:`short_conv`,
 :func:`long_conv`.
