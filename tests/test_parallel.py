@@ -481,7 +481,9 @@ def results(world):
     return _RESULTS[world]
 
 
-@pytest.mark.parametrize("world,name", [(w, n) for w in (2, 4) for n, _, _ in _cases(w)])
+@pytest.mark.parametrize("world,name", [
+    pytest.param(w, n, marks=[pytest.mark.slow] if n.startswith("triton/") else [])
+    for w in (2, 4) for n, _, _ in _cases(w)])
 def test_sp(world, name):
     """One case on every rank of a ``world``-rank gloo group: every reported error
     (relative L2 error of an output or gradient, or a failed check as 1.0) below 1e-5."""

@@ -73,15 +73,18 @@ def case(sp, op, packed, seed, T=4096, H=2, D=64):
     def leaf(x):
         return x.detach().clone().requires_grad_()
 
-    # the state after this rank's last token: a prefix run without packing
+    # Without packing each rank returns the state after its last token: prefix runs, all
+    # of which enter the loss (the SP loss is the sum over ranks).
     n = sp.world * (2 if sp.layout == "zigzag" else 1)
-    end = (sp.rank + 1) * T // n if sp.layout == "contiguous" else (n - sp.rank) * T // n
+    ends = [(r + 1) * T // n if sp.layout == "contiguous" else (n - r) * T // n
+            for r in range(sp.world)]
     rx, rs = [leaf(x) for x in xs], tuple(leaf(s) for s in _flat(state))
     st = rs if op == "mlstm" else rs[0]
     o_ref, S_ref = fn(*rx, initial_state=st, output_final_state=True, cu_seqlens=cu)
-    S_mine = S_ref if packed else fn(*(x[:, :end] for x in rx), initial_state=st,
-                                     output_final_state=True)[1]
-    loss = (o_ref * w).sum() + sum((a * b).sum() for a, b in zip(_flat(S_mine), w2))
+    S_all = [S_ref] if packed else [fn(*(x[:, :e] for x in rx), initial_state=st,
+                                       output_final_state=True)[1] for e in ends]
+    S_mine = S_ref if packed else S_all[sp.rank]
+    loss = (o_ref * w).sum() + sum((a * b).sum() for S in S_all for a, b in zip(_flat(S), w2))
     want = torch.autograd.grad(loss, rx + list(rs))
 
     sx, ss = [leaf(shard(x, sp)) for x in xs], tuple(leaf(s) for s in _flat(state))

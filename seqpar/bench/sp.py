@@ -739,9 +739,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.simulate is not None:
         use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-        device = torch.device("cuda" if use_cuda else "cpu")
-        if use_cuda:
-            torch.cuda.set_device(device)
+        device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
         args.dtype = ({"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
                       if args.dtype != "auto" else torch.bfloat16 if use_cuda else torch.float32)
         simulate(args, device)

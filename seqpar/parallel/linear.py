@@ -63,16 +63,57 @@ class Plan:
     finals: tuple[tuple[int, int], ...]
     n_users: int
 
-    def rows(self, spans, device) -> torch.Tensor:
-        """Sequence indices of ``spans`` in every row: (len(spans), R) long."""
-        return _rows(self, tuple(spans), device)
+    def index(self, device) -> "PlanIndex":
+        """The plan's index tensors on ``device`` (built once per plan and device)."""
+        cache = self.__dict__.setdefault("_index", {})  # frozen fields; a memo beside them
+        if device not in cache:
+            cache[device] = _plan_index(self, torch.device(device))
+        return cache[device]
 
 
-@functools.lru_cache(maxsize=256)
-def _rows(plan: Plan, spans: tuple[int, ...], device) -> torch.Tensor:
-    n = len(plan.seqs.spans)
-    idx = [[r * n + j for r in range(plan.seqs.B)] for j in spans]
-    return torch.tensor(idx, dtype=torch.long).reshape(len(spans), plan.seqs.B).to(device)
+@dataclass(frozen=True)
+class PlanIndex:
+    """A :class:`Plan` as index tensors (long unless said), row-major over (chunk or
+    pair, batch row): ``heads`` / ``tails`` (n_local R,) the sequence of each local
+    chunk's head / tail; ``whole`` / ``head`` (n_local, 1, 1, 1, 1) float32 flags;
+    ``head_at`` positions in ``heads`` of the chunks that have a head and ``head_rows``
+    their sequences; ``init_rows`` / ``init_src`` sequences starting a document and the
+    user rows of their initial states; ``final_rows`` / ``final_dst`` likewise for the
+    final states handed to the user."""
+    heads: torch.Tensor
+    tails: torch.Tensor
+    whole: torch.Tensor
+    head: torch.Tensor
+    head_at: torch.Tensor
+    head_rows: torch.Tensor
+    init_rows: torch.Tensor
+    init_src: torch.Tensor
+    final_rows: torch.Tensor
+    final_dst: torch.Tensor
+
+
+def _plan_index(plan: Plan, device: torch.device) -> PlanIndex:
+    B, n = plan.seqs.B, len(plan.seqs.spans)
+
+    def rows(spans):
+        return [r * n + j for j in spans for r in range(B)]
+
+    def users(pairs):
+        return [u if u >= 0 else r for _, u in pairs for r in range(B)]
+
+    def t(x, dtype=torch.long):
+        return torch.tensor(x, dtype=dtype).to(device)
+
+    n_local = len(plan.head)
+    at = [i * B + r for i in range(n_local) if plan.head[i] for r in range(B)]
+    heads = rows(plan.head_span)
+    return PlanIndex(
+        heads=t(heads), tails=t(rows(plan.tail_span)),
+        whole=t(plan.whole, torch.float32).view(-1, 1, 1, 1, 1),
+        head=t(plan.head, torch.float32).view(-1, 1, 1, 1, 1),
+        head_at=t(at), head_rows=t([heads[i] for i in at]),
+        init_rows=t(rows([j for j, _ in plan.inits])), init_src=t(users(plan.inits)),
+        final_rows=t(rows([j for j, _ in plan.finals])), final_dst=t(users(plan.finals)))
 
 
 @functools.lru_cache(maxsize=256)
@@ -222,93 +263,55 @@ class _LinearSP(torch.autograd.Function):
     def forward(ctx, sp, geo, plan, engine, opts, init, *xs):
         ctx.set_materialize_grads(False)
         p = engine.begin(xs, plan.seqs, **opts)
-        dev = xs[0].device
-        N = plan.seqs.count
+        ix = plan.index(xs[0].device)
         h0 = None
         if init is not None:
-            j_init = [j for j, _ in plan.inits]
-            h0 = init.new_zeros(N, *init.shape[1:])
-            if j_init:
-                rows = plan.rows(j_init, dev)  # (n_init, R)
-                src = _user_rows(plan.inits, plan.seqs.B, dev)
-                h0.index_copy_(0, rows.flatten(), init.index_select(0, src.flatten()))
+            h0 = init.new_zeros(plan.seqs.count, *init.shape[1:])
+            if plan.inits:
+                h0.index_copy_(0, ix.init_rows, init.index_select(0, ix.init_src))
         with torch.no_grad():
             F = p.final(h0)
             Mall = p.transition()
         n_local = len(geo.chunks)
-        tails = plan.rows(plan.tail_span, dev)  # (n_local, R)
-        heads = plan.rows(plan.head_span, dev)
-        C = F[tails.flatten()].view(n_local, -1, *F.shape[1:])
-        M = Mall[heads.flatten()].view(n_local, -1, *Mall.shape[1:])
-        M = M * _flags(plan.whole, dev).view(-1, *[1] * (M.dim() - 1))
+        C = F.index_select(0, ix.tails).view(n_local, -1, *F.shape[1:])
+        M = Mall.index_select(0, ix.heads).view(n_local, -1, *Mall.shape[1:]) * ix.whole
         S_in, ctx.M_all = exchange(sp, geo, M, C)
-        has_head = [i for i, h in enumerate(plan.head) if h]
-        if has_head:
+        if any(plan.head):
             h0 = F.new_zeros(F.shape) if h0 is None else h0
-            hr = heads[has_head].flatten()
-            h0 = h0.index_copy(0, hr, S_in[has_head].flatten(0, 1))
+            h0 = h0.index_copy(0, ix.head_rows, S_in.flatten(0, 1).index_select(0, ix.head_at))
         o, fin = p.finish(h0)
         ctx.p, ctx.sp, ctx.geo, ctx.plan, ctx.M = p, sp, geo, plan, M
         ctx.has_init = init is not None
         ctx.o_meta = (o.shape, o.dtype)
-        return o, _user_finals(plan, fin, dev)
+        out = fin.new_zeros(plan.n_users, *fin.shape[1:])
+        if plan.finals:
+            out.index_copy_(0, ix.final_dst, fin.index_select(0, ix.final_rows))
+        return o, out
 
     @staticmethod
     def backward(ctx, do, dfin):
         p, plan, geo = ctx.p, ctx.plan, ctx.geo
         dev = ctx.M.device
-        N = plan.seqs.count
+        ix = plan.index(dev)
         if do is None:
             do = torch.zeros(ctx.o_meta[0], dtype=ctx.o_meta[1], device=dev)
         dht = None
         if dfin is not None and plan.finals:
-            rows = plan.rows([j for j, _ in plan.finals], dev).flatten()
-            src = _user_rows(plan.finals, plan.seqs.B, dev).flatten()
-            dht = dfin.new_zeros(N, *dfin.shape[1:]).index_copy_(0, rows, dfin.index_select(0, src))
+            dht = dfin.new_zeros(plan.seqs.count, *dfin.shape[1:])
+            dht.index_copy_(0, ix.final_rows, dfin.index_select(0, ix.final_dst))
         d0 = p.initial_grads(do, dht)
-        heads = plan.rows(plan.head_span, dev)
-        d = d0[heads.flatten()].view(len(geo.chunks), -1, *d0.shape[1:])
-        d = d * _flags(plan.head, dev).view(-1, *[1] * (d.dim() - 1))
+        d = d0.index_select(0, ix.heads).view(len(geo.chunks), -1, *d0.shape[1:]) * ix.head
         lam = exchange_backward(ctx.sp, geo, ctx.M, ctx.M_all, d)
-        tails = plan.rows(plan.tail_span, dev).flatten()
-        dht = (d0.new_zeros(d0.shape) if dht is None else dht).index_add(0, tails, lam.flatten(0, 1))
+        dht = (d0.new_zeros(d0.shape) if dht is None else dht).index_add(0, ix.tails,
+                                                                          lam.flatten(0, 1))
         dxs, dh0 = p.backward(do, dht)
         dinit = None
         if ctx.has_init and dh0 is not None:
             dinit = dh0.new_zeros(plan.n_users, *dh0.shape[1:])
             if plan.inits:
-                rows = plan.rows([j for j, _ in plan.inits], dev).flatten()
-                src = _user_rows(plan.inits, plan.seqs.B, dev).flatten()
-                dinit.index_add_(0, src, dh0.index_select(0, rows))
+                dinit.index_add_(0, ix.init_src, dh0.index_select(0, ix.init_rows))
         ctx.p = None
         return (None, None, None, None, None, dinit, *dxs)
-
-
-@functools.lru_cache(maxsize=256)
-def _flags(flags: tuple[bool, ...], device) -> torch.Tensor:
-    """float32 0/1 per local chunk, on the device (cached: no copy per call)."""
-    return torch.tensor(flags, dtype=torch.float32).to(device)
-
-
-@functools.lru_cache(maxsize=256)
-def _user_rows_cached(pairs: tuple, B: int, device) -> torch.Tensor:
-    rows = [[u if u >= 0 else r for r in range(B)] for _, u in pairs]
-    return torch.tensor(rows, dtype=torch.long).reshape(len(pairs), B).to(device)
-
-
-def _user_rows(pairs, B, device):
-    """User state rows of (span, user row) pairs, per row: (len(pairs), R) long."""
-    return _user_rows_cached(tuple(pairs), B, device)
-
-
-def _user_finals(plan: Plan, fin: torch.Tensor, device) -> torch.Tensor:
-    """The final states handed to the user (see :func:`sp_linear`)."""
-    out = fin.new_zeros(plan.n_users, *fin.shape[1:])
-    if plan.finals:
-        rows = plan.rows([j for j, _ in plan.finals], device).flatten()
-        dst = _user_rows(plan.finals, plan.seqs.B, device).flatten()
-        out.index_copy_(0, dst, fin.index_select(0, rows))
-    return out
 
 
 def sp_linear(sp, engine, xs: tuple, *, scale, initial_state, output_final_state, cu_seqlens,
