@@ -2,9 +2,10 @@
 before they are read.
 
 Layout: ``<out>/checkpoints/step_000123/`` holds the DCP files (model and optimizer
-shards, scheduler, data position, per-rank RNG states, step) and ``meta.json`` (step,
-model configuration, tokenizer, parallel layout, and the size and sha256 of every other
-file; readable without torch.distributed).
+shards, scheduler, data position, per-rank RNG states, step), ``tokenizer.json`` (a copy
+of ``--tokenizer``'s file, when the run has one) and ``meta.json`` (step, model
+configuration, tokenizer, parallel layout, and the size and sha256 of every other file;
+readable without torch.distributed).
 
 Atomicity: every rank writes into ``.tmp-step_000123``; once DCP has finished (its
 metadata file is the last thing written), the ranks hash the files (each a stripe of
@@ -41,6 +42,8 @@ META = "meta.json"
 # DCP's global plan; without it nothing in the directory can be read.
 DCP_METADATA = ".metadata"
 DAMAGED_PREFIX = "damaged-"
+# A copy of the run's tokenizers file (runs with --tokenizer), so a checkpoint loads alone.
+TOKENIZER = "tokenizer.json"
 _BLOCK = 1 << 22
 
 
@@ -48,8 +51,14 @@ def checkpoint_root(out: Path) -> Path:
     return out / "checkpoints"
 
 
+def step_of_name(name: str) -> int | None:
+    """The step of a checkpoint directory name ``step_<digits>``, else None."""
+    m = _NAME.match(name)
+    return None if m is None else int(m.group(1))
+
+
 def step_of(path: Path) -> int:
-    return int(_NAME.match(path.name).group(1))
+    return step_of_name(path.name)
 
 
 def list_checkpoints(out: Path) -> list[Path]:
@@ -154,18 +163,19 @@ def _structure_problem(path: Path, sizes: bool = True) -> tuple[str | None, dict
     return None, meta
 
 
-def verify(path: Path) -> tuple[str | None, dict | None]:
-    """Check ``path`` against its ``meta.json`` (collective under torch.distributed:
-    the ranks hash a stripe of the files each and agree on the answer). Returns
-    ``(problem, meta)``: ``problem`` is None when the checkpoint verifies, else one
-    phrase naming the file and what is wrong; ``meta`` is None when unreadable."""
+def verify(path: Path, collective: bool = True) -> tuple[str | None, dict | None]:
+    """Check ``path`` against its ``meta.json``. ``collective`` under torch.distributed:
+    the ranks hash a stripe of the files each and agree on the answer; otherwise this
+    process checks everything. Returns ``(problem, meta)``: ``problem`` is None when the
+    checkpoint verifies, else one phrase naming the file and what is wrong; ``meta`` is
+    None when unreadable."""
     problem, meta = _structure_problem(path)
     bad = []
     if problem is None and meta is not None and meta.get("files") is not None:
         names = sorted(meta["files"])
-        rank, world = _rank_world()
+        rank, world = _rank_world() if collective else (0, 1)
         bad = [n for n in names[rank::world] if sha256(path / n) != meta["files"][n]["sha256"]]
-    answers = _gather((problem, bad))
+    answers = _gather((problem, bad)) if collective else [(problem, bad)]
     problem = next((p for p, _ in answers if p is not None), None)
     bad = sorted(n for _, part in answers for n in part)
     if problem is None and bad:
@@ -261,6 +271,9 @@ def save(out: Path, step: int, state: dict, meta: dict, keep: int) -> Path:
     _barrier()
     with _single_process_ok():
         dcp.save(state, checkpoint_id=str(tmp))
+    tokenizer = (meta.get("config") or {}).get("tokenizer")
+    if tokenizer is not None and _is_rank0():
+        shutil.copyfile(tokenizer, tmp / TOKENIZER)
     _barrier()
     files = _hash_files(tmp)
     if _is_rank0():

@@ -20,7 +20,7 @@ from ..parallel import SequenceParallel, shard
 from . import checkpoint
 from .config import ConfigError, TrainConfig, resolve
 from .data import (IGNORE_INDEX, Batch, Loader, WindowSampler, load_documents, load_tokenizer,
-                   split_documents, token_stream)
+                   split_documents, split_names, token_stream)
 from .distributed import DistEnv, setup, teardown
 from .metrics import Reporter, format_mfu, memory_gb, peak_flops
 
@@ -227,10 +227,12 @@ def prepare(cfg: TrainConfig) -> Plan:
 
 def build_loaders(cfg: TrainConfig, tokenizer, env: DistEnv) -> tuple[Loader, Loader]:
     """Training and evaluation batches of this data-parallel rank."""
-    train_docs, eval_docs = split_documents(load_documents(cfg.data), cfg.eval_docs)
+    corpus = load_documents(cfg.data)
+    train_docs, eval_docs = split_documents(corpus, cfg.eval_docs)
     loaders = []
-    for docs, shuffle in ((train_docs, True), (eval_docs, False)):
-        sampler = WindowSampler(token_stream(docs, tokenizer), cfg.seq_len, cfg.seed, shuffle)
+    for docs, shuffle, split in zip((train_docs, eval_docs), (True, False),
+                                    split_names(len(corpus), len(eval_docs))):
+        sampler = WindowSampler(token_stream(docs, tokenizer), cfg.seq_len, cfg.seed, shuffle, split)
         loaders.append(Loader(sampler, batch_size=cfg.batch_size, eos_id=tokenizer.eos_id,
                               packing=cfg.packing, dp_rank=env.dp_rank, dp=env.dp))
     return loaders[0], loaders[1]
