@@ -197,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 for bad input)."""
     from .hub import DTYPES, load_with_info
+    from .train.distributed import cpu_threads
 
     args = build_parser().parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -213,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for note in info["notes"]:
         print(f"seqpar generate: {note}", file=sys.stderr)
+    if device.type == "cpu":
+        cpu_threads(None, model.config.d_model)
 
     def show(text):
         sys.stdout.write(text)

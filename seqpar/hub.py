@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     args = p.parse_args(argv)
     try:
-        kind, path, notes = resolve(args.source)
+        _, path, notes = resolve(args.source)
         for note in notes:
             print(f"seqpar export: {note}", file=sys.stderr)
         out = export(path, args.out, dtype=DTYPES[args.dtype] if args.dtype else None,

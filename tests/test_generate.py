@@ -139,7 +139,7 @@ def test_checkpoint_and_export_carry_a_tokenizers_file(tmp_path):
 def test_sample_respects_temperature_top_k_and_top_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
-    draws = lambda **kw: {int(sample(logits, generator=g, **kw)) for _ in range(200)}  # noqa: E731
+    draws = lambda **kw: {int(sample(logits, generator=g, **kw)) for _ in range(200)}
     assert draws(temperature=0) == {0}
     assert draws(top_k=1) == {0}
     assert draws(top_k=2) == {0, 1}

@@ -185,8 +185,7 @@ def split_names(n_docs: int, n_held: int) -> tuple[str, str]:
         return ("training split (the first nine tenths of the only document)",
                 "evaluation split (the last tenth of the only document)")
     return (f"training split ({n_docs - n_held} of {n_docs} documents)",
-            f"evaluation split ({n_held} of {n_docs} documents held out: --eval-docs, at most "
-            "a fifth)")
+            f"evaluation split ({n_held} of {n_docs} documents held out: --eval-docs, at most a fifth)")
 
 
 def split_documents(docs: list[str], n_eval: int) -> tuple[list[str], list[str]]:

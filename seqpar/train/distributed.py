@@ -57,15 +57,16 @@ def default_device() -> torch.device:
 
 
 def cpu_threads(requested: int | None, d_model: int) -> int | None:
-    """Set torch's intra-op CPU threads for a run on CPU; returns the number set, or None
-    when left as it is (a GPU run, or ``OMP_NUM_THREADS`` given and nothing requested).
+    """Set torch's intra-op CPU threads on a machine without CUDA; returns the number set,
+    or None when left as it is (CUDA present, or ``OMP_NUM_THREADS`` given and nothing
+    requested).
 
     Without a request or ``OMP_NUM_THREADS``: one thread per 256 of model width (small
     matrices gain nothing from more, and busy-waiting threads on shared cores cost far
     more than they give), at most this process's cores divided by the processes that
     torchrun started on this machine.
     """
-    if default_device().type != "cpu":
+    if torch.cuda.is_available():
         return None
     if requested is None:
         if "OMP_NUM_THREADS" in os.environ:
