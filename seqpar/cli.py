@@ -1,4 +1,5 @@
-"""The ``seqpar`` command: ``seqpar train ...`` and ``seqpar bench {ops,sp} ...``.
+"""The ``seqpar`` command: ``seqpar train``, ``seqpar generate``, ``seqpar export`` and
+``seqpar bench {ops,sp}``.
 
 Each subcommand hands the rest of the command line to its program's ``main(argv)``, so
 ``seqpar train --help`` shows the training options. Under torchrun, start the module
@@ -9,19 +10,33 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = {"ops": "seqpar.bench.ops", "sp": "seqpar.bench.sp"}
-USAGE = """usage: seqpar {train,bench} ...
+from . import __version__
 
-  seqpar train [options]        train a hybrid language model (seqpar train --help)
-  seqpar bench ops [options]    time the single-device ops
-  seqpar bench sp [options]     time sequence parallelism (under torchrun)
+COMMANDS = {"train": "seqpar.train", "generate": "seqpar.generate", "export": "seqpar.hub"}
+BENCHMARKS = {"ops": "seqpar.bench.ops", "sp": "seqpar.bench.sp"}
+USAGE = """usage: seqpar {train,generate,export,bench} ... | seqpar --version
+
+  seqpar train [options]            train a hybrid language model (seqpar train --help)
+  seqpar generate RUN --prompt TEXT sample text from a trained model (seqpar generate --help)
+  seqpar export RUN --out DIR       write a trained model in the Hugging Face layout
+  seqpar bench ops [options]        time the single-device ops
+  seqpar bench sp [options]         time sequence parallelism (under torchrun)
+"""
+BENCH_USAGE = """usage: seqpar bench {ops,sp} [options]
+
+  seqpar bench ops [options]    time the single-device ops (seqpar bench ops --help)
+  seqpar bench sp [options]     time sequence parallelism, under torchrun (seqpar bench sp --help)
 """
 
 
 def _bench(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print(BENCH_USAGE, end="")
+        return 0
     if not argv or argv[0] not in BENCHMARKS:
         got = repr(argv[0]) if argv else "nothing"
-        print(f"seqpar bench: error: expected one of {', '.join(BENCHMARKS)}, got {got}", file=sys.stderr)
+        print(f"seqpar bench: error: expected one of {', '.join(BENCHMARKS)}, got {got}\n{BENCH_USAGE}",
+              file=sys.stderr, end="")
         return 2
     name = BENCHMARKS[argv[0]]
     try:
@@ -38,17 +53,18 @@ def _bench(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE, end="")
+        print(USAGE, end="", file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        print(f"seqpar {__version__}")
+        return 0
     command, rest = argv[0], argv[1:]
-    if command == "train":
-        from .train import main as train_main
-
-        return train_main(rest)
+    if command in COMMANDS:
+        return importlib.import_module(COMMANDS[command]).main(rest)
     if command == "bench":
         return _bench(rest)
-    print(f"seqpar: error: expected a command among train, bench, got {command!r}\n{USAGE}",
-          file=sys.stderr, end="")
+    print(f"seqpar: error: expected a command among {', '.join([*COMMANDS, 'bench'])}, got "
+          f"{command!r}\n{USAGE}", file=sys.stderr, end="")
     return 2
 
 

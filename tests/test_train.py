@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -27,7 +28,9 @@ import torch.multiprocessing as mp
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
 from conftest import rel_err
+import seqpar
 from seqpar import cli
+from seqpar.generate import build_parser as generate_parser
 from seqpar.layers import MIXERS
 from seqpar.train import Trainer, TrainConfig, build_loaders, main, prepare, run
 from seqpar.train import checkpoint as ckpt
@@ -35,7 +38,8 @@ from seqpar.train import loop
 from seqpar.train.data import (IGNORE_INDEX, ByteTokenizer, HFTokenizer, Loader, WindowSampler,
                                load_documents, pack_windows, split_documents, stdlib_files,
                                token_stream)
-from seqpar.train.distributed import DistEnv, mesh_env
+from seqpar.train.config import build_parser
+from seqpar.train.distributed import DistEnv, cpu_threads, mesh_env
 from seqpar.train.loop import lr_factor
 
 TOL = 1e-5
@@ -153,9 +157,19 @@ def resume_losses(data: Path, root: Path, env: DistEnv) -> dict:
         Trainer.step = original
     resumed = run(small_cfg(data, root / "cut", ALL_MIXERS, resume="latest", **base), env)
     records = [json.loads(x) for x in (root / "cut" / "metrics.jsonl").read_text().splitlines()]
+    # Rank 1's shard of the newest checkpoint damaged: the ranks agree to fall back.
+    bad = root / "cut" / "checkpoints" / f"step_{2 * n:06d}" / "__1_0.distcp"
+    if env.rank == 0:
+        raw = bytearray(bad.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        bad.write_bytes(bytes(raw))
+    env.barrier()
+    fallback = run(small_cfg(data, root / "cut", ALL_MIXERS, resume="latest",
+                             **dict(base, steps=n + 2)), env)
     return {"full": (full.steps, full.losses, full.eval_loss),
             "resumed": (resumed.steps, resumed.losses, resumed.eval_loss),
-            "logged_steps": [r["step"] for r in records if "loss" in r]}
+            "logged_steps": [r["step"] for r in records if "loss" in r],
+            "fallback": (fallback.steps, [p.name for p in ckpt.list_checkpoints(root / "cut")])}
 
 
 def _worker(rank, world, store_dir):
@@ -223,7 +237,8 @@ def test_step_matches_single_process(case):
 
 @pytest.mark.dist
 def test_resume_continues_exactly():
-    """8 steps uninterrupted == 4 steps, checkpoint, crash at step 6, resume, 4 steps (sp = 2)."""
+    """8 steps uninterrupted == 4 steps, checkpoint, crash at step 6, resume, 4 steps (sp = 2);
+    then a damaged shard of rank 1 in the newest checkpoint makes both ranks fall back."""
     r = _result("resume/sp2")
     full_steps, full_losses, full_eval = r["full"]
     steps, losses, eval_loss = r["resumed"]
@@ -232,6 +247,8 @@ def test_resume_continues_exactly():
     assert eval_loss == full_eval
     assert full_losses[-1] < full_losses[0]
     assert r["logged_steps"] == list(range(1, 9))
+    # The damaged step-8 checkpoint is set aside; step 4 verifies and resumes.
+    assert r["fallback"] == ([5, 6], ["step_000004", "step_000006"])
 
 
 # ---------------------------------------------------------------- checkpoints (one process)
@@ -465,3 +482,79 @@ def test_cli(capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         cli.main(["train", "--help"])
     assert e.value.code == 0 and "--sp" in capsys.readouterr().out
+    assert cli.main(["bench", "--help"]) == 0 and "seqpar bench ops" in capsys.readouterr().out
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"seqpar {seqpar.__version__}"
+    assert cli.main(["--help"]) == 0 and "seqpar generate" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["train", "generate", "export"])
+def test_help_has_text_for_every_option_and_each_default_once(command, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "(default: True)" not in text
+    assert "(default: False)" not in text and "(default: [])" not in text
+    parser = {"train": build_parser, "generate": generate_parser}.get(command)
+    if parser is not None:
+        for action in parser()._actions:
+            assert action.help, f"{action.option_strings} has no help text"
+    assert not re.search(r"\(default: [^)]*\)\s*\(default:", text), "a default shown twice"
+
+
+def test_argparse_errors_and_help_print_on_rank_0_only(monkeypatch, capsys, tmp_path):
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as e:
+        main(["--bogus"])
+    assert e.value.code == 2 and capsys.readouterr().err == "" and not error_file.exists()
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit):
+        main(["--bogus"])
+    err = capsys.readouterr().err
+    assert err.count("unrecognized arguments: --bogus") == 1
+    assert err.rstrip().splitlines()[-1] == "seqpar train: error: unrecognized arguments: --bogus"
+    # torchrun's failure summary shows the launcher this line as the root cause.
+    assert json.loads(error_file.read_text())["message"] == err.rstrip().splitlines()[-1]
+    assert main(["--steps", "0", "--out", str(tmp_path / "r")]) == 2
+    assert "--steps: expected an int >= 1" in json.loads(error_file.read_text())["message"]
+
+
+def test_cpu_threads(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert cpu_threads(None, 128) == 1 and torch.get_num_threads() == 1
+    cores = len(os.sched_getaffinity(0))
+    assert cpu_threads(None, 1 << 20) == cores
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cores))
+    assert cpu_threads(None, 1 << 20) == 1
+    assert cpu_threads(2, 128) == 2 and torch.get_num_threads() == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert cpu_threads(None, 1 << 20) is None, "an explicit OMP_NUM_THREADS is left alone"
+
+
+def test_binary_and_small_data_are_refused_with_reasons(tmp_path, capsys):
+    nul = tmp_path / "zeros.txt"
+    nul.write_bytes(bytes(5000))
+    noise = tmp_path / "noise.bin"
+    noise.write_bytes(bytes(random.Random(0).randrange(256) for _ in range(5000)))
+    for path in (nul, noise):
+        assert main(["--data", str(path), "--out", str(tmp_path / "r")]) == 2
+        assert "expected a UTF-8 text file" in capsys.readouterr().err
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.txt").write_bytes(b"\x00" * 100)
+    (folder / "b.txt").write_text("print('hello')\n" * 50)
+    assert load_documents(str(folder)) == ["print('hello')\n" * 50], "binary files are skipped"
+    short = tmp_path / "short.txt"
+    short.write_text("a short file\n")
+    assert main(["--data", str(short), "--out", str(tmp_path / "r2")]) == 2
+    err = capsys.readouterr().err
+    assert "training split (the first nine tenths of the only document) has 12" in err, err
+    few = write_corpus(tmp_path / "few.jsonl", n=10)
+    assert main(["--data", str(few), "--out", str(tmp_path / "r3"), "--seq-len", "100"]) == 2
+    assert "evaluation split (2 of 10 documents held out: --eval-docs" in capsys.readouterr().err

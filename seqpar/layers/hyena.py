@@ -75,16 +75,20 @@ class ImplicitFilter(nn.Module):
             self.rates.copy_(torch.linspace(*self._decay, self.channels).abs())
 
     def forward(self, L: int) -> torch.Tensor:
-        """The kernel for lags ``0..L-1``: (C, L) float32, also under autocast (the
-        filter is tiny and its precision sets the whole convolution's)."""
+        """The kernel for lags ``0..L-1``: (C, L) in float32, or float64 when the
+        parameters are float64; also under autocast and with bf16/fp16 parameters, which
+        are then upcast (the filter is tiny and its precision sets the whole
+        convolution's)."""
         dev = self.rates.device
+        dtype = torch.promote_types(self.mlp[0].weight.dtype, torch.float32)
         t = torch.arange(L, device=dev, dtype=torch.float64) / self.time_scale
         f = torch.linspace(1e-4, self.bands - 1, self.bands, device=dev, dtype=torch.float64)
         ang = 2 * math.pi * f * t[:, None]
-        z = torch.cat([t[:, None], ang.cos(), -ang.sin()], -1).float()
+        z = torch.cat([t[:, None], ang.cos(), -ang.sin()], -1).to(dtype)
+        params = {k: v.to(dtype) for k, v in self.mlp.named_parameters()}
         with torch.autocast(dev.type, enabled=False):
-            h = self.mlp(z)  # (L, C)
-        window = torch.exp(-t.float()[:, None] * self.rates)
+            h = torch.func.functional_call(self.mlp, params, (z,))  # (L, C)
+        window = torch.exp(-t.to(dtype)[:, None] * self.rates.to(dtype))
         return (h * window).t()
 
 

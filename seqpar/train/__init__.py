@@ -4,10 +4,8 @@
 with no download; ``torchrun --nproc-per-node N -m seqpar.train --sp S`` shards each
 sequence over S ranks and the batch over N / S. See ``docs/train.md``.
 """
-import os
-import sys
-
-from .config import PRESET_TRAINING, ConfigError, TrainConfig, parse_args, resolve
+from .config import PRESET_TRAINING, ConfigError, TrainConfig, parse_args, report_error, resolve
+from .distributed import cpu_threads
 from .loop import Plan, RunResult, Trainer, build_loaders, prepare, run
 
 __all__ = ["PRESET_TRAINING", "ConfigError", "Plan", "RunResult", "TrainConfig", "Trainer",
@@ -15,12 +13,14 @@ __all__ = ["PRESET_TRAINING", "ConfigError", "Plan", "RunResult", "TrainConfig",
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (2 for a bad configuration,
-    printed without a traceback on rank 0)."""
+    """Command-line entry point; returns the exit status (2 for a bad configuration:
+    one line on rank 0, no traceback, also handed to torchrun's failure summary). Sets
+    the CPU threads (``--threads``) before any work."""
     try:
-        run(parse_args(argv))
+        cfg = parse_args(argv)
+        cpu_threads(cfg.threads, resolve(cfg)[1].d_model)
+        run(cfg)
     except ConfigError as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"seqpar train: error: {e}", file=sys.stderr)
+        report_error(f"seqpar train: error: {e}")
         return 2
     return 0

@@ -8,13 +8,21 @@ before loading data or touching a process group.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import json
 import os
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..layers import MIXERS
 from ..models import PRESETS, ModelConfig, preset
+
+# File kinds read from a --data folder; anything else there (images, archives) is skipped.
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".jsonl", ".json", ".c", ".h", ".cpp", ".rs",
+                 ".js", ".ts", ".go", ".java", ".tex", ".html", ".csv", ".toml", ".yaml", ".yml"}
 
 # Sequences of packed documents per data-parallel rank, context length and schedule that
 # suit each preset. ``tiny`` is sized so that the README's main job
@@ -78,6 +86,7 @@ class TrainConfig:
         resume: 'latest' (newest checkpoint in ``out``) or a checkpoint directory.
         overwrite: start afresh in an ``out`` that holds checkpoints, deleting them.
         progress: show the rich progress bar (rank 0).
+        threads: CPU threads per process; None chooses (see ``--threads``).
     """
 
     preset: str = "tiny"
@@ -112,6 +121,7 @@ class TrainConfig:
     resume: str | None = None
     overwrite: bool = False
     progress: bool = True
+    threads: int | None = None
 
     @property
     def out_dir(self) -> Path:
@@ -149,6 +159,8 @@ def resolve(cfg: TrainConfig) -> tuple[TrainConfig, ModelConfig]:
         _positive_int("--" + name.replace("_", "-"), getattr(cfg, name))
     for name in ("warmup", "eval_batches"):
         _positive_int("--" + name.replace("_", "-"), getattr(cfg, name), 0)
+    if cfg.threads is not None:
+        _positive_int("--threads", cfg.threads)
     if cfg.stop_at is not None:
         _positive_int("--stop-at", cfg.stop_at)
         if cfg.stop_at > cfg.steps:
@@ -215,32 +227,87 @@ def _parse_set(items: list[str]) -> dict:
     return out
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Adds ``(default: X)`` to an option's help only when it says something: not for
+    None or a flag's True/False, and not when the help already names its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "default" in text or default is None
+                or isinstance(default, bool) or default == [] or default is argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def report_error(text: str) -> None:
+    """Print ``text`` to stderr once (rank 0 under torchrun) and hand it to torchrun's
+    launcher through its error file, so that the launcher's failure summary ends with
+    this line instead of a pointer to a traceback."""
+    if not _rank0():
+        return
+    print(text, file=sys.stderr)
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with contextlib.suppress(OSError):
+            Path(path).write_text(json.dumps({"message": text, "timestamp": int(time.time())}))
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that speaks once under torchrun: usage, help and errors on rank 0 only
+    (every rank still exits with argparse's status)."""
+
+    def print_usage(self, file=None):
+        if _rank0():
+            super().print_usage(file)
+
+    def print_help(self, file=None):
+        if _rank0():
+            super().print_help(file)
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        report_error(f"{self.prog}: error: {message}")
+        self.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="seqpar train",
         description="Train a hybrid language model, on one CPU or under torchrun on many GPUs "
-                    "(--sp N: sequence parallelism; the rest of the world size is data parallel).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "(--sp N: sequence parallelism; the rest of the world size is data parallel). "
+                    "Options marked 'preset' take the --preset's value unless given.",
+        epilog="A second run into the same --out needs --resume (continue) or --overwrite "
+               "(start over). Under torchrun: torchrun --nproc-per-node N -m seqpar.train ...",
+        formatter_class=HelpFormatter)
     d = TrainConfig()
     g = p.add_argument_group("model")
     g.add_argument("--preset", default=d.preset, help="model size: " + ", ".join(PRESETS))
     g.add_argument("--mixers", default=None,
                    help="per-layer mixer pattern, repeated over the layers, e.g. gdn,gdn,gdn,attn; "
-                        "names: " + ", ".join(MIXERS))
+                        "names: " + ", ".join(MIXERS) + " (default: the preset's)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a ModelConfig field, e.g. --set n_layers=6")
+                   help="override a ModelConfig field, e.g. --set n_layers=6 (repeatable)")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=None,
-                   help="text file, folder of text files, or .jsonl with a 'text' field "
+    g.add_argument("--data", default=None, metavar="PATH",
+                   help="a text file (one document, any suffix), a .jsonl file (one document per "
+                        "line, its 'text' field) or a folder (every file below it with suffix "
+                        + " ".join(sorted(TEXT_SUFFIXES)) + "; hidden and non-UTF-8 files skipped) "
                         "(default: the Python standard library's source)")
-    g.add_argument("--tokenizer", default=None,
-                   help="Hugging Face tokenizers JSON file (default: bytes)")
-    g.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (preset default)")
+    g.add_argument("--tokenizer", default=None, metavar="JSON",
+                   help="Hugging Face tokenizers JSON file (default: UTF-8 bytes)")
+    g.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: preset)")
     g.add_argument("--batch-size", type=int, default=None,
-                   help="sequences per data-parallel rank per step (preset default)")
+                   help="sequences per data-parallel rank per step (default: preset)")
     g.add_argument("--no-packing", dest="packing", action="store_false",
-                   help="plain windows without document boundaries (cu_seqlens)")
-    g.add_argument("--eval-docs", type=int, default=d.eval_docs, help="documents held out")
+                   help="plain windows without document boundaries (default: documents packed "
+                        "with cu_seqlens)")
+    g.add_argument("--eval-docs", type=int, default=d.eval_docs,
+                   help="documents held out for the evaluation loss")
     g = p.add_argument_group("parallelism and precision")
     g.add_argument("--sp", type=int, default=d.sp, help="sequence-parallel degree")
     g.add_argument("--sp-strategy", default=None, choices=SP_STRATEGIES,
@@ -251,31 +318,45 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=d.dtype, choices=("auto", "bf16", "fp32"),
                    help="auto: bf16 autocast on GPU, float32 on CPU")
     g.add_argument("--activation-checkpointing", action="store_true", default=None,
-                   help="recompute each block in backward")
+                   help="recompute each block in backward (default: preset, on for 1b only)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per process (default: $OMP_NUM_THREADS if set, which "
+                        "torchrun sets to 1; else one per 256 of model width, at most the cores "
+                        "of this process over the processes on this machine)")
     g = p.add_argument_group("optimization")
-    g.add_argument("--steps", type=int, default=None, help="total optimizer steps (preset default)")
-    g.add_argument("--stop-at", type=int, default=None,
-                   help="end this invocation after this step (the schedule still spans --steps)")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (preset default)")
-    g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
-    g.add_argument("--warmup", type=int, default=None, help="warmup steps (preset default)")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--grad-clip", type=float, default=d.grad_clip)
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--steps", type=int, default=None,
+                   help="total optimizer steps, which the schedule spans (default: preset)")
+    g.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="end this invocation after this step, checkpointing it (default: --steps)")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: preset)")
+    g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio,
+                   help="final learning rate of the cosine decay, as a fraction of --lr")
+    g.add_argument("--warmup", type=int, default=None,
+                   help="linear warmup steps (default: preset)")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="AdamW weight decay of matrices (none on vectors)")
+    g.add_argument("--grad-clip", type=float, default=d.grad_clip,
+                   help="largest global gradient norm")
+    g.add_argument("--seed", type=int, default=d.seed, help="model init and data order")
     g = p.add_argument_group("output")
-    g.add_argument("--out", default=None, help="run directory (default runs/<name>)")
+    g.add_argument("--out", default=None, help="run directory (default: runs/<name>)")
     g.add_argument("--name", default=None, help="run name (default: the preset)")
-    g.add_argument("--log-every", type=int, default=None)
-    g.add_argument("--eval-every", type=int, default=None)
-    g.add_argument("--eval-batches", type=int, default=None)
-    g.add_argument("--save-every", type=int, default=None)
+    g.add_argument("--log-every", type=int, default=None,
+                   help="steps between metric records (default: preset)")
+    g.add_argument("--eval-every", type=int, default=None,
+                   help="steps between evaluations (default: preset)")
+    g.add_argument("--eval-batches", type=int, default=None,
+                   help="batches per evaluation; 0 skips evaluation (default: preset)")
+    g.add_argument("--save-every", type=int, default=None,
+                   help="steps between checkpoints, and one at the end (default: preset)")
     g.add_argument("--keep", type=int, default=d.keep, help="checkpoints to keep")
-    g.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue from the newest checkpoint in --out, or from the one given")
+    g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
+                   help="continue from the newest checkpoint in --out that verifies, or from PATH "
+                        "(a run or checkpoint directory)")
     g.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an --out that already holds checkpoints")
+                   help="start afresh in an --out that already holds checkpoints, deleting them")
     g.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="log lines instead of a progress bar")
+                   help="log lines instead of a progress bar (default: a bar on a terminal)")
     return p
 
 

@@ -26,12 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import config_fail
+from .config import TEXT_SUFFIXES, config_fail
 
 IGNORE_INDEX = -100
-# File kinds read from a --data folder; anything else there (images, archives) is skipped.
-TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".jsonl", ".json", ".c", ".h", ".cpp", ".rs",
-                 ".js", ".ts", ".go", ".java", ".tex", ".html", ".csv", ".toml", ".yaml", ".yml"}
 # End-of-text tokens looked up, in order, in a tokenizers file.
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "[SEP]", "<|im_end|>")
 
@@ -40,13 +37,14 @@ class ByteTokenizer:
     """UTF-8 bytes as tokens 0..255; 256 is the end-of-text separator.
 
     Tokenizers share this interface: ``encode(text) -> int32 (N,)``, ``decode(ids) ->
-    str``, ``vocab_size``, ``eos_id`` and ``describe()``, the identity that a checkpoint
+    str``, ``vocab_size``, ``eos_id``, ``eos_token`` (its text) and ``describe()``, the identity that a checkpoint
     records and a resume must match.
     """
 
     name = "bytes"
     vocab_size = 257
     eos_id = 256
+    eos_token = "<|endoftext|>"  # its spelling in an exported tokenizer.json
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
@@ -61,15 +59,16 @@ class ByteTokenizer:
 class HFTokenizer:
     """A Hugging Face ``tokenizers`` JSON file; its end-of-text token separates documents."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str | Path):
         try:
             from tokenizers import Tokenizer
         except ImportError:
             config_fail("--tokenizer", "the 'tokenizers' package (pip install seqpar[tokenizers])",
                         "it is not installed")
         # Identity for checkpoint compatibility: the file's content, wherever it lives.
-        self.name = "tokenizers:sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-        self._tok = Tokenizer.from_file(path)
+        self.path = Path(path)
+        self.name = "tokenizers:sha256:" + hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]
+        self._tok = Tokenizer.from_file(str(path))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         ids = [self._tok.token_to_id(t) for t in EOS_CANDIDATES]
         ids = [i for i in ids if i is not None]
@@ -77,6 +76,7 @@ class HFTokenizer:
             config_fail("--tokenizer", "a tokenizer with an end-of-text token among "
                         + ", ".join(EOS_CANDIDATES), path)
         self.eos_id = ids[0]
+        self.eos_token = self._tok.id_to_token(self.eos_id)
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
@@ -103,11 +103,28 @@ def stdlib_files() -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
+# Characters that text files hold besides printable ones: tab, newlines, form feed,
+# vertical tab, escape (terminal colours in logs).
+_TEXT_CONTROLS = frozenset("\t\n\r\f\v\x1b")
+
+
+def is_binary(text: str) -> bool:
+    """Whether decoded ``text`` is binary data rather than text: any NUL character, or
+    more than 1% other control characters."""
+    if "\x00" in text:
+        return True
+    sample = text[:1 << 20]
+    controls = sum(1 for c in sample if c < " " and c not in _TEXT_CONTROLS)
+    return controls > len(sample) // 100
+
+
 def _read_text(path: Path) -> str | None:
+    """The file's text, or None when it is not UTF-8 text (undecodable or binary)."""
     try:
-        return path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         return None
+    return None if is_binary(text) else text
 
 
 def _jsonl_texts(path: Path) -> list[str]:
@@ -136,9 +153,10 @@ def _file_texts(path: Path) -> list[str]:
 def load_documents(data: str | None) -> list[str]:
     """The documents of ``--data`` (see the module docstring); empty ones are dropped.
 
-    A file is one document, a ``.jsonl`` file one per line (its ``text`` field), a folder
-    every text file below it (hidden files and non-UTF-8 files skipped) in sorted order;
-    None is the standard library's source.
+    A file is one document (any suffix), a ``.jsonl`` file one per line (its ``text``
+    field), a folder every file below it with a suffix in ``TEXT_SUFFIXES`` (hidden files,
+    non-UTF-8 and binary files skipped) in sorted order; None is the standard library's
+    source. A single file of binary data (:func:`is_binary`) is refused.
     """
     if data is None:
         files = stdlib_files()
@@ -150,10 +168,24 @@ def load_documents(data: str | None) -> list[str]:
                            key=lambda p: p.relative_to(path).as_posix())
         else:
             files = [path]
+            if path.suffix != ".jsonl" and _read_text(path) is None:
+                config_fail("--data", "a UTF-8 text file", f"{str(path)!r}, which holds binary "
+                            "data (not UTF-8, NUL bytes or control characters)")
     docs = [t for f in files for t in _file_texts(f) if t]
     if not docs:
-        config_fail("--data", "at least one non-empty UTF-8 document", repr(data))
+        config_fail("--data", "at least one non-empty UTF-8 text document", f"{data!r}, whose "
+                    f"{len(files)} files of the accepted kinds hold none")
     return docs
+
+
+def split_names(n_docs: int, n_held: int) -> tuple[str, str]:
+    """How messages name the training and evaluation splits that
+    :func:`split_documents` makes of ``n_docs`` documents, ``n_held`` held out."""
+    if n_docs == 1:
+        return ("training split (the first nine tenths of the only document)",
+                "evaluation split (the last tenth of the only document)")
+    return (f"training split ({n_docs - n_held} of {n_docs} documents)",
+            f"evaluation split ({n_held} of {n_docs} documents held out: --eval-docs, at most a fifth)")
 
 
 def split_documents(docs: list[str], n_eval: int) -> tuple[list[str], list[str]]:
@@ -220,11 +252,14 @@ class WindowSampler:
     """Deterministic windows: sample ``i`` is window ``perm_e[i mod n]`` of epoch
     ``e = i // n``, each epoch a fresh seeded permutation (or in order for evaluation)."""
 
-    def __init__(self, stream: np.ndarray, seq_len: int, seed: int, shuffle: bool):
+    def __init__(self, stream: np.ndarray, seq_len: int, seed: int, shuffle: bool,
+                 split: str = "this split"):
         self.stream, self.seq_len, self.seed, self.shuffle = stream, seq_len, seed, shuffle
         self.n = (len(stream) - 1) // seq_len
         if self.n < 1:
-            config_fail("--seq-len", f"at most {len(stream) - 1} (the tokens this split has)", seq_len)
+            config_fail("--seq-len", f"at most {len(stream) - 1}: a window takes seq_len + 1 tokens "
+                        f"and the {split} has {len(stream)} (lower --seq-len or give more data)",
+                        seq_len)
         self._perm_epoch, self._perm = -1, None
 
     def _index(self, i: int) -> int:

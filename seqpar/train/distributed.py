@@ -56,6 +56,28 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_threads(requested: int | None, d_model: int) -> int | None:
+    """Set torch's intra-op CPU threads on a machine without CUDA; returns the number set,
+    or None when left as it is (CUDA present, or ``OMP_NUM_THREADS`` given and nothing
+    requested).
+
+    Without a request or ``OMP_NUM_THREADS``: one thread per 256 of model width (small
+    matrices gain nothing from more, and busy-waiting threads on shared cores cost far
+    more than they give), at most this process's cores divided by the processes that
+    torchrun started on this machine.
+    """
+    if torch.cuda.is_available():
+        return None
+    if requested is None:
+        if "OMP_NUM_THREADS" in os.environ:
+            return None
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        requested = max(1, min((cores or 1) // local, d_model // 256))
+    torch.set_num_threads(requested)
+    return requested
+
+
 def mesh_env(sp: int, device: torch.device | None = None) -> DistEnv:
     """The layout over the already initialized default process group."""
     device = device or default_device()

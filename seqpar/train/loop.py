@@ -20,7 +20,7 @@ from ..parallel import SequenceParallel, shard
 from . import checkpoint
 from .config import ConfigError, TrainConfig, resolve
 from .data import (IGNORE_INDEX, Batch, Loader, WindowSampler, load_documents, load_tokenizer,
-                   split_documents, token_stream)
+                   split_documents, split_names, token_stream)
 from .distributed import DistEnv, setup, teardown
 from .metrics import Reporter, format_mfu, memory_gb, peak_flops
 
@@ -186,12 +186,13 @@ class RunResult:
 @dataclasses.dataclass
 class Plan:
     """A checked run: the resolved config, model config (vocabulary set from the
-    tokenizer), tokenizer, run directory and the checkpoint to resume (or None)."""
+    tokenizer), tokenizer, run directory and the checkpoints a resume may use, newest
+    first (None for a new run; :func:`checkpoint.choose` picks the newest that verifies)."""
     cfg: TrainConfig
     model_cfg: ModelConfig
     tokenizer: object
     out: Path
-    resume: Path | None
+    resume: list[Path] | None
 
 
 def prepare(cfg: TrainConfig) -> Plan:
@@ -210,9 +211,13 @@ def prepare(cfg: TrainConfig) -> Plan:
     out = cfg.out_dir
     resume = None
     if cfg.resume is not None:
-        resume = checkpoint.find_checkpoint(cfg.resume, out)
-        checkpoint.check_compatible(checkpoint.read_meta(resume), resume, model_cfg.to_dict(),
-                                    tokenizer.describe())
+        resume = checkpoint.candidates(cfg.resume, out)
+        # Refuse another model now, from the newest readable description; choose() checks
+        # the checkpoint it picks again once the ranks have verified it.
+        metas = ((p, checkpoint.try_read_meta(p)) for p in resume)
+        path, meta = next(((p, m) for p, m in metas if m is not None), (None, None))
+        if meta is not None:
+            checkpoint.check_compatible(meta, path, model_cfg.to_dict(), tokenizer.describe())
     elif checkpoint.list_checkpoints(out) and not cfg.overwrite:
         raise ConfigError(f"--out: expected a directory without checkpoints for a new run, got "
                           f"{str(out)!r} holding {checkpoint.list_checkpoints(out)[-1].name} "
@@ -222,10 +227,12 @@ def prepare(cfg: TrainConfig) -> Plan:
 
 def build_loaders(cfg: TrainConfig, tokenizer, env: DistEnv) -> tuple[Loader, Loader]:
     """Training and evaluation batches of this data-parallel rank."""
-    train_docs, eval_docs = split_documents(load_documents(cfg.data), cfg.eval_docs)
+    corpus = load_documents(cfg.data)
+    train_docs, eval_docs = split_documents(corpus, cfg.eval_docs)
     loaders = []
-    for docs, shuffle in ((train_docs, True), (eval_docs, False)):
-        sampler = WindowSampler(token_stream(docs, tokenizer), cfg.seq_len, cfg.seed, shuffle)
+    for docs, shuffle, split in zip((train_docs, eval_docs), (True, False),
+                                    split_names(len(corpus), len(eval_docs))):
+        sampler = WindowSampler(token_stream(docs, tokenizer), cfg.seq_len, cfg.seed, shuffle, split)
         loaders.append(Loader(sampler, batch_size=cfg.batch_size, eos_id=tokenizer.eos_id,
                               packing=cfg.packing, dp_rank=env.dp_rank, dp=env.dp))
     return loaders[0], loaders[1]
@@ -255,28 +262,34 @@ def _train(plan: Plan, env: DistEnv, t0: float) -> RunResult:
     if cfg.overwrite and resume is None and rank0:
         shutil.rmtree(checkpoint.checkpoint_root(out), ignore_errors=True)
     env.barrier()
+    notes = []
+    if resume is not None:
+        resume, meta, notes = checkpoint.choose(resume, lambda m, p: checkpoint.check_compatible(
+            m, p, model_cfg.to_dict(), tokenizer.describe()))
     train_loader, eval_loader = build_loaders(cfg, tokenizer, env)
     trainer = Trainer(cfg, model_cfg, env)
     start = 0
     if resume is not None:
-        meta = checkpoint.read_meta(resume)
         start, sample = trainer.load(resume, same_layout=meta["world"] == env.world)
         train_loader.seek(start, sample)
     stop = cfg.stop_at or cfg.steps
     reporter = Reporter(out, active=rank0, total_steps=stop, start_step=start,
                         progress=cfg.progress)
+    for note in notes:
+        reporter.print(note)
     tokens_per_step = env.dp * cfg.batch_size * cfg.seq_len
     peak = peak_flops(env.device)
     reporter.print(
         f"seqpar train: preset {cfg.preset} ({trainer.num_params / 1e6:.2f}M params, mixers "
         f"{','.join(model_cfg.pattern)}), world {env.world} = dp {env.dp} x sp {env.sp} on "
-        f"{env.device.type}, {tokens_per_step} tokens/step, steps {start + 1}..{stop} of {cfg.steps}"
+        f"{env.device.type}, {tokens_per_step} tokens/step, "
+        + (f"steps {start + 1}..{stop} of {cfg.steps}" if start < stop else f"no steps left of {cfg.steps}")
         + (f", resumed from {resume}" if resume else "") + f" -> {out}")
     eval_batches = [eval_loader.batch(i).to(env.device) for i in range(cfg.eval_batches)]
     meta = {"model": model_cfg.to_dict(), "tokenizer": tokenizer.describe(), "world": env.world,
             "dp": env.dp, "sp": env.sp, "config": _jsonable(dataclasses.asdict(cfg)),
             "torch": torch.__version__}
-    steps, losses, eval_loss, info = [], [], None, ""
+    steps, losses, eval_loss, info, interval = [], [], None, "", None
     mark_t, mark_step = time.perf_counter(), start
     try:
         for step in range(start, stop):
@@ -288,10 +301,10 @@ def _train(plan: Plan, env: DistEnv, t0: float) -> RunResult:
             if is_log:
                 now = time.perf_counter()
                 tok_s = tokens_per_step * (done - mark_step) / (now - mark_t)
-                interval = torch.stack(losses[mark_step - start:]).mean().item()
+                interval = (mark_step + 1, done, torch.stack(losses[mark_step - start:]).mean().item())
                 mark_t, mark_step = now, done
                 mfu = None if peak is None else trainer.flops_per_token * tok_s / (peak * env.world)
-                rec = {"step": done, "loss": interval, "lr": trainer.scheduler.get_last_lr()[0],
+                rec = {"step": done, "loss": interval[2], "lr": trainer.scheduler.get_last_lr()[0],
                        "grad_norm": grad_norm.item(), "tokens": done * tokens_per_step,
                        "tokens_per_s": tok_s, "mfu": mfu, "memory_gb": memory_gb(env.device)}
                 reporter.log(rec)
@@ -315,12 +328,17 @@ def _train(plan: Plan, env: DistEnv, t0: float) -> RunResult:
     png = reporter.plot()
     seconds = time.perf_counter() - t0
     if steps:
-        reporter.print(f"done: steps {steps[0]}..{steps[-1]}, step loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+        # The last logged record's loss, so this line agrees with metrics.jsonl.
+        a, b, last = interval
+        span = f"step {b}" if a == b else f"mean of steps {a}-{b}"
+        reporter.print(f"done: steps {steps[0]}..{steps[-1]}, loss {losses[0]:.3f} (step {steps[0]}) -> "
+                       f"{last:.3f} ({span})"
                        + (f", eval loss {eval_loss:.3f}" if eval_loss is not None else "")
                        + f", {seconds:.0f} s; checkpoint {path.name}, metrics "
                        f"{out / 'metrics.jsonl'}, plot {png}")
     else:
-        reporter.print(f"nothing to do: the checkpoint is at step {start} (--steps {cfg.steps})")
+        reporter.print(f"nothing to do: {resume.name} is at step {start} and this run ends at step "
+                       f"{stop}; pass a larger --steps to train on")
     return RunResult(out=out, steps=steps, losses=losses, eval_loss=eval_loss, seconds=seconds)
 
 
