@@ -1,7 +1,7 @@
 """The linear family's PyTorch chunk path against its float64 token-loop references.
 
 For every op: outputs, final states and the gradient of every input (q, k, v, gates,
-beta, mLSTM's i/f, initial states) within the precision contract of DESIGN.md (relative
+beta, mLSTM's i/f, initial states) within the precision contract of docs/design.md (relative
 L2 1e-4 in float32, 2e-2 with bf16 inputs against the reference on the same bf16 values
 in float64), over hypothesis-drawn shapes: ragged T (1..300, rarely a multiple of the
 chunk), chunk sizes 16/32/64, K != V, B > 1, packed documents, initial/final states,

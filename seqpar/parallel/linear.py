@@ -1,7 +1,7 @@
 """Sequence parallelism for the linear family: one state exchange per call.
 
 Every linear mixer maps the state entering a stretch of tokens affinely,
-``S_out = M S_in + C`` (DESIGN.md), with ``M`` diagonal (``'diag'`` engine: a scalar or a
+``S_out = M S_in + C`` (docs/design.md), with ``M`` diagonal (``'diag'`` engine: a scalar or a
 K-vector per head) or K x K (``'delta'`` engine) and ``C`` the state the stretch builds
 from zero. Each rank, per chunk of its shard (one chunk, or two with zigzag):
 
