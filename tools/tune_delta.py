@@ -5,14 +5,14 @@ dicts and functions its host code reads at call time) and measures forward+backw
 ``seqpar bench ops`` does (``seqpar.bench.ops.measure``: triton's do_bench medians, bf16,
 16 heads of 128, B T = 32K tokens). Variants are measured in rounds, every variant once
 per round, and each keeps its best round, so drift of the machine spreads over all of
-them. FLA 0.6.0's DeltaNet, when importable, is measured in the same process at 8K: the
-ratio the acceptance criterion asks for, beside every variant's.
+them. FLA's DeltaNet, when importable, is measured in the same process at 8K, so every
+variant also has its ratio to FLA.
 
-Usage on the device (repo root): ``python bench/device/tune_delta.py OUT.json [NAMES]``
-(carry .whl and .triton_cache for FLA). NAMES: comma-separated variant names, all by
-default; "shipped" is the baseline every ratio needs, and "a+b" applies variants a and b
-together. Speed only: a variant worth shipping still needs the full-size checks
-(check_triton_delta.py) before it does.
+Usage on a GPU machine (repo root): ``python tools/tune_delta.py OUT.json [NAMES]``.
+NAMES: comma-separated variant names, all by default; "shipped" is the baseline every
+ratio needs, and "a+b" applies variants a and b together. Speed only: a variant worth
+shipping still needs the full-size checks (``python -m pytest -m gpu
+tests/test_triton_gpu.py -k delta``) before it ships.
 """
 import json
 import sys
@@ -32,14 +32,8 @@ def _dqk(warps, stages):
     return lambda *_: dict(num_warps=warps, num_stages=stages)
 
 
-# Each round's variants against the settings shipped when it ran. Round 1
-# (bench/results/tune_delta_h100.*) chose the WY backward's and the inverse's warps, the
-# dq/dk warps without gates and the state passes' depth by grid size; round 2
-# (tune_delta2_h100.*) the inverse at 1 warp. Candidate kernels it timed and that were then
-# removed as no faster: the state passes holding the state as two half-K tiles (as FLA
-# does; 9% faster for delta_rule at 32K, 2.6% slower at 8K, at most 1% apart for the gated
-# rule) and dA^T by one transpose in the dq/dk kernel (within 0.8% for delta_rule, 1-2%
-# slower gated).
+# Every launch setting of the delta path, each against the settings as shipped
+# ("shipped"); the shipped values and the reasons for them are in triton_delta.py.
 VARIANTS = {
     "shipped": {},
     "state 2 stages": {"_state_meta": _state(32, 4, 2)},
@@ -50,8 +44,8 @@ VARIANTS = {
     "wy_bwd 2 warps": {"WY_BWD_META": {**td.WY_BWD_META, "num_warps": 2}},
     "dv_local 4 warps": {"DV_LOCAL_META": {**td.DV_LOCAL_META, "num_warps": 4}},
     "inverse 2 warps": {"INVERSE_META": dict(num_warps=2)},
-    # last: the WY backward this one replaced hit illegal memory accesses at 2 stages, and
-    # a CUDA fault fails every later launch of the process (earlier rounds' times stay)
+    # last: a CUDA fault fails every later launch of the process, and deeper pipelining
+    # of the WY backward is the variant most likely to fault (earlier times are kept)
     "wy_bwd 2 stages": {"WY_BWD_META": {**td.WY_BWD_META, "num_stages": 2}},
 }
 SHAPES = ((4, 8192), (1, 32768))  # (B, T)
@@ -101,7 +95,7 @@ def main(out, names=None, rounds=3):
                 row["vs_fla"] = fla / row["fwd_bwd_ms"]
         print(row, flush=True)
     with open(out, "w") as f:
-        json.dump(dict(command=" ".join(["python bench/device/tune_delta.py"] + sys.argv[1:]),
+        json.dump(dict(command=" ".join(["python tools/tune_delta.py"] + sys.argv[1:]),
                        gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                        triton=__import__("triton").__version__,
                        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
