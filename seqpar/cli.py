@@ -7,9 +7,13 @@ instead: ``torchrun --nproc-per-node 2 -m seqpar.train ...``.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 BENCHMARKS = {"ops": "seqpar.bench.ops", "sp": "seqpar.bench.sp"}
+# Packages each command needs beyond the ops' own (torch, numpy), and the extra that
+# installs them: `pip install seqpar` alone runs the ops, not the programs.
+NEEDS = {"train": (("rich", "matplotlib"), "train"), "bench": (("matplotlib",), "bench")}
 USAGE = """usage: seqpar {train,bench} ...
 
   seqpar train [options]        train a hybrid language model (seqpar train --help)
@@ -18,21 +22,25 @@ USAGE = """usage: seqpar {train,bench} ...
 """
 
 
+def _missing_packages(command: str) -> bool:
+    """Print one line naming what ``command`` needs and how to install it; True if any
+    package is missing."""
+    packages, extra = NEEDS[command]
+    missing = [p for p in packages if importlib.util.find_spec(p) is None]
+    if missing:
+        print(f"seqpar {command}: error: needs {' and '.join(missing)} "
+              f"(pip install 'seqpar[{extra}]')", file=sys.stderr)
+    return bool(missing)
+
+
 def _bench(argv: list[str]) -> int:
     if not argv or argv[0] not in BENCHMARKS:
         got = repr(argv[0]) if argv else "nothing"
         print(f"seqpar bench: error: expected one of {', '.join(BENCHMARKS)}, got {got}", file=sys.stderr)
         return 2
-    name = BENCHMARKS[argv[0]]
-    try:
-        module = importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name is None or not name.startswith(e.name):
-            raise
-        print(f"seqpar bench {argv[0]}: error: not available yet in this version of seqpar "
-              f"(the module {name} is missing)", file=sys.stderr)
+    if _missing_packages("bench"):
         return 2
-    return module.main(argv[1:]) or 0
+    return importlib.import_module(BENCHMARKS[argv[0]]).main(argv[1:]) or 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "train":
+        if _missing_packages("train"):
+            return 2
         from .train import main as train_main
 
         return train_main(rest)
