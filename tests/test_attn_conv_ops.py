@@ -21,10 +21,10 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import rel_err
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
+from conftest import rel_err
 from seqpar import ops
 from seqpar.ops.long_conv import next_fast_len
 from seqpar.ops.softmax_attn import attn_block, attn_block_backward, merge_attn
