@@ -8,10 +8,14 @@ instead: ``torchrun --nproc-per-node 2 -m seqpar.train ...``.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 from . import __version__
 
+# Packages each command needs beyond the ops' own (torch, numpy), and the extra that
+# installs them: `pip install seqpar` alone runs the ops, not the programs.
+NEEDS = {"train": (("rich", "matplotlib"), "train"), "bench": (("matplotlib",), "bench")}
 COMMANDS = {"train": "seqpar.train", "generate": "seqpar.generate", "export": "seqpar.hub"}
 BENCHMARKS = {"ops": "seqpar.bench.ops", "sp": "seqpar.bench.sp"}
 USAGE = """usage: seqpar {train,generate,export,bench} ... | seqpar --version
@@ -29,6 +33,17 @@ BENCH_USAGE = """usage: seqpar bench {ops,sp} [options]
 """
 
 
+def _missing_packages(command: str) -> bool:
+    """Print one line naming what ``command`` needs and how to install it; True if any
+    package is missing."""
+    packages, extra = NEEDS[command]
+    missing = [p for p in packages if importlib.util.find_spec(p) is None]
+    if missing:
+        print(f"seqpar {command}: error: needs {' and '.join(missing)} "
+              f"(pip install 'seqpar[{extra}]')", file=sys.stderr)
+    return bool(missing)
+
+
 def _bench(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(BENCH_USAGE, end="")
@@ -38,16 +53,9 @@ def _bench(argv: list[str]) -> int:
         print(f"seqpar bench: error: expected one of {', '.join(BENCHMARKS)}, got {got}\n{BENCH_USAGE}",
               file=sys.stderr, end="")
         return 2
-    name = BENCHMARKS[argv[0]]
-    try:
-        module = importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name is None or not name.startswith(e.name):
-            raise
-        print(f"seqpar bench {argv[0]}: error: not available yet in this version of seqpar "
-              f"(the module {name} is missing)", file=sys.stderr)
+    if _missing_packages("bench"):
         return 2
-    return module.main(argv[1:]) or 0
+    return importlib.import_module(BENCHMARKS[argv[0]]).main(argv[1:]) or 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command in COMMANDS:
+        if command in NEEDS and _missing_packages(command):
+            return 2
         return importlib.import_module(COMMANDS[command]).main(rest)
     if command == "bench":
         return _bench(rest)

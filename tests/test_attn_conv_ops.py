@@ -21,10 +21,10 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import rel_err
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
+from conftest import rel_err
 from seqpar import ops
 from seqpar.ops.long_conv import next_fast_len
 from seqpar.ops.softmax_attn import attn_block, attn_block_backward, merge_attn
@@ -524,8 +524,8 @@ def test_sp_receives_validated_call():
 
 
 def test_softmax_attn_strided_keys():
-    """Keys whose head dim is not unit-stride (a transposed projection) once gave 80%
-    error through the CPU flash kernel; outputs and gradients must match the reference."""
+    """Keys whose head dim is not unit-stride (a transposed projection), which the CPU
+    flash kernel reads wrongly as they are: outputs and gradients match the reference."""
     q = torch.randn(2, 24, 4, 4, requires_grad=True)
     kb = torch.randn(2, 16, 24, requires_grad=True)
     v = torch.randn(2, 24, 4, 4, requires_grad=True)

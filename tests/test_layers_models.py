@@ -2,10 +2,9 @@
 positions, parameter / FLOP counts, configuration errors, and the model under sequence
 parallelism on 2 gloo ranks.
 
-Budget: 60 s on two CPU cores (52 s measured with other jobs at load average 8; the
-2-rank gloo fixture is about half of it). Small widths, float32, tolerances from DESIGN.md
-(relative L2 error; 1e-4 for different algorithms, 1e-5 where the same ops only see the
-sequence cut differently).
+Small widths and float32 keep it quick. Tolerances follow the precision contract of
+docs/design.md (relative L2 error; 1e-4 for different algorithms, 1e-5 where the same ops
+only see the sequence cut differently).
 """
 from __future__ import annotations
 
@@ -73,7 +72,7 @@ def test_packed_equals_documents(name, rng):
     assert cache is None and y.shape == x.shape
     (y * w).sum().backward()
     packed = _grads(m, x)
-    for p, g in zip(m.parameters(), packed[1:]):
+    for g in packed[1:]:
         assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, name
 
     _zero(m, x)

@@ -117,6 +117,7 @@ def _loss_and_grads(o, S, weights, leaves):
     return torch.autograd.grad(loss, leaves)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
 @settings(max_examples=25)
 @given(case=cases())
@@ -131,6 +132,15 @@ def test_chunk_matches_reference(spec, case):
     errs = chunk_errors(spec, case)
     bad = {n: e for n, e in errs.items() if not e < tol}
     assert not bad, f"{spec.name} {case}: errors over {tol}: {bad}"
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_chunk_matches_reference_quick(spec):
+    """The quick layer's share of the sweep above: packed documents, strong decays, an
+    initial state, float32."""
+    errs = chunk_errors(spec, FIXED[2])
+    bad = {n: e for n, e in errs.items() if not e < TOL[torch.float32]}
+    assert not bad, f"{spec.name} {FIXED[2]}: errors over {TOL[torch.float32]}: {bad}"
 
 
 def chunk_errors(spec, case: Case) -> dict:

@@ -4,10 +4,11 @@ resume, atomic checkpoints, bad configurations and the ``seqpar`` command.
 Distributed checks run in one 2-rank gloo group (process start and ``import torch``
 cost seconds each); the workers return results that the tests below read. Models are
 tiny (d_model 32) on a synthetic corpus of short documents, so packed batches have many
-document boundaries, several of them crossing the shard boundary. Budget: ~1 minute.
+document boundaries, several of them crossing the shard boundary.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -305,6 +306,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_process_killed_during_save_keeps_previous_checkpoint(tmp_path):
     data = write_corpus(tmp_path / "corpus.jsonl")
     out = tmp_path / "run"
@@ -473,9 +475,14 @@ def test_lr_schedule():
 # ---------------------------------------------------------------- the seqpar command
 
 def test_cli(capsys, monkeypatch):
-    monkeypatch.setitem(cli.BENCHMARKS, "sp", "seqpar.bench.not_written_yet")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
     assert cli.main(["bench", "sp"]) == 2
-    assert "not available yet" in capsys.readouterr().err
+    assert "needs matplotlib (pip install 'seqpar[bench]')" in capsys.readouterr().err
+    assert cli.main(["train"]) == 2
+    assert "pip install 'seqpar[train]'" in capsys.readouterr().err
+    monkeypatch.undo()
     assert cli.main(["bench", "nothing"]) == 2
     assert cli.main(["frobnicate"]) == 2
     assert "expected a command" in capsys.readouterr().err

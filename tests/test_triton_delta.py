@@ -1,10 +1,8 @@
 """The delta family's Triton path (``backend='triton'``: the WY state pass as Triton
 kernels, seqpar/ops/linear/triton_delta.py) against the float64 token-loop references.
 
-Runs on the GPU where there is one, otherwise under Triton's CPU interpreter, set up by
-importing tests/test_triton.py first (see its docstring for why the variable must be set
-before any kernel module is imported); its input-case strategy, fixed examples, leaf
-builder and tolerances are shared here.
+The kernels run compiled on a machine with CUDA and under Triton's CPU interpreter
+elsewhere (set up in conftest.py, which also builds the inputs and error tables).
 
 What is checked: outputs, final states and the gradients of q, k, v, g, beta and the
 initial state within the precision contract (float32 1e-4, bf16 inputs 2e-2, against
@@ -13,59 +11,32 @@ T not a multiple of the 64-token chunk, B > 1, packed documents (a boundary insi
 chunk, a one-token document), initial states, strong decays (a_t down to ~e^-15),
 K != V, V not a power of two and K over 64 (the 128-wide key tile); the inversion
 kernel alone, on a matrix whose powers grow binomially; the WY kernels against
-``chunk_delta.wy_terms``; a
-``torch.compile(fullgraph=True)`` trace through the custom ops; that 'auto' picks
-these kernels where it picks Triton (CUDA); the head-dim limit. Under the interpreter the kernels'
-products are exact float32, so tf32 rounding on the GPU is checked only by
-bench/device/check_triton_delta.py.
-
-Budget: about two minutes on 2 cores (measured 76-113 s for the eight tests, 16-51 s of
-them compiling for sm_90; the interpreter runs each kernel program in numpy).
+``chunk_delta.wy_terms``; a ``torch.compile(fullgraph=True)`` trace through the custom
+ops; that 'auto' picks these kernels where it picks Triton (CUDA); the head-dim limit.
+Under the interpreter the kernels' products are exact float32, so tf32 rounding is
+checked only on the GPU (test_triton_gpu.py).
 """
 from __future__ import annotations
 
-import os
-import sys
-
+import pytest
 import torch
+from hypothesis import example, given, settings
 
-if "seqpar.ops.linear.triton_delta" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1" \
-        and not torch.cuda.is_available():
-    raise RuntimeError("seqpar.ops.linear.triton_delta imported before TRITON_INTERPRET=1 was set")
+from conftest import (
+    DEVICE,
+    FIXED_CASES,
+    QUICK_CASE,
+    assert_compiled_equals_eager,
+    assert_sm90_compiles,
+    assert_triton_matches,
+    delta_inputs,
+    rel_err,
+    triton_cases,
+)
+from seqpar import ops
+from seqpar.ops.linear import _run
 
-import test_triton  # noqa: E402  (sets TRITON_INTERPRET)
-from test_triton import DEVICE, FIXED, TOL, assert_sm90_compiles, cases  # noqa: E402
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from conftest import rel_err  # noqa: E402
-from hypothesis import example, given, settings  # noqa: E402
-
-from seqpar import ops  # noqa: E402
-from seqpar.ops.linear import _run  # noqa: E402
-
-GATES = {"delta_rule": ("beta",), "gated_delta_rule": ("g", "beta")}
-
-
-def _inputs(op, B, T, H, K, V, N, strong, initial, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, T, H, K, generator=gen)
-    k = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)  # the callers' contract
-    v = torch.randn(B, T, H, V, generator=gen)
-    xs = [q.to(dtype), k.to(dtype), v.to(dtype)]
-    if op == "gated_delta_rule":
-        x = torch.randn(B, T, H, generator=gen)
-        xs.append(F.logsigmoid(x * 3 - 6 if strong else x + 2))
-    xs.append(torch.sigmoid(torch.randn(B, T, H, generator=gen)).to(dtype))
-    state = torch.randn(N, H, K, V, generator=gen) if initial else None
-    return xs, state
-
-
-def errors(*args, **kwargs):
-    """test_triton.errors with this module's inputs and gates;
-    bench/device/check_triton_delta.py calls it at full sizes."""
-    return test_triton.errors(*args, inputs=_inputs, gates=GATES, **kwargs)
-
+OPS = ("delta_rule", "gated_delta_rule")
 
 EXTRA = [  # bf16 with strong decays, packed, a one-token document; V = 33 spans two V tiles
     dict(B=1, T=140, H=1, K=16, V=33, cuts=(70, 71), strong=True, initial=True,
@@ -76,26 +47,30 @@ EXTRA = [  # bf16 with strong decays, packed, a one-token document; V = 33 spans
 ]
 
 
-@pytest.mark.parametrize("op", list(GATES))
+@pytest.mark.slow
+@pytest.mark.parametrize("op", OPS)
 @settings(max_examples=3)
-@given(case=cases())
-@example(case=FIXED[0])
-@example(case=FIXED[1])
-@example(case=FIXED[2])
+@given(case=triton_cases())
+@example(case=FIXED_CASES[0])
+@example(case=FIXED_CASES[1])
+@example(case=FIXED_CASES[2])
 @example(case=EXTRA[0])
 @example(case=EXTRA[1])
 def test_triton_delta_matches_reference(op, case):
-    tol = TOL[case["dtype"]]
-    errs = errors(op, **case)
-    bad = {n: e for n, e in errs.items() if not e < tol}
-    assert not bad, f"{op} {case}: errors over {tol}: {bad}"
+    assert_triton_matches(op, **case)
 
 
+@pytest.mark.parametrize("op", OPS)
+def test_triton_delta_matches_reference_quick(op):
+    assert_triton_matches(op, **QUICK_CASE)
+
+
+@pytest.mark.slow
 def test_compile_fullgraph_traces_custom_op():
     """The state pass is one custom op to torch.compile: fullgraph tracing succeeds and
     the compiled forward and backward equal eager."""
-    xs, state = _inputs("gated_delta_rule", 2, 70, 2, 16, 24, 2, False, True, torch.float32, 7)
-    test_triton.assert_compiled_equals_eager("gated_delta_rule", xs, state)
+    xs, state = delta_inputs("gated_delta_rule", 2, 70, 2, 16, 24, 2, False, True, torch.float32, 7)
+    assert_compiled_equals_eager("gated_delta_rule", xs, state)
 
 
 def test_auto_dispatch_reaches_delta_kernels(monkeypatch):
@@ -105,7 +80,7 @@ def test_auto_dispatch_reaches_delta_kernels(monkeypatch):
 
     calls = []
     monkeypatch.setattr(td, "triton_delta", lambda *a, **kw: calls.append(1) or (None, None))
-    xs, _ = _inputs("delta_rule", 1, 5, 1, 16, 16, 1, False, False, torch.float32, 0)
+    xs, _ = delta_inputs("delta_rule", 1, 5, 1, 16, 16, 1, False, False, torch.float32, 0)
     monkeypatch.setattr(_run, "pick_backend", lambda backend, x: "torch")
     ops.delta_rule(*xs, backend="auto")
     assert calls == []
@@ -115,7 +90,7 @@ def test_auto_dispatch_reaches_delta_kernels(monkeypatch):
 
 
 def test_head_dim_limit():
-    xs, _ = _inputs("delta_rule", 1, 3, 1, 160, 16, 1, False, False, torch.float32, 0)
+    xs, _ = delta_inputs("delta_rule", 1, 3, 1, 160, 16, 1, False, False, torch.float32, 0)
     with pytest.raises(ValueError, match=r"k: expected head dim <= 128.*got 160"):
         ops.delta_rule(*[x.to(DEVICE) for x in xs], backend="triton")
 
@@ -150,7 +125,7 @@ def test_wy_kernels_match_wy_terms():
     from seqpar.ops.linear.chunk_delta import wy_terms
     from seqpar.ops.linear.chunk_diag import _chunks
 
-    xs, _ = _inputs("gated_delta_rule", 1, 100, 2, 16, 24, 1, True, False, torch.float32, 9)
+    xs, _ = delta_inputs("gated_delta_rule", 1, 100, 2, 16, 24, 1, True, False, torch.float32, 9)
     q, k, v, g, beta = (x.to(DEVICE) for x in xs)
     _, _, ai, w, _, _ = td.delta_forward(q, k, v, g, beta, None, 0.25, [0, 90, 100])
     docs = []
@@ -173,9 +148,10 @@ def test_wy_kernels_match_wy_terms():
     assert rel_err(w, W_ref) < 1e-5
 
 
+@pytest.mark.slow
 def test_kernels_fit_sm90():
     """The kernels compile for sm_90 with their launch settings within the shared-memory
-    limit, and the bf16 configuration spills no registers beyond the allowance of
-    check_triton_delta._kernels: failures the interpreter cannot show (the default software
-    pipelining needed 270-400 KB of shared memory)."""
-    assert_sm90_compiles("check_triton_delta.py")
+    limit, and the bf16 configuration spills no registers beyond the allowance in
+    tests/sm90.py: failures the interpreter cannot show (Triton's default software
+    pipelining needs more shared memory than sm_90 has for these kernels)."""
+    assert_sm90_compiles("delta")

@@ -2,6 +2,9 @@
 expected and what came. Each case mutates one argument of an otherwise valid call."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -80,7 +83,8 @@ CASES = [
 PACKED_CASES = [
     ("cu-seqlens-start", lambda: torch.tensor([1, 5, T], dtype=torch.int32), ["cu_seqlens:", "first offset 0", "1"]),
     ("cu-seqlens-end", lambda: torch.tensor([0, 5, T - 1], dtype=torch.int32), ["cu_seqlens:", f"T = {T}", f"{T - 1}"]),
-    ("cu-seqlens-order", lambda: torch.tensor([0, 7, 5, T], dtype=torch.int32), ["cu_seqlens:", "increasing", "7 followed by 5"]),
+    ("cu-seqlens-order", lambda: torch.tensor([0, 7, 5, T], dtype=torch.int32),
+     ["cu_seqlens:", "increasing", "7 followed by 5"]),
     ("cu-seqlens-empty-doc", lambda: torch.tensor([0, 5, 5, T], dtype=torch.int32), ["cu_seqlens:", "5 followed by 5"]),
     ("cu-seqlens-float", lambda: torch.tensor([0.0, 5.0, T]), ["cu_seqlens:", "int32", "float32"]),
     ("cu-seqlens-2d", lambda: torch.tensor([[0, 5, T]], dtype=torch.int32), ["cu_seqlens:", "1-D", "2-D"]),
@@ -181,3 +185,13 @@ def test_autocast_takes_mixed_qkv(op):
     with pytest.raises(ValueError) as exc:
         call(q, k, v)
     _check(exc, ["v:", "float32", "bfloat16"])
+
+
+def test_ops_need_no_extras():
+    """The library below the programs (ops, parallel, layers, models) imports neither rich
+    nor matplotlib: they are extras of `seqpar train` and `seqpar bench`."""
+    code = ("import sys\n"
+            "sys.modules['rich'] = sys.modules['matplotlib'] = None  # importing them fails\n"
+            "import seqpar.ops, seqpar.parallel, seqpar.layers, seqpar.models\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -24,10 +24,10 @@ for stage in $STAGES; do
     case $stage in
     test)
         sel=$(printf ' or %s' ${SP_WORLDS:-2 4}); sel=${sel# or }
-        timeout 400 python3 -m pytest -q -m gpu tests/test_sp_gpu.py -k "$sel" -p no:cacheprovider \
+        timeout ${SP_TEST_TIMEOUT:-400} python3 -m pytest -q -m gpu tests/test_sp_gpu.py -k "$sel" -p no:cacheprovider \
             2>&1 | tail -n 40 | tee "$OUT/sp_gpu_test.txt" ;;
     linear)
-        timeout 420 python3 -m seqpar.bench.sp --simulate 2,8 --t-local 8192,32768 \
+        timeout ${SP_BENCH_TIMEOUT:-420} python3 -m seqpar.bench.sp --simulate 2,8 --t-local 8192,32768 \
             --mixers linear_attn,simple_gla,gla,delta_rule,gated_delta_rule,mlstm \
             --warmup 3 --reps 10 --out "$OUT/sp_local_linear.json" 2>&1 | tail -n 20 ;;
     attn)

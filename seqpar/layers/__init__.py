@@ -8,12 +8,21 @@ names used in model patterns to the classes; :func:`build_mixer` builds one by n
 """
 from __future__ import annotations
 
-from ..ops._validate import fail
+from .._checks import fail
 from ._common import Mixer
 from .attention import Attention, KVCache, apply_rope, default_positions
 from .hyena import Hyena, HyenaCache, ImplicitFilter
-from .linear import (GLA, MLSTM, DeltaNet, GatedDeltaNet, LinearAttention, LinearCache,
-                     LinearMixer, Retention, SimpleGLA)
+from .linear import (
+    GLA,
+    MLSTM,
+    DeltaNet,
+    GatedDeltaNet,
+    LinearAttention,
+    LinearCache,
+    LinearMixer,
+    Retention,
+    SimpleGLA,
+)
 from .mamba2 import Mamba2
 from .mlp import SwiGLU
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops._validate import check_tensor, fail
+from .._checks import fail
+from ..ops._validate import check_tensor
 
 
 def check_hidden(x, d_model: int) -> tuple[int, int]:
@@ -38,12 +39,6 @@ def check_cache_args(state, output_state, cu_seqlens, sp) -> None:
     if sp is not None:
         fail("sp", "None when a generation cache is passed or requested (state=/output_state=)",
              type(sp).__name__)
-
-
-def check_positive_int(name: str, value, minimum: int = 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        fail(name, f"an int >= {minimum}", repr(value))
-    return value
 
 
 class Mixer(nn.Module):

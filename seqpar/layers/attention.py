@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..ops._validate import check_tensor, fail
-from ._common import Mixer, check_hidden, check_positive_int
+from .._checks import check_positive_int, fail
+from ..ops._validate import check_tensor
+from ._common import Mixer, check_hidden
 
 
 def default_positions(T: int, device: torch.device, cu_seqlens=None, sp=None) -> torch.Tensor:

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from .. import ops
-from ._common import Mixer, check_hidden, check_positive_int
+from .._checks import check_positive_int
+from ._common import Mixer, check_hidden
 
 
 class _Sin(nn.Module):

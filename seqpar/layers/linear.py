@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ._common import Mixer, check_hidden, check_positive_int
+from .._checks import check_positive_int
+from ._common import Mixer, check_hidden
 
 # flash-linear-attention's normalizer for logsigmoid gates: keeps initial decays mild
 # (exp(logsigmoid(0) / 16) ~ 0.96) so early training sees long memories.
@@ -50,7 +51,7 @@ class LinearMixer(Mixer):
         head_dim: key and value dimension per head (K = V = head_dim).
         conv_size: width of the short causal convolution before q, k, v.
         norm_eps: epsilon of the per-head output RMSNorm.
-        chunk_size, backend: passed to the op.
+        chunk_size, backend: passed to the op (chunk_size sets the PyTorch path alone).
 
     Subclasses set ``op`` and ``op_step`` (a function of :mod:`seqpar.ops` and its
     one-token step, as staticmethods), ``normalize_qk`` and ``state_flops`` (FLOPs per

@@ -2,17 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
+from .._checks import check_positive, fail
 from ..layers import MIXERS
-from ..ops._validate import check_backend, check_chunk_size, fail
-
-
-def _positive(name: str, value, kinds=(int,)):
-    if not isinstance(value, kinds) or isinstance(value, bool) or not value > 0:
-        fail(name, "a positive " + " or ".join(k.__name__ for k in kinds), repr(value))
-    return value
+from ..ops._validate import check_backend, check_chunk_size
 
 
 def parse_pattern(pattern) -> tuple[str, ...]:
@@ -58,7 +53,8 @@ class ModelConfig:
         rope_theta: RoPE base of attention layers.
         max_seq_len: the context length the model is built for; Hyena's filter
             normalizes lags by it. Longer inputs still run.
-        chunk_size: chunk length of the linear family's PyTorch path.
+        chunk_size: chunk length of the linear family's PyTorch path (backend 'torch');
+            the Triton kernels use their own fixed chunks.
         backend: linear-family backend ('auto', 'torch', 'triton').
     """
 
@@ -83,9 +79,9 @@ class ModelConfig:
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim",
                      "mlp_multiple_of", "conv_size", "max_seq_len"):
-            _positive(name, getattr(self, name))
+            check_positive(name, getattr(self, name))
         for name in ("mlp_ratio", "norm_eps", "init_std", "rope_theta"):
-            _positive(name, getattr(self, name), (int, float))
+            check_positive(name, getattr(self, name), (int, float))
         check_chunk_size(self.chunk_size)
         check_backend(self.backend)
         if not isinstance(self.tie_embeddings, bool):
@@ -95,7 +91,7 @@ class ModelConfig:
             fail("pattern", f"at most n_layers = {self.n_layers} mixer names (it repeats cyclically)",
                  f"{len(self.pattern)} names")
         if self.n_kv_heads is not None:
-            _positive("n_kv_heads", self.n_kv_heads)
+            check_positive("n_kv_heads", self.n_kv_heads)
             if self.n_heads % self.n_kv_heads:
                 fail("n_kv_heads", f"a divisor of n_heads = {self.n_heads}", self.n_kv_heads)
         if "attn" in self.pattern and self.head_dim % 2:

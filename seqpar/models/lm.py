@@ -6,9 +6,10 @@ import math
 import torch
 from torch import nn
 
+from .._checks import fail
 from ..layers import ImplicitFilter, SwiGLU, build_mixer, default_positions
 from ..layers.attention import check_positions
-from ..ops._validate import check_tensor, fail
+from ..ops._validate import check_tensor
 from .config import ModelConfig
 
 

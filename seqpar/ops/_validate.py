@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import functools
 import weakref
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
+# Re-exported: the ops and the SP wrappers take ``fail`` from here with the other checks.
+from .._checks import fail as fail
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("auto", "torch", "triton")
-
-
-def fail(name: str, expected: str, got) -> None:
-    raise ValueError(f"{name}: expected {expected}, got {got}")
 
 
 def check_tensor(name: str, x, *, ndim: int | None = None, shape: Sequence | None = None,
@@ -33,7 +32,8 @@ def check_tensor(name: str, x, *, ndim: int | None = None, shape: Sequence | Non
             want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
             fail(name, f"shape {want}", f"shape {tuple(x.shape)}")
     if dtypes is not None and x.dtype not in dtypes:
-        fail(name, "dtype in " + "/".join(str(d).replace("torch.", "") for d in dtypes), str(x.dtype).replace("torch.", ""))
+        names = "/".join(str(d).replace("torch.", "") for d in dtypes)
+        fail(name, f"dtype in {names}", str(x.dtype).replace("torch.", ""))
     if device is not None and x.device != device:
         fail(name, f"a tensor on {device} (the device of q)", f"a tensor on {x.device}")
     return x
@@ -113,8 +113,8 @@ def autocast_inputs(op):
     (float32 states and accumulation), as ``torch.amp.custom_fwd(cast_inputs=...)``
     does; elsewhere it runs on them as given, and one dtype is required. Layers give
     mixed dtypes under CUDA autocast, which runs norms in float32: ``F.normalize`` of q
-    and k comes back float32 beside a bf16 v (CPU autocast keeps norms in bf16, so only
-    a GPU showed it)."""
+    and k comes back float32 beside a bf16 v (CPU autocast keeps norms in bf16, so CPU
+    tests alone would not see it)."""
     names = ("q", "k", "v")
 
     @functools.wraps(op)

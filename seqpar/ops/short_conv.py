@@ -100,9 +100,9 @@ def short_conv(x, weight, bias=None, activation="silu", initial_state=None,
     bias_ = None if bias is None else bias.to(cd)
     y_ext = F.conv1d(ext[None], weight.to(cd)[:, None, :], bias_, groups=C)[0]
 
-    # sequence i's outputs are y_ext[:, a_i + i (w-1) : b_i + i (w-1)]: slices, whose
-    # backward is a copy; a gather by index had a sorting scatter as its backward, 94 ms
-    # of a 125m training step's 330 on an H100 (bench/results/profile_train_125m_h100.log)
+    # sequence i's outputs are y_ext[:, a_i + i (w-1) : b_i + i (w-1)]. Taken as slices,
+    # whose backward is a copy: a gather by index would have a sorting scatter as its
+    # backward, one of the most expensive kernels of a training step on a GPU.
     y = torch.cat([y_ext[:, a + i * (w - 1):b + i * (w - 1)]
                    for i, (a, b) in enumerate(zip(offsets, offsets[1:]))], 1)
     y = _act(y, activation).t().reshape(B, T, C).to(x.dtype)

@@ -92,7 +92,7 @@ def _pad(x: torch.Tensor, P: int) -> torch.Tensor:
 
 def _unit_stride(*xs: torch.Tensor):
     """The flash kernels read rows assuming a unit stride along the head dim (the CPU one
-    gave 80% error on keys with stride 24 there); copy only tensors that lack it."""
+    returns wrong results for other strides); copy only tensors that lack it."""
     return [x if x.stride(-1) == 1 else x.contiguous() for x in xs]
 
 

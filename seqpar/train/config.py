@@ -16,7 +16,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
+from .._checks import check_positive_int, fail
 from ..layers import MIXERS
 from ..models import PRESETS, ModelConfig, preset
 
@@ -48,8 +50,8 @@ class ConfigError(ValueError):
     """A bad option, found before any work."""
 
 
-def config_fail(name: str, expected: str, got) -> None:
-    raise ConfigError(f"{name}: expected {expected}, got {got}")
+def config_fail(name: str, expected: str, got) -> NoReturn:
+    fail(name, expected, got, ConfigError)
 
 
 @dataclass
@@ -128,9 +130,8 @@ class TrainConfig:
         return Path(self.out) if self.out else Path("runs") / (self.name or self.preset)
 
 
-def _positive_int(name: str, value, minimum: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        config_fail(name, f"an int >= {minimum}", repr(value))
+def _positive_int(name: str, value, minimum: int = 1) -> int:
+    return check_positive_int(name, value, minimum, ConfigError)
 
 
 def _check_world(sp: int) -> None:

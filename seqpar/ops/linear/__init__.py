@@ -1,4 +1,4 @@
-"""The linear family: one affine state recurrence per token (see DESIGN.md)."""
+"""The linear family: one affine state recurrence per token (see docs/design.md)."""
 from .delta_rule import delta_rule, delta_rule_reference, delta_rule_step
 from .gated_delta_rule import gated_delta_rule, gated_delta_rule_reference, gated_delta_rule_step
 from .gla import gla, gla_reference, gla_step

@@ -1,7 +1,7 @@
 """Machinery shared by the linear family: the token-by-token reference driver,
 packed-sequence splitting and backend dispatch.
 
-Every linear mixer is one affine state recurrence (DESIGN.md). Two chunkwise engines
+Every linear mixer is one affine state recurrence (docs/design.md). Two chunkwise engines
 cover all six ops:
 
 * ``diag``: diagonal transitions ``A_t = diag(exp(g_t))`` with ``g`` absent (linear

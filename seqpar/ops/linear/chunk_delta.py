@@ -13,7 +13,7 @@ for ``j < t``, so ``u = U - W S`` with ``W = (I + A)^{-1} (beta exp(G) K)`` and
 * ``S_out = (exp(G_C) I - (k exp(G_C - G_j))^T W) S + (k exp(G_C - G_j))^T U``.
 
 Everything but the terms in ``S`` is independent of the incoming state and runs for all
-chunks at once; passing the state is the affine recurrence ``S <- M S + L`` of DESIGN.md
+chunks at once; passing the state is the affine recurrence ``S <- M S + L`` of docs/design.md
 with a (K, K) ``M`` per chunk. Every exponent ``G_i - G_j`` with ``j <= i`` is summed
 directly over the gates in between (``chunk_diag._segsum``), so nothing overflows however
 strong the decay and the gate gradients carry no cancelling terms. Backward by autograd.

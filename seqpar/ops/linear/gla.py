@@ -33,7 +33,8 @@ def gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
         scale: defaults to K ** -0.5.
         initial_state: (N, H, K, V), N = B (or the number of packed documents).
         cu_seqlens: int32 (N + 1,) document offsets for packed input (B == 1).
-        chunk_size: chunk length of the PyTorch chunk path.
+        chunk_size: chunk length of the PyTorch chunk path alone (backend 'torch'); the
+            Triton kernels always use 64-token chunks and ignore it.
         backend: 'auto' (Triton on CUDA, else PyTorch), 'torch' or 'triton'.
         sp: a ``seqpar.parallel.SequenceParallel``; each rank passes its own shard.
     Returns:
