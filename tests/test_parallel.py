@@ -396,9 +396,21 @@ def helpers_case(sp, T=24):
 
 # ---------------------------------------------------------------- workers
 
-def _cases(world):
-    """(name, fn(sp) -> errors or bytes) for one world size."""
+def _cases(world, triton=False):
+    """(name, fn(sp) -> errors or bytes) for one world size: the PyTorch path's cases, or
+    (``triton``) the interpreted Triton kernels' (a group of their own: they are slow)."""
     out = []
+    if triton:
+        # The Triton kernels (interpreted on CPU) under SP: 512 tokens, 128 per chunk, cut
+        # into state-only segments of 64 (engine.SEGMENT, set by the worker).
+        for layout in LAYOUTS:
+            for op in LINEAR_OPS:
+                for packed in (False, True):
+                    name = f"triton/{op}/scan/{layout}/{'packed' if packed else 'batch'}"
+                    out.append((name, dict(layout=layout, strategy="scan"),
+                                lambda sp, op=op, packed=packed: linear_case(
+                                    sp, op, packed, seed=world, T=512, backend="triton")))
+        return out
     for layout in LAYOUTS:
         for strategy in ("scan", "allgather"):
             for op in LINEAR_OPS:
@@ -424,20 +436,10 @@ def _cases(world):
                         dict(layout=layout, linear_strategy=lin, attn_strategy=att),
                         lambda sp: traffic_case(sp, seed=world)))
     out.append(("errors", dict(), errors_case))
-    if world == 2:
-        # The Triton kernels (interpreted on CPU) under SP: 512 tokens, 128 per chunk, cut
-        # into state-only segments of 64 (engine.SEGMENT, set by the worker).
-        for layout in LAYOUTS:
-            for op in LINEAR_OPS:
-                for packed in (False, True):
-                    name = f"triton/{op}/scan/{layout}/{'packed' if packed else 'batch'}"
-                    out.append((name, dict(layout=layout, strategy="scan"),
-                                lambda sp, op=op, packed=packed: linear_case(
-                                    sp, op, packed, seed=world, T=512, backend="triton")))
     return out
 
 
-def _worker(rank, world, store_dir, results, only=""):
+def _worker(rank, world, store_dir, results, triton=False):
     # Kernel modules are imported on first use, after this: their kernels run interpreted.
     os.environ["TRITON_INTERPRET"] = "1"
     from seqpar.ops.linear import engine
@@ -446,9 +448,7 @@ def _worker(rank, world, store_dir, results, only=""):
                             world_size=world, timeout=timedelta(seconds=30))
     torch.set_num_threads(1)
     out = {}
-    for name, kw, fn in _cases(world):
-        if only not in name:
-            continue
+    for name, kw, fn in _cases(world, triton):
         try:
             out[name] = fn(SequenceParallel(**kw))
         except Exception:  # noqa: BLE001 - reported by the test of this case
@@ -471,23 +471,24 @@ def _merge(per_rank):
 _RESULTS: dict[int, dict] = {}
 
 
-def results(world):
-    """Run every case on ``world`` gloo ranks once per session."""
-    if world not in _RESULTS:
+def results(world, triton=False):
+    """Run every case of a group on ``world`` gloo ranks once per session."""
+    key = (world, triton)
+    if key not in _RESULTS:
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "results.pt")
-            mp.spawn(_worker, args=(world, d, path), nprocs=world)
-            _RESULTS[world] = _merge([torch.load(f"{path}.{r}") for r in range(world)])
-    return _RESULTS[world]
+            mp.spawn(_worker, args=(world, d, path, triton), nprocs=world)
+            _RESULTS[key] = _merge([torch.load(f"{path}.{r}") for r in range(world)])
+    return _RESULTS[key]
 
 
 @pytest.mark.parametrize("world,name", [
-    pytest.param(w, n, marks=[pytest.mark.slow] if n.startswith("triton/") else [])
-    for w in (2, 4) for n, _, _ in _cases(w)])
+    *[(w, n) for w in (2, 4) for n, _, _ in _cases(w)],
+    *[pytest.param(2, n, marks=pytest.mark.slow) for n, _, _ in _cases(2, triton=True)]])
 def test_sp(world, name):
     """One case on every rank of a ``world``-rank gloo group: every reported error
     (relative L2 error of an output or gradient, or a failed check as 1.0) below 1e-5."""
-    r = results(world)[name]
+    r = results(world, name.startswith("triton/"))[name]
     assert not isinstance(r, str), r
     over = {k: v for k, v in r.items() if not v < TOL}
     assert not over, f"{name} on {world} ranks: {over} (all: {r})"
