@@ -264,25 +264,33 @@ class _LinearSP(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         p = engine.begin(xs, plan.seqs, **opts)
         ix = plan.index(xs[0].device)
+        H, K = xs[0].shape[2:]
+        state = (H, K, engine.state_width(xs[2].shape[-1]))
         h0 = None
         if init is not None:
             h0 = init.new_zeros(plan.seqs.count, *init.shape[1:])
             if plan.inits:
                 h0.index_copy_(0, ix.init_rows, init.index_select(0, ix.init_src))
-        with torch.no_grad():
-            F = p.final(h0)
-            Mall = p.transition()
         n_local = len(geo.chunks)
-        C = F.index_select(0, ix.tails).view(n_local, -1, *F.shape[1:])
-        M = Mall.index_select(0, ix.heads).view(n_local, -1, *Mall.shape[1:]) * ix.whole
+        # The last chunk of the chain passes nothing on: a rank holding no other chunk
+        # skips the state-only pass (its (M, C) travel as zeros, which nobody reads).
+        if any(c + 1 < geo.n_chunks for c in geo.chunks):
+            with torch.no_grad():
+                F = p.final(h0)
+                Mall = p.transition()
+            C = F.index_select(0, ix.tails).view(n_local, -1, *F.shape[1:])
+            M = Mall.index_select(0, ix.heads).view(n_local, -1, *Mall.shape[1:]) * ix.whole
+        else:
+            C = xs[0].new_zeros(n_local, plan.seqs.B, *state, dtype=torch.float32)
+            M = C.new_zeros(n_local, plan.seqs.B, state[0], *engine.transition_shape(xs))
         S_in, ctx.M_all = exchange(sp, geo, M, C)
         if any(plan.head):
-            h0 = F.new_zeros(F.shape) if h0 is None else h0
+            h0 = C.new_zeros(plan.seqs.count, *state) if h0 is None else h0
             h0 = h0.index_copy(0, ix.head_rows, S_in.flatten(0, 1).index_select(0, ix.head_at))
         o, fin = p.finish(h0)
         ctx.p, ctx.sp, ctx.geo, ctx.plan, ctx.M = p, sp, geo, plan, M
         ctx.has_init = init is not None
-        ctx.o_meta = (o.shape, o.dtype)
+        ctx.o_meta, ctx.state = (o.shape, o.dtype), state
         out = fin.new_zeros(plan.n_users, *fin.shape[1:])
         if plan.finals:
             out.index_copy_(0, ix.final_dst, fin.index_select(0, ix.final_rows))
@@ -299,11 +307,16 @@ class _LinearSP(torch.autograd.Function):
         if dfin is not None and plan.finals:
             dht = dfin.new_zeros(plan.seqs.count, *dfin.shape[1:])
             dht.index_copy_(0, ix.final_rows, dfin.index_select(0, ix.final_dst))
-        d0 = p.initial_grads(do, dht)
-        d = d0.index_select(0, ix.heads).view(len(geo.chunks), -1, *d0.shape[1:]) * ix.head
+        n_local = len(geo.chunks)
+        # The first chunk of the chain passes nothing back (as in the forward).
+        if any(c > 0 for c in geo.chunks):
+            d0 = p.initial_grads(do, dht)
+            d = d0.index_select(0, ix.heads).view(n_local, -1, *d0.shape[1:]) * ix.head
+        else:
+            d = ctx.M.new_zeros(n_local, plan.seqs.B, *ctx.state)
         lam = exchange_backward(ctx.sp, geo, ctx.M, ctx.M_all, d)
-        dht = (d0.new_zeros(d0.shape) if dht is None else dht).index_add(0, ix.tails,
-                                                                          lam.flatten(0, 1))
+        dht = (d.new_zeros(plan.seqs.count, *ctx.state) if dht is None else dht).index_add(
+            0, ix.tails, lam.flatten(0, 1))
         dxs, dh0 = p.backward(do, dht)
         dinit = None
         if ctx.has_init and dh0 is not None:

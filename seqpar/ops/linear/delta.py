@@ -53,6 +53,9 @@ class DeltaEngine(LinearEngine):
     name = "delta"
     inputs = ("q", "k", "v", "g", "beta")
 
+    def transition_shape(self, xs):
+        return (xs[0].shape[-1], xs[0].shape[-1])
+
     def run(self, xs, *, scale, initial_state, output_final_state, offsets, chunk_size, backend):
         """q, k: (B, T, H, K); v: (B, T, H, V); g: None or (B, T, H) float32; beta:
         (B, T, H); initial_state: (N, H, K, V) float32 or None. Returns o (B, T, H, V) in

@@ -53,6 +53,10 @@ class DiagEngine(LinearEngine):
     name = "diag"
     inputs = ("q", "k", "v", "g")
 
+    def transition_shape(self, xs):
+        g = xs[3]
+        return (xs[0].shape[-1], 1) if g is not None and g.dim() == 4 else (1, 1)
+
     def run(self, xs, *, scale, initial_state, output_final_state, offsets, chunk_size, backend):
         """q, k: (B, T, H, K); v: (B, T, H, V); g: None, (B, T, H) or (B, T, H, K) float32;
         initial_state: (N, H, K, V) float32 or None (N = B, or documents when packed).

@@ -101,6 +101,10 @@ class LinearEngine:
         """Vs: columns of the exchanged state for values of width V."""
         return V
 
+    def transition_shape(self, xs: tuple) -> tuple[int, int]:
+        """The last two dims of a transition for inputs ``xs``: (1, 1), (K, 1) or (K, K)."""
+        return (1, 1)
+
     def run(self, xs: tuple, *, scale: float, initial_state, output_final_state: bool,
             offsets, chunk_size: int, backend: str):
         raise NotImplementedError
