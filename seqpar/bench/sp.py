@@ -535,6 +535,8 @@ SIM_METHOD = {
                "the causal op over the whole sequence (world x T_local tokens) divided by world, "
                "the rank's share of the causal work",
     "ratio": "sp_ms / base_ms, both measured in this run",
+    "graph_*": "on CUDA, the same steps captured once in a CUDA graph and timed by replay "
+               "(median): device time alone, without the host's launch overhead",
     "host_syncs": "CUDA host synchronizations during one steady-state forward+backward of the "
                   "SP call (torch.cuda.set_sync_debug_mode), null on CPU",
 }
@@ -546,6 +548,25 @@ def _median_ms(step, warmup: int, reps: int, cuda: bool) -> float:
     if cuda:
         torch.cuda.synchronize()
     return statistics.median(time_once(step, cuda) for _ in range(reps))
+
+
+def graph_ms(step, reps: int) -> float:
+    """Median ms of replaying one ``step()`` captured in a CUDA graph (warmed up on a side
+    stream first, as capture requires)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    torch.cuda.synchronize()
+    ms = statistics.median(time_once(graph.replay, True) for _ in range(reps))
+    del graph
+    return ms
 
 
 def count_host_syncs(step) -> int | None:
@@ -599,6 +620,8 @@ def simulate(args, device: torch.device) -> dict:
                     if T not in base_cache:
                         base_cache[T] = _median_ms(fwd_bwd(mixer, T, None), args.warmup,
                                                    args.reps, cuda)
+                        if cuda and args.graphs:
+                            base_cache["graph", T] = graph_ms(fwd_bwd(mixer, T, None), args.reps)
                     base = base_cache[T]
                 for strategy, layout in _configs(mixer, args):
                     for rank in sorted({0, 1 % P, P - 1}):
@@ -613,6 +636,10 @@ def simulate(args, device: torch.device) -> dict:
                             row["sp_ms"] = _median_ms(step, args.warmup, args.reps, cuda)
                             row["ratio"] = row["sp_ms"] / base
                             row["host_syncs"] = count_host_syncs(step)
+                            if ("graph", T) in base_cache:
+                                row["graph_base_ms"] = base_cache["graph", T]
+                                row["graph_sp_ms"] = graph_ms(step, args.reps)
+                                row["graph_ratio"] = row["graph_sp_ms"] / row["graph_base_ms"]
                         except Exception as e:  # noqa: BLE001 -- recorded in the row; the run goes on
                             row["error"] = f"{type(e).__name__}: {e}"[:2000]
                         out["rows"].append(row)
@@ -620,7 +647,9 @@ def simulate(args, device: torch.device) -> dict:
                         print(f"[{time.perf_counter() - t0:6.1f}s] {mixer:>16} {strategy:>9}/"
                               f"{layout:<10} P={P} rank={rank} T_local={T}: "
                               + (f"{row['sp_ms']:8.3f} ms vs {base:8.3f} ms = {row['ratio']:.3f}x"
-                                 f" syncs={row['host_syncs']}" if "error" not in row
+                                 f" syncs={row['host_syncs']}"
+                                 + (f" graphs {row['graph_ratio']:.3f}x" if "graph_ratio" in row else "")
+                                 if "error" not in row
                                  else "ERROR " + row["error"][:300]), flush=True)
                         if args.budget is not None and time.perf_counter() - t0 > args.budget:
                             out["skipped"].append(f"stopped after {mixer} P={P} T={T}: "
@@ -646,6 +675,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no process group: time ranks 0, 1 and P-1 of a P-rank group on this one "
                         "device with communication stubbed out (LocalCommunicator), beside the op "
                         "without SP; comma-separated world sizes")
+    p.add_argument("--no-graphs", dest="graphs", action="store_false",
+                   help="with --simulate on CUDA: skip the CUDA-graph timings")
     p.add_argument("--t-local", default="8192,32768",
                    help="with --simulate: comma-separated tokens per rank")
     p.add_argument("--mixers", default=",".join(MIXERS), help="comma-separated, among " + ", ".join(MIXERS))
