@@ -18,6 +18,8 @@ terms cancel.
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -105,7 +107,7 @@ def _conv_rows(xc, wc, head):
     """Batch rows: ``xc`` (B, T, C) after ``head`` (B, w - 1, C); returns the pre-activation
     sum and the padded input."""
     T, w = xc.shape[1], wc.shape[1]
-    xp = torch.cat([head, xc], 1) if w > 1 else xc
+    xp = torch.cat([head, xc], 1)
     y = None
     for j in range(w):  # the taps: w is the (small, fixed) conv width
         term = wc[:, j] * xp[:, j:j + T]
@@ -181,11 +183,13 @@ def short_conv(x, weight, bias=None, activation="silu", initial_state=None,
         check_tensor("initial_state", initial_state, shape=(N, C, w - 1))
         head = _ContiguousGrad.apply(initial_state).transpose(1, 2).to(cd)  # (N, w - 1, C)
     xc, wc = x.to(cd), weight.to(cd)
-    if cu_seqlens is None:
+    if cu_seqlens is None or w == 1:  # width 1 never reaches back: rows and documents alike
         if head is None:
             head = xc.new_zeros(B, w - 1, C)
-        y, xp = _conv_rows(xc, wc, head)
-        final = xp[:, xp.shape[1] - (w - 1):].transpose(1, 2) if output_final_state else None
+        y, xp = _conv_rows(xc, wc, head.reshape(B, w - 1, C))
+        final = xp[:, T:].transpose(1, 2) if output_final_state else None
+        if final is not None and cu_seqlens is not None:
+            final = final.reshape(N, C, 0)
     else:
         y = _conv_packed(xc, wc, cu_seqlens, head)
         final = _final_packed(xc, cu_seqlens, head, w) if output_final_state else None
@@ -228,7 +232,7 @@ def short_conv_reference(x, weight, bias=None, activation="silu", initial_state=
     B, T, C, w = _check(x, weight, bias, activation, initial_state, output_final_state)
     offsets = check_cu_seqlens(cu_seqlens, B, T, x.device)
     docs = ([(b, 0, T) for b in range(B)] if offsets is None
-            else [(0, a, e) for a, e in zip(offsets, offsets[1:])])
+            else [(0, a, e) for a, e in itertools.pairwise(offsets)])
     wd = weight.to(torch.float64)
     ys, finals = [], []
     for i, (b, a, e) in enumerate(docs):
