@@ -14,6 +14,7 @@ and the number of FFT calls is at most ``log2 T + 1``, whatever the number of do
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -95,11 +96,11 @@ def _length_classes(offsets: tuple[int, ...], device: torch.device):
     on real tokens. Cached per offsets: every Hyena layer of a step shares them."""
     T = offsets[-1]
     classes: dict[int, list[int]] = {}
-    for s, e in zip(offsets, offsets[1:]):
+    for s, e in itertools.pairwise(offsets):
         classes.setdefault(1 << (e - s - 1).bit_length(), []).append(s)
     out = []
     for P, starts in sorted(classes.items()):
-        lengths = torch.tensor([b - a for a, b in zip(offsets, offsets[1:]) if a in set(starts)])
+        lengths = torch.tensor([b - a for a, b in itertools.pairwise(offsets) if a in set(starts)])
         pos = torch.tensor(starts)[:, None] + torch.arange(P)
         valid = (torch.arange(P) < lengths[:, None]).float()[..., None]
         out.append((P, _to_device(pos.clamp(max=T - 1), device), _to_device(valid, device)))
@@ -132,7 +133,7 @@ def long_conv_reference(x, kernel, lags: int = 256, cu_seqlens=None):
     offsets = check_cu_seqlens(cu_seqlens, B, T, x.device)
     if offsets is not None:
         return torch.cat([_direct_conv(x[:, s:e], kernel[:, :e - s], lags)
-                          for s, e in zip(offsets, offsets[1:])], 1)
+                          for s, e in itertools.pairwise(offsets)], 1)
     return _direct_conv(x, kernel, lags)
 
 
