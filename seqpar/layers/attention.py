@@ -14,7 +14,7 @@ from torch import nn
 
 from .. import ops
 from ..ops._validate import check_tensor, fail
-from ._common import Mixer, check_hidden, check_positive_int
+from ._common import Mixer, call_eager, check_hidden, check_positive_int
 
 
 def default_positions(T: int, device: torch.device, cu_seqlens=None, sp=None) -> torch.Tensor:
@@ -127,7 +127,7 @@ class Attention(Mixer):
         k, v = self.kv_proj(x).view(B, T, 2, self.n_kv_heads, self.head_dim).unbind(2)
         q, k = apply_rope(q, position_ids, self.rope_theta), apply_rope(k, position_ids, self.rope_theta)
         if state is None:
-            o, _ = ops.softmax_attn(q, k, v, causal=True, cu_seqlens=cu_seqlens, sp=sp)
+            o, _ = call_eager(ops.softmax_attn, q, k, v, causal=True, cu_seqlens=cu_seqlens, sp=sp)
         else:
             k, v = torch.cat([state.k, k], 1), torch.cat([state.v, v], 1)
             o = self._attend_cached(q, k, v)

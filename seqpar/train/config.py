@@ -69,6 +69,8 @@ class TrainConfig:
         lr, min_lr_ratio, warmup, weight_decay, betas, grad_clip: AdamW with linear
             warmup to ``lr`` then cosine decay to ``min_lr_ratio * lr``.
         activation_checkpointing: recompute each block in backward.
+        compile: ``torch.compile`` each block (regional compilation); None: on for CUDA,
+            off on CPU.
         dtype: 'auto' (bf16 autocast on GPU, float32 on CPU), 'bf16' or 'fp32'.
         seed: model init and data order.
         eval_docs: documents held out for the evaluation loss.
@@ -101,6 +103,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     activation_checkpointing: bool | None = None
+    compile: bool | None = None
     dtype: str = "auto"
     seed: int = 0
     eval_docs: int = 8
@@ -252,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bf16 autocast on GPU, float32 on CPU")
     g.add_argument("--activation-checkpointing", action="store_true", default=None,
                    help="recompute each block in backward")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile each block (default: on for CUDA, off on CPU)")
     g = p.add_argument_group("optimization")
     g.add_argument("--steps", type=int, default=None, help="total optimizer steps (preset default)")
     g.add_argument("--stop-at", type=int, default=None,
