@@ -9,12 +9,16 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = {"ops": "seqpar.bench.ops", "sp": "seqpar.bench.sp"}
+BENCHMARKS = {"ops": "seqpar.bench.ops", "sp": "seqpar.bench.sp", "train": "seqpar.bench.train",
+              "longest": "seqpar.bench.longest", "profile": "seqpar.bench.profile"}
 USAGE = """usage: seqpar {train,bench} ...
 
-  seqpar train [options]        train a hybrid language model (seqpar train --help)
-  seqpar bench ops [options]    time the single-device ops
-  seqpar bench sp [options]     time sequence parallelism (under torchrun)
+  seqpar train [options]          train a hybrid language model (seqpar train --help)
+  seqpar bench ops [options]      time the single-device ops
+  seqpar bench sp [options]       time sequence parallelism (under torchrun)
+  seqpar bench train [options]    training tokens/s, MFU, memory and host syncs per preset
+  seqpar bench longest [options]  the longest context that trains
+  seqpar bench profile [options]  where a training step's or an op's time goes
 """
 
 
