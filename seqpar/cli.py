@@ -1,4 +1,4 @@
-"""The ``seqpar`` command: ``seqpar train ...`` and ``seqpar bench {ops,sp} ...``.
+"""The ``seqpar`` command: ``seqpar train ...`` and ``seqpar bench {ops,sp,train,longest,profile,attn} ...``.
 
 Each subcommand hands the rest of the command line to its program's ``main(argv)``, so
 ``seqpar train --help`` shows the training options. Under torchrun, start the module
@@ -10,7 +10,8 @@ import importlib
 import sys
 
 BENCHMARKS = {"ops": "seqpar.bench.ops", "sp": "seqpar.bench.sp", "train": "seqpar.bench.train",
-              "longest": "seqpar.bench.longest", "profile": "seqpar.bench.profile"}
+              "longest": "seqpar.bench.longest", "profile": "seqpar.bench.profile",
+              "attn": "seqpar.bench.attn"}
 USAGE = """usage: seqpar {train,bench} ...
 
   seqpar train [options]          train a hybrid language model (seqpar train --help)
@@ -19,6 +20,7 @@ USAGE = """usage: seqpar {train,bench} ...
   seqpar bench train [options]    training tokens/s, MFU, memory and host syncs per preset
   seqpar bench longest [options]  the longest context that trains
   seqpar bench profile [options]  where a training step's or an op's time goes
+  seqpar bench attn [options]     softmax_attn against every SDPA backend
 """
 
 

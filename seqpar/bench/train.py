@@ -123,10 +123,11 @@ def run_one(args, preset: str, pattern: str | None, batch_size: int | None) -> d
     if pattern is not None:
         model["pattern"] = pattern
     with tempfile.TemporaryDirectory() as out:
+        # The preset's schedule, so that the losses equal seqpar train's at the same shape.
         cfg = TrainConfig(preset=preset, model=model, seq_len=args.seq_len, batch_size=batch_size,
                           packing=args.packing, compile=args.compile, dtype=args.dtype,
-                          activation_checkpointing=args.ac, steps=10**6, warmup=args.lr_warmup,
-                          seed=args.seed, out=out, progress=False)
+                          activation_checkpointing=args.ac, seed=args.seed, out=out,
+                          progress=False)
         plan = prepare(cfg)
     cfg, model_cfg = plan.cfg, plan.model_cfg
     device = torch.device(args.device) if args.device else default_device()
@@ -137,6 +138,7 @@ def run_one(args, preset: str, pattern: str | None, batch_size: int | None) -> d
            "packing": cfg.packing, "activation_checkpointing": cfg.activation_checkpointing,
            "model": model_cfg.to_dict(), "warmup": args.warmup, "steps": args.steps}
     trainer = None
+    torch._dynamo.reset()  # each configuration compiles afresh (no shared recompile budget)
     try:
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -224,7 +226,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
-    p.add_argument("--lr-warmup", type=int, default=100, help="the schedule's warmup steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON file")
     return p
