@@ -384,7 +384,9 @@ def _cudnn_fits(q, k, v, causal: bool) -> bool:
     if k.shape[2] != q.shape[2] or v.shape[-1] != D or D % 8 or D > 128:
         return False
     try:
-        params = torch.backends.cuda.SDPAParams(_bhtd(q), _bhtd(k), _bhtd(v), None, 0.0, causal, False)
+        # As the kernel will see them: (B, T, H, D)-contiguous, viewed as (B, H, T, D).
+        x = _bhtd(q if q.is_contiguous() else torch.empty_like(q, memory_format=torch.contiguous_format))
+        params = torch.backends.cuda.SDPAParams(x, x, x, None, 0.0, causal, False)
         return bool(torch.backends.cuda.can_use_cudnn_attention(params, False))
     except (AttributeError, TypeError, RuntimeError):
         return False
@@ -406,7 +408,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _cudnn_fwd(q, k, v, scale, causal, pack):
-    q, k, v = (_bhtd(_rows(x)) for x in (q, k, v))
+    q, k, v = (_bhtd(x) for x in (q, k, v))
     o, lse, cq, ck, mq, mk, seed, offset, _ = _aten._scaled_dot_product_cudnn_attention(
         q, k, v, None, True, 0.0, causal, False, scale=scale)
     return _bhtd(o), lse[..., 0], (o, lse, cq, ck, mq, mk, seed, offset)
@@ -419,7 +421,7 @@ def _cudnn_bwd(do, q, k, v, o, lse, state, scale, causal, pack):
     if do.stride() != o4.stride():
         do = torch.empty_strided(o4.shape, o4.stride(), dtype=o4.dtype, device=o4.device).copy_(do)
     dq, dk, dv = _aten._scaled_dot_product_cudnn_attention_backward(
-        do.to(o4.dtype), *(_bhtd(_rows(x)) for x in (q, k, v)), o4, lse4, seed, offset, None,
+        do.to(o4.dtype), *(_bhtd(x) for x in (q, k, v)), o4, lse4, seed, offset, None,
         cq, ck, mq, mk, 0.0, causal, scale=scale)
     return _bhtd(dq), _bhtd(dk), _bhtd(dv)
 
@@ -520,7 +522,10 @@ def _run_attention(q, k, v, scale, causal, pack):
     if engine != "cudnn":
         return _Attention.apply(q, k, v, scale, causal, pack, engine)
     try:
-        return _Attention.apply(q, k, v, scale, causal, pack, engine)
+        # cuDNN gets (B, T, H, D)-contiguous tensors, the layout SDPA hands it from
+        # projections (keys and values split from one projection are strided); copied
+        # here, before the op, so that only the copies are kept for the backward.
+        return _Attention.apply(*(x.contiguous() for x in (q, k, v)), scale, causal, pack, engine)
     except RuntimeError as e:
         _cudnn_usable = False
         warnings.warn(f"seqpar.ops.softmax_attn: cuDNN attention failed ({str(e)[:200]}); "
