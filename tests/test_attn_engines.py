@@ -31,13 +31,13 @@ class FakeAten:
     def __getattr__(self, name):
         return getattr(torch.ops.aten, name)
 
-    def _scaled_dot_product_cudnn_attention(self, q, k, v, bias, lse, dropout, causal, debug, *,
-                                            scale):
-        assert bias is None and lse is True and dropout == 0.0 and not debug
+    def _scaled_dot_product_cudnn_attention(self, q, k, v, bias, want_lse, dropout, causal, debug,
+                                            *, scale):
+        assert bias is None and want_lse is True and dropout == 0.0 and not debug
         self.calls.append("cudnn")
-        o, l = cpu_fwd(q, k, v, 0.0, causal, scale=scale)
-        B, H, T, _ = q.shape
-        return (o, l[..., None], None, None, T, k.shape[2], torch.tensor(0), torch.tensor(0), None)
+        o, lse = cpu_fwd(q, k, v, 0.0, causal, scale=scale)
+        return (o, lse[..., None], None, None, q.shape[2], k.shape[2], torch.tensor(0),
+                torch.tensor(0), None)
 
     def _scaled_dot_product_cudnn_attention_backward(self, do, q, k, v, o, lse, seed, offset, bias,
                                                      cq, ck, mq, mk, dropout, causal, *, scale):

@@ -124,6 +124,8 @@ class Trainer:
             batch = Batch(move(batch.input_ids), move(batch.targets), cu)
         else:
             batch = batch.to(self.env.device)
+            if batch.cu_seqlens is not None:
+                remember_offsets(batch.cu_seqlens, batch.cu_seqlens.tolist())
         if self.compiled and batch.cu_seqlens is not None:
             # The number of documents varies by batch: one graph for all of them.
             torch._dynamo.maybe_mark_dynamic(batch.cu_seqlens, 0)
