@@ -154,3 +154,33 @@ def test_cudnn_failure_falls_back_to_flash(monkeypatch):
     with pytest.warns(UserWarning, match="cuDNN attention failed"):
         _check(q, k, v, None, 8)
     assert attn_mod._cudnn_usable is False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D,T,B", [(64, 300, 2), (128, 1000, 1)])
+def test_cudnn_engine_on_gpu(monkeypatch, dtype, D, T, B):
+    """Shapes cuDNN takes (no GQA, one head dim): the op picks cuDNN where the GPU and
+    library support it (else flash, as SDPA would) and matches the float64 reference in
+    outputs, lse and every gradient (loss on both o and lse), keys and values strided
+    as the attention layer makes them."""
+    chosen = []
+    pick = attn_mod._engine
+    monkeypatch.setattr(attn_mod, "_engine", lambda *a: chosen.append(pick(*a)) or chosen[-1])
+    gen = torch.Generator().manual_seed(D)
+    q = torch.randn(B, T, 4, D, generator=gen).to(dtype).cuda().requires_grad_()
+    kv = torch.randn(B, T, 2, 4, D, generator=gen).to(dtype).cuda().requires_grad_()
+    k, v = kv.unbind(2)
+    o, lse = ops.softmax_attn(q, k, v, causal=True)
+    wo = torch.randn(o.shape, generator=gen).to(dtype).double().cuda()
+    wl = torch.randn(lse.shape, generator=gen, dtype=torch.float64).cuda()
+    g = torch.autograd.grad((o.double() * wo).sum() + (lse.double() * wl).sum(), (q, kv))
+    xr = [x.detach().double().requires_grad_() for x in (q, kv)]
+    ro, rl = ops.softmax_attn_reference(xr[0], *xr[1].unbind(2), causal=True)
+    gr = torch.autograd.grad((ro * wo).sum() + (rl * wl).sum(), xr)
+    errs = {"o": rel_err(o, ro), "lse": rel_err(lse, rl), "dq": rel_err(g[0], gr[0]),
+            "dkv": rel_err(g[1], gr[1])}
+    assert chosen and chosen[0] in ("cudnn", "flash"), chosen
+    assert all(e < 2e-2 for e in errs.values()), (chosen, errs)
+    print(f"engine {chosen[0]}: {errs}")
