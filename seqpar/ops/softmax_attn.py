@@ -407,35 +407,40 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+# Each engine: ``fwd(q, k, v, scale, causal, pack) -> (o, lse, saved, meta)`` and
+# ``bwd(do, q, k, v, o, lse, saved, meta, scale, causal, pack) -> (dq, dk, dv)``, all in
+# (B, T, H, D) layout; ``saved`` are the tensors the backward needs beyond q, k, v, o and
+# lse (kept through ``save_for_backward``, so activation checkpointing frees them too),
+# ``meta`` its other values.
+
 def _cudnn_fwd(q, k, v, scale, causal, pack):
     q, k, v = (_bhtd(x) for x in (q, k, v))
     o, lse, cq, ck, mq, mk, seed, offset, _ = _aten._scaled_dot_product_cudnn_attention(
         q, k, v, None, True, 0.0, causal, False, scale=scale)
-    return _bhtd(o), lse[..., 0], (o, lse, cq, ck, mq, mk, seed, offset)
+    return _bhtd(o), lse[..., 0], (seed, offset), (cq, ck, mq, mk)
 
 
-def _cudnn_bwd(do, q, k, v, o, lse, state, scale, causal, pack):
-    o4, lse4, cq, ck, mq, mk, seed, offset = state
+def _cudnn_bwd(do, q, k, v, o, lse, saved, meta, scale, causal, pack):
+    (seed, offset), (cq, ck, mq, mk) = saved, meta
+    o4 = _bhtd(o)  # the kernel's output as it wrote it
     # cuDNN reads the output gradient with the output's strides.
-    do = _bhtd(do)
+    do = _bhtd(do.to(o.dtype))
     if do.stride() != o4.stride():
         do = torch.empty_strided(o4.shape, o4.stride(), dtype=o4.dtype, device=o4.device).copy_(do)
     dq, dk, dv = _aten._scaled_dot_product_cudnn_attention_backward(
-        do.to(o4.dtype), *(_bhtd(x) for x in (q, k, v)), o4, lse4, seed, offset, None,
+        do, *(_bhtd(x) for x in (q, k, v)), o4, lse[..., None].contiguous(), seed, offset, None,
         cq, ck, mq, mk, 0.0, causal, scale=scale)
     return _bhtd(dq), _bhtd(dk), _bhtd(dv)
 
 
 def _flash_fwd_pub(q, k, v, scale, causal, pack):
-    P = _fused_dim(q, v)
-    o, lse = _fused_fwd(_bhtd(q), _bhtd(k), _bhtd(v), scale, causal, P)
-    return _bhtd(o), lse, None
+    o, lse = _fused_fwd(_bhtd(q), _bhtd(k), _bhtd(v), scale, causal, _fused_dim(q, v))
+    return _bhtd(o), lse, (), ()
 
 
-def _flash_bwd_pub(do, q, k, v, o, lse, state, scale, causal, pack):
-    P = _fused_dim(q, v)
+def _flash_bwd_pub(do, q, k, v, o, lse, saved, meta, scale, causal, pack):
     dq, dk, dv = _fused_bwd(_bhtd(do), _bhtd(q), _bhtd(k), _bhtd(v), _bhtd(o), lse, scale,
-                            causal, P)
+                            causal, _fused_dim(q, v))
     return _bhtd(dq), _bhtd(dk), _bhtd(dv)
 
 
@@ -447,12 +452,12 @@ def _varlen_fwd(q, k, v, scale, causal, pack):
     q3, k3, v3 = (_rows(_pad(x[0], P)) for x in (q, k, v))
     o, lse, rng, unused, _ = _aten._flash_attention_forward(
         q3, k3, v3, cu, cu, longest, longest, 0.0, causal, False, scale=scale)
-    return o[None, ..., :v.shape[-1]], lse[None], (o, rng, unused, longest)
+    return o[None, ..., :v.shape[-1]], lse[None], (o, rng, unused), (longest,)
 
 
-def _varlen_bwd(do, q, k, v, o, lse, state, scale, causal, pack):
+def _varlen_bwd(do, q, k, v, o, lse, saved, meta, scale, causal, pack):
     cu, _ = pack
-    o3, rng, unused, longest = state
+    (o3, rng, unused), (longest,) = saved, meta
     P = o3.shape[-1]
     q3, k3, v3, do3 = (_rows(_pad(x[0], P)) for x in (q, k, v, do.to(q.dtype)))
     dq, dk, dv = _aten._flash_attention_backward(
@@ -464,10 +469,10 @@ def _varlen_bwd(do, q, k, v, o, lse, state, scale, causal, pack):
 
 def _math_fwd_pub(q, k, v, scale, causal, pack):
     o, lse = _math_fwd(_bhtd(q), _bhtd(k), _bhtd(v), scale, causal, pack and pack[1])
-    return _bhtd(o), lse, None
+    return _bhtd(o), lse, (), ()
 
 
-def _math_bwd_pub(do, q, k, v, o, lse, state, scale, causal, pack, dlse=None):
+def _math_bwd_pub(do, q, k, v, o, lse, saved, meta, scale, causal, pack, dlse=None):
     dq, dk, dv = _math_bwd(_bhtd(do), _bhtd(q), _bhtd(k), _bhtd(v), _bhtd(o), lse, scale,
                            causal, dlse, pack and pack[1])
     return _bhtd(dq), _bhtd(dk), _bhtd(dv)
@@ -488,29 +493,30 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, scale: float, causal: bool, pack, engine: str):
-        o, lse, state = _ENGINES[engine][0](q, k, v, scale, causal, pack)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.state, ctx.scale, ctx.causal, ctx.pack, ctx.engine = state, scale, causal, pack, engine
+        o, lse, saved, meta = _ENGINES[engine][0](q, k, v, scale, causal, pack)
+        ctx.save_for_backward(q, k, v, o, lse, *saved)
+        ctx.meta, ctx.scale, ctx.causal, ctx.pack, ctx.engine = meta, scale, causal, pack, engine
         ctx.set_materialize_grads(False)
         return o.to(q.dtype), lse.to(_acc_dtype(q))
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, k, v, o, lse = ctx.saved_tensors
+        q, k, v, o, lse, *saved = ctx.saved_tensors
         fwd, bwd = _ENGINES[ctx.engine]
         args = (ctx.scale, ctx.causal, ctx.pack)
         if ctx.engine == "math":
             do = torch.zeros_like(o) if do is None else do
-            dq, dk, dv = bwd(do, q, k, v, o, lse, None, *args, dlse=dlse)
+            dq, dk, dv = bwd(do, q, k, v, o, lse, saved, ctx.meta, *args, dlse=dlse)
         else:
             if do is None:
                 dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
             else:
-                dq, dk, dv = bwd(do, q, k, v, o, lse, ctx.state, *args)
+                dq, dk, dv = bwd(do, q, k, v, o, lse, saved, ctx.meta, *args)
             if dlse is not None:
-                o_k, _, state_k = fwd(q, k, k, *args)
+                o_k, _, saved_k, meta_k = fwd(q, k, k, *args)
                 w = dlse.to(torch.float32).transpose(1, 2)[..., None]  # (B, T, H, 1)
-                _, _, dk_l = bwd((w * q.float()).to(q.dtype), q, k, k, o_k, lse, state_k, *args)
+                _, _, dk_l = bwd((w * q.float()).to(q.dtype), q, k, k, o_k, lse, saved_k, meta_k,
+                                 *args)
                 dq = dq.float() + ctx.scale * w * o_k.float()
                 dk = dk.float() + ctx.scale * dk_l.float()
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
