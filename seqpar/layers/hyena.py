@@ -147,8 +147,9 @@ class Hyena(Mixer):
 
     def _mix(self, x, cu_seqlens, sp):
         D = self.d_model
-        conv = ops.short_conv if sp is None else partial(call_eager, ops.short_conv)
-        u, _ = conv(self.in_proj(x), self.conv_weight, activation=None, cu_seqlens=cu_seqlens, sp=sp)
+        short_conv = ops.short_conv if sp is None else partial(call_eager, ops.short_conv)
+        u, _ = short_conv(self.in_proj(x), self.conv_weight, activation=None, cu_seqlens=cu_seqlens,
+                          sp=sp)
         x0, x1, v = u.split(D, dim=-1)
         z = v * x1
         z = self._long_conv(z, cu_seqlens, sp) + z * self.skip.to(z.dtype)

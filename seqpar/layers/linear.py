@@ -104,10 +104,11 @@ class LinearMixer(Mixer):
         return ()
 
     def _qkv(self, x, initial_conv, output_state, cu_seqlens, sp):
-        conv = ops.short_conv if sp is None else partial(call_eager, ops.short_conv)
-        h, conv = conv(self.qkv_proj(x), self.conv_weight, activation="silu",
-                       initial_state=initial_conv, output_final_state=output_state,
-                       cu_seqlens=cu_seqlens, sp=sp)
+        # Traced into a compiled block on one device; its SP path exchanges halos.
+        short_conv = ops.short_conv if sp is None else partial(call_eager, ops.short_conv)
+        h, conv = short_conv(self.qkv_proj(x), self.conv_weight, activation="silu",
+                             initial_state=initial_conv, output_final_state=output_state,
+                             cu_seqlens=cu_seqlens, sp=sp)
         return (*self._split(h), conv)
 
     def _split(self, h):
