@@ -17,7 +17,8 @@
 #   loss      seqpar train --preset 125m --stop-at 40, a loss per step (compare with main's)
 #   train32k  seqpar bench train, the 1b preset at 32K context (activation checkpointing
 #             only if it does not fit without)
-#   longest   seqpar bench longest search, the 1b hybrid from 512K tokens, time-capped
+#   longest   seqpar bench longest search, the 1b hybrid from 256K tokens doubling, then
+#             bisecting, time-capped (sizes whose step would not finish in time are skipped)
 set -u
 OUT=${OUT:?set OUT to the results directory}
 mkdir -p "$OUT"
@@ -62,8 +63,8 @@ for s in $SECTIONS; do
         --reference none --warmup 2 --steps 5 --out "$OUT/train32k_ac_h200.json" 2>&1 | grep -v Warning | tail -2
     fi ;;
   longest)
-    timeout 240 python -m seqpar.cli bench longest search --preset 1b --nproc 1 --first 524288 \
-      --last 524288 --granularity 65536 --warm 4096 --budget 220 --out "$OUT/longest_h200.json" \
+    timeout 250 python -m seqpar.cli bench longest search --preset 1b --nproc 1 --first 262144 \
+      --last 1048576 --granularity 65536 --warm 4096 --budget 230 --out "$OUT/longest_h200.json" \
       2>&1 | grep -v Warning | tail -4 ;;
   summary) ;;
   *) echo "unknown section $s" ;;
