@@ -1,4 +1,5 @@
-"""The ``seqpar`` command: ``seqpar train ...`` and ``seqpar bench {ops,sp,train,longest,profile,attn} ...``.
+"""The ``seqpar`` command: ``seqpar train ...`` and
+``seqpar bench {ops,sp,train,longest,profile,attn} ...``.
 
 Each subcommand hands the rest of the command line to its program's ``main(argv)``, so
 ``seqpar train --help`` shows the training options. Under torchrun, start the module

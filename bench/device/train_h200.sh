@@ -6,7 +6,9 @@
 #     OUT=/path/to/results bash bench/device/train_h200.sh [SECTION ...]
 # Sections (default: all, in this order): tests attn mqar train loss train32k longest
 # (two calls of the script, e.g. "tests attn mqar train" and "loss train32k longest", fit
-# a 10-minute limit per command each; "summary" alone prints the summary of $OUT).
+# a 10-minute limit per command each; "summary" alone prints the summary of $OUT;
+# "profile", not in the default list, writes torch.profiler tables of the linear ops at
+# short sequences (B x T = 256 x 256 and 64 x 1K, 2 heads of 64) and of a 1b step).
 #   tests     the GPU checks of the attention and convolution ops (cuDNN, FA2 varlen, flash)
 #   attn      seqpar bench attn: ops.softmax_attn against every SDPA backend, T = 8K and 32K,
 #             unpacked and packed (4 documents)
@@ -66,6 +68,12 @@ for s in $SECTIONS; do
     timeout 250 python -m seqpar.cli bench longest search --preset 1b --nproc 1 --first 262144 \
       --last 1048576 --granularity 65536 --warm 4096 --budget 230 --out "$OUT/longest_h200.json" \
       2>&1 | grep -v Warning | tail -4 ;;
+  profile)  # optional (not in the default list): where the time goes
+    timeout 200 python -m seqpar.cli bench profile ops --ops gated_delta_rule softmax_attn sdpa \
+      --T 256 1024 --tokens 65536 --heads 2 --head-dim 64 --out "$OUT/profile_ops_short.json" \
+      2>&1 | grep -v Warning | tail -40
+    timeout 200 python -m seqpar.cli bench profile train --out "$OUT/profile_train_1b.json" \
+      --preset 1b --seq-len 4096 --batch-size 4 2>&1 | grep -v Warning | tail -40 ;;
   summary) ;;
   *) echo "unknown section $s" ;;
   esac
