@@ -16,7 +16,24 @@ from torch import nn
 from ..ops._validate import check_tensor, fail
 
 
-@torch.compiler.disable
+def _call(op, *args, **kwargs):
+    return op(*args, **kwargs)
+
+
+# ``_call`` behind torch.compiler.disable, made when the first mixer is built rather than at
+# import: the disable wrapper imports torch._dynamo, which imports triton, and importing
+# seqpar must leave triton's set-up (e.g. TRITON_INTERPRET) to the caller.
+_graph_break = None
+
+
+def use_graph_breaks() -> None:
+    """Make :func:`call_eager` a ``torch.compile`` graph break (every :class:`Mixer` calls
+    this when built)."""
+    global _graph_break
+    if _graph_break is None:
+        _graph_break = torch.compiler.disable(_call)
+
+
 def call_eager(op, *args, **kwargs):
     """``op(*args, **kwargs)`` outside any ``torch.compile`` graph.
 
@@ -27,6 +44,8 @@ def call_eager(op, *args, **kwargs):
     would fuse nothing. A compiled block breaks its graph here and fuses what lies
     around each call (norms, projections' epilogues, gates, the short convolution).
     """
+    if _graph_break is not None:
+        return _graph_break(op, *args, **kwargs)
     return op(*args, **kwargs)
 
 
@@ -94,6 +113,10 @@ class Mixer(nn.Module):
 
     d_model: int
     cache_type: type
+
+    def __init__(self):
+        super().__init__()
+        use_graph_breaks()
 
     def check_state(self, state, cu_seqlens, sp, output_state) -> None:
         """Validate forward's cache arguments (see :func:`check_cache_args`)."""

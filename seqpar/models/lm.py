@@ -6,7 +6,8 @@ import math
 import torch
 from torch import nn
 
-from ..layers import ImplicitFilter, RMSNorm, SwiGLU, build_mixer, default_positions
+from ..layers import (ImplicitFilter, RMSNorm, SwiGLU, build_mixer, default_positions,
+                      use_graph_breaks)
 from ..layers.attention import check_positions
 from ..ops._validate import check_tensor, fail
 from .config import ModelConfig
@@ -226,6 +227,7 @@ class HybridLM(nn.Module):
         (activation checkpointing, FSDP) stay outside the compiled forward, so either
         may be applied before or after. Parameter names do not change.
         """
+        use_graph_breaks()
         for block in self.blocks:
             block.forward = torch.compile(block.forward, **options)
 
