@@ -1,5 +1,5 @@
 """The ``seqpar`` command: ``seqpar train``, ``seqpar generate``, ``seqpar export`` and
-``seqpar bench {ops,sp}``.
+``seqpar bench {ops,sp,train,longest,profile,attn}``.
 
 Each subcommand hands the rest of the command line to its program's ``main(argv)``, so
 ``seqpar train --help`` shows the training options. Under torchrun, start the module
@@ -17,19 +17,24 @@ from . import __version__
 # installs them: `pip install seqpar` alone runs the ops, not the programs.
 NEEDS = {"train": (("rich", "matplotlib"), "train"), "bench": (("matplotlib",), "bench")}
 COMMANDS = {"train": "seqpar.train", "generate": "seqpar.generate", "export": "seqpar.hub"}
-BENCHMARKS = {"ops": "seqpar.bench.ops", "sp": "seqpar.bench.sp"}
+BENCHMARKS = {"ops": "seqpar.bench.ops", "sp": "seqpar.bench.sp", "train": "seqpar.bench.train",
+              "longest": "seqpar.bench.longest", "profile": "seqpar.bench.profile",
+              "attn": "seqpar.bench.attn"}
 USAGE = """usage: seqpar {train,generate,export,bench} ... | seqpar --version
 
   seqpar train [options]            train a hybrid language model (seqpar train --help)
   seqpar generate RUN --prompt TEXT sample text from a trained model (seqpar generate --help)
   seqpar export RUN --out DIR       write a trained model in the Hugging Face layout
-  seqpar bench ops [options]        time the single-device ops
-  seqpar bench sp [options]         time sequence parallelism (under torchrun)
+  seqpar bench {ops,sp,train,longest,profile,attn} ...   benchmarks (seqpar bench --help)
 """
-BENCH_USAGE = """usage: seqpar bench {ops,sp} [options]
+BENCH_USAGE = """usage: seqpar bench {ops,sp,train,longest,profile,attn} [options]
 
-  seqpar bench ops [options]    time the single-device ops (seqpar bench ops --help)
-  seqpar bench sp [options]     time sequence parallelism, under torchrun (seqpar bench sp --help)
+  seqpar bench ops [options]      time the single-device ops
+  seqpar bench sp [options]       time sequence parallelism (torchrun, or --simulate P)
+  seqpar bench train [options]    training tokens/s, MFU, memory and host syncs per preset
+  seqpar bench longest [options]  the longest context that trains
+  seqpar bench profile [options]  where a training step's or an op's time goes
+  seqpar bench attn [options]     softmax_attn against every SDPA backend
 """
 
 

@@ -1,14 +1,19 @@
-"""Training at long context: the longest sequence that trains, and tokens/s with MFU.
+"""``seqpar bench longest``: training at long context, the longest sequence that trains
+and tokens/s with MFU.
 
-Both use the trainer's own pieces (:class:`seqpar.train.Trainer`: the model, FSDP2 over
-the ranks, activation checkpointing, bf16 autocast, AdamW; its FLOP count and the peak
-FLOP/s table for MFU) on batches of random tokens, batch 1, unpacked, with sequence
-parallelism over all ranks (``--sp`` = world size).
+Both use the trainer's own pieces (:class:`seqpar.train.Trainer`: the model with its
+blocks compiled on CUDA (``--compile``/``--no-compile``), FSDP2 over the ranks,
+activation checkpointing (``--ac``, default on), bf16 autocast, fused AdamW, the chunked
+loss that never forms whole float32 logits; its FLOP count and the peak FLOP/s table for
+MFU) on batches of random tokens, batch 1, unpacked, with sequence parallelism over all
+ranks (``--sp`` = world size).
 
 ``search``: the longest context that trains (forward + backward + optimizer step, the
 optimizer state already allocated) on ``--nproc`` devices::
 
-    python -m seqpar.bench.longest search --nproc 2 --budget 300 --out longest.json
+    seqpar bench longest search --preset 1b --nproc 1 --budget 300 --out longest.json
+    seqpar bench longest search --preset tiny --first 256 --last 2048 --granularity 256 \
+        --warm 128 --oom-above 1024 --budget 60 --out /tmp/longest.json   # CPU, seconds
 
 It doubles T from ``--first`` until a step runs out of memory, then bisects coarsely
 (to within ``max(--granularity, T/8)``). After two successful sizes it fits peak memory
@@ -59,18 +64,19 @@ def _build(args, seq_len: int):
     cfg = TrainConfig(preset=args.preset, seq_len=seq_len, batch_size=1, packing=False,
                       sp=int(os.environ.get("WORLD_SIZE", "1")), sp_strategy=args.sp_strategy,
                       sp_layout=args.sp_layout, activation_checkpointing=args.ac,
-                      steps=10**9, warmup=1, progress=False)
+                      compile=args.compile, steps=10**9, warmup=1, progress=False)
     cfg, model_cfg = resolve(cfg)
     env = setup(cfg.sp)
     return Trainer(cfg, model_cfg, env), env
 
 
-def _batch(T: int, vocab: int, device, step: int):
+def _batch(trainer, T: int, step: int):
+    """Random tokens (1, T) on the trainer's device, as the trainer moves batches."""
     from ..train.data import Batch
 
     gen = torch.Generator().manual_seed(step)
-    ids = torch.randint(0, vocab, (1, T + 1), generator=gen)
-    return Batch(ids[:, :-1].contiguous(), ids[:, 1:].contiguous(), None).to(device)
+    ids = torch.randint(0, trainer.model.config.vocab_size, (1, T + 1), generator=gen)
+    return trainer.to_device(Batch(ids[:, :-1].contiguous(), ids[:, 1:].contiguous(), None))
 
 
 def _sync(env):
@@ -104,7 +110,7 @@ def _is_oom(e: BaseException) -> bool:
 
 def _timed_step(trainer, env, T: int, step: int, oom_above: int | None) -> float:
     """One optimizer step at T tokens; returns seconds."""
-    batch = _batch(T, trainer.model.config.vocab_size, env.device, step)
+    batch = _batch(trainer, T, step)
     _sync(env)
     t0 = time.perf_counter()
     if oom_above is not None and T > oom_above:
@@ -293,6 +299,8 @@ def _child_command(args, rest: list[str]) -> list[str]:
 def _common_argv(args) -> list[str]:
     out = ["--preset", args.preset, "--sp-layout", args.sp_layout,
            "--ac" if args.ac else "--no-ac"]
+    if args.compile is not None:
+        out.append("--compile" if args.compile else "--no-compile")
     if args.sp_strategy:
         out += ["--sp-strategy", args.sp_strategy]
     return out
@@ -307,8 +315,9 @@ def search(args) -> dict:
     records_path = Path(tempfile.gettempdir()) / f"seqpar_longest_{os.getpid()}_p{args.nproc}.jsonl"
     records_path.unlink(missing_ok=True)
     result = {"benchmark": "seqpar bench longest (search)", "command": " ".join(
-        ["python -m seqpar.bench.longest"] + args.argv), **_env_summary(args),
+        ["seqpar bench longest"] + args.argv), **_env_summary(args),
         "nproc": args.nproc, "preset": args.preset, "activation_checkpointing": args.ac,
+        "compile": args.compile,
         "sp_strategy": args.sp_strategy, "sp_layout": args.sp_layout, "batch": 1,
         "first": args.first, "last": args.last, "granularity": args.granularity,
         "budget_s": args.budget, "method": "doubling from start, then coarse bisection between "
@@ -388,7 +397,8 @@ def throughput(args) -> dict:
 
     trainer, env = _build(args, args.seq_len)
     row = {"world": env.world, "sp": env.sp, "seq_len": args.seq_len, "preset": args.preset,
-           "activation_checkpointing": args.ac, "sp_strategy": args.sp_strategy,
+           "activation_checkpointing": args.ac, "compile": trainer.compiled,
+           "sp_strategy": args.sp_strategy,
            "sp_layout": args.sp_layout, "params": trainer.num_params,
            "flops_per_token": trainer.flops_per_token, "warmup": args.warmup, "steps": args.steps}
     try:
@@ -435,7 +445,7 @@ def throughput(args) -> dict:
 # ---- command line ----
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m seqpar.bench.longest",
+    p = argparse.ArgumentParser(prog="seqpar bench longest",
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -446,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--ac", dest="ac", action="store_true", default=True,
                         help="activation checkpointing (default on)")
     common.add_argument("--no-ac", dest="ac", action="store_false")
+    common.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the blocks (default: the trainer's, on for CUDA)")
     sizes = argparse.ArgumentParser(add_help=False)
     # (No option may be a prefix of a torchrun option, e.g. --max of --max-restarts:
     # torchrun would take it.)

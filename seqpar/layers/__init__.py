@@ -9,7 +9,7 @@ names used in model patterns to the classes; :func:`build_mixer` builds one by n
 from __future__ import annotations
 
 from .._checks import fail
-from ._common import Mixer
+from ._common import Mixer, RMSNorm, call_eager, use_graph_breaks
 from .attention import Attention, KVCache, apply_rope, default_positions
 from .hyena import Hyena, HyenaCache, ImplicitFilter
 from .linear import (
@@ -65,5 +65,5 @@ def build_mixer(name: str, *, d_model: int, n_heads: int, head_dim: int, n_kv_he
 
 __all__ = ["MIXERS", "Attention", "DeltaNet", "GLA", "GatedDeltaNet", "Hyena", "HyenaCache",
            "ImplicitFilter", "KVCache", "LinearAttention", "LinearCache", "LinearMixer", "MLSTM",
-           "Mamba2", "Mixer", "Retention", "SimpleGLA", "SwiGLU", "apply_rope", "build_mixer",
-           "check_mixer_name", "default_positions"]
+           "Mamba2", "Mixer", "RMSNorm", "Retention", "SimpleGLA", "SwiGLU", "apply_rope",
+           "build_mixer", "call_eager", "check_mixer_name", "default_positions", "use_graph_breaks"]

@@ -10,10 +10,66 @@ history for Hyena). ``state=`` continues from such a cache, so
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .._checks import fail
 from ..ops._validate import check_tensor
+
+
+def _call(op, *args, **kwargs):
+    return op(*args, **kwargs)
+
+
+# ``_call`` behind torch.compiler.disable, made when the first mixer is built rather than at
+# import: the disable wrapper imports torch._dynamo, which imports triton, and importing
+# seqpar must leave triton's set-up (e.g. TRITON_INTERPRET) to the caller.
+_graph_break = None
+
+
+def use_graph_breaks() -> None:
+    """Make :func:`call_eager` a ``torch.compile`` graph break (every :class:`Mixer` calls
+    this when built)."""
+    global _graph_break
+    if _graph_break is None:
+        _graph_break = torch.compiler.disable(_call)
+
+
+def call_eager(op, *args, **kwargs):
+    """``op(*args, **kwargs)`` outside any ``torch.compile`` graph.
+
+    Layers call the ops that launch their own kernels (the linear family, softmax
+    attention, the long convolution, and every op under sequence parallelism) through
+    this: they read the packed offsets on the host and choose kernels by them, which a
+    graph would have to specialize on (one recompilation per batch), and compiling them
+    would fuse nothing. A compiled block breaks its graph here and fuses what lies
+    around each call (norms, projections' epilogues, gates, the short convolution).
+    """
+    if _graph_break is not None:
+        return _graph_break(op, *args, **kwargs)
+    return op(*args, **kwargs)
+
+
+class RMSNorm(nn.Module):
+    """RMS normalization over the last dimension with a learned scale, as
+    ``nn.RMSNorm`` (same ``weight`` parameter), but with the weight cast to the input's
+    dtype: under autocast a bfloat16 input meets a float32 weight, and only matching
+    dtypes take PyTorch's fused kernel (which accumulates in float32 either way)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., dim) -> (..., dim) in x's dtype."""
+        return F.rms_norm(x, (self.dim,), self.weight.to(x.dtype), self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}"
 
 
 def check_hidden(x, d_model: int) -> tuple[int, int]:
@@ -52,6 +108,10 @@ class Mixer(nn.Module):
 
     d_model: int
     cache_type: type
+
+    def __init__(self):
+        super().__init__()
+        use_graph_breaks()
 
     def check_state(self, state, cu_seqlens, sp, output_state) -> None:
         """Validate forward's cache arguments (see :func:`check_cache_args`)."""

@@ -15,7 +15,7 @@ from torch import nn
 from .. import ops
 from .._checks import check_positive_int, fail
 from ..ops._validate import check_tensor
-from ._common import Mixer, check_hidden
+from ._common import Mixer, call_eager, check_hidden
 
 
 def default_positions(T: int, device: torch.device, cu_seqlens=None, sp=None) -> torch.Tensor:
@@ -128,7 +128,7 @@ class Attention(Mixer):
         k, v = self.kv_proj(x).view(B, T, 2, self.n_kv_heads, self.head_dim).unbind(2)
         q, k = apply_rope(q, position_ids, self.rope_theta), apply_rope(k, position_ids, self.rope_theta)
         if state is None:
-            o, _ = ops.softmax_attn(q, k, v, causal=True, cu_seqlens=cu_seqlens, sp=sp)
+            o, _ = call_eager(ops.softmax_attn, q, k, v, causal=True, cu_seqlens=cu_seqlens, sp=sp)
         else:
             k, v = torch.cat([state.k, k], 1), torch.cat([state.v, v], 1)
             o = self._attend_cached(q, k, v)

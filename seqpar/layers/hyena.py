@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 
 from .. import ops
 from .._checks import check_positive_int
-from ._common import Mixer, check_hidden
+from ._common import Mixer, call_eager, check_hidden
 
 
 class _Sin(nn.Module):
@@ -88,8 +89,9 @@ class ImplicitFilter(nn.Module):
         z = torch.cat([t[:, None], ang.cos(), -ang.sin()], -1).to(dtype)
         params = {k: v.to(dtype) for k, v in self.mlp.named_parameters()}
         with torch.autocast(dev.type, enabled=False):
-            h = torch.func.functional_call(self.mlp, params, (z,))  # (L, C)
-        window = torch.exp(-t.to(dtype)[:, None] * self.rates.to(dtype))
+            # In the parameters' dtype: float32, or bfloat16 under FSDP mixed precision.
+            h = self.mlp(z.to(self.mlp[0].weight.dtype)).float()  # (L, C)
+        window = torch.exp(-t.float()[:, None] * self.rates)
         return (h * window).t()
 
 
@@ -150,8 +152,9 @@ class Hyena(Mixer):
 
     def _mix(self, x, cu_seqlens, sp):
         D = self.d_model
-        u, _ = ops.short_conv(self.in_proj(x), self.conv_weight, activation=None,
-                              cu_seqlens=cu_seqlens, sp=sp)
+        short_conv = ops.short_conv if sp is None else partial(call_eager, ops.short_conv)
+        u, _ = short_conv(self.in_proj(x), self.conv_weight, activation=None, cu_seqlens=cu_seqlens,
+                          sp=sp)
         x0, x1, v = u.split(D, dim=-1)
         z = v * x1
         z = self._long_conv(z, cu_seqlens, sp) + z * self.skip.to(z.dtype)
@@ -159,7 +162,7 @@ class Hyena(Mixer):
 
     def _long_conv(self, z, cu_seqlens, sp):
         T = z.shape[1] * (1 if sp is None else sp.world)
-        return ops.long_conv(z, self.filter(T), cu_seqlens=cu_seqlens, sp=sp)
+        return call_eager(ops.long_conv, z, self.filter(T), cu_seqlens=cu_seqlens, sp=sp)
 
     def flops_per_token(self, seq_len: int) -> float:
         """FFT convolution per channel: three real FFTs of length 2T at about

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -24,7 +25,7 @@ from torch import nn
 
 from .. import ops
 from .._checks import check_positive_int
-from ._common import Mixer, check_hidden
+from ._common import Mixer, RMSNorm, call_eager, check_hidden
 
 # flash-linear-attention's normalizer for logsigmoid gates: keeps initial decays mild
 # (exp(logsigmoid(0) / 16) ~ 0.96) so early training sees long memories.
@@ -77,7 +78,7 @@ class LinearMixer(Mixer):
         self.qkv_proj = nn.Linear(d_model, 3 * inner, bias=False)
         self.conv_weight = nn.Parameter(torch.empty(3 * inner, conv_size))
         self.g_proj = nn.Linear(d_model, inner, bias=False)
-        self.o_norm = nn.RMSNorm(head_dim, eps=norm_eps)
+        self.o_norm = RMSNorm(head_dim, eps=norm_eps)
         self.o_proj = nn.Linear(inner, d_model, bias=False)
         self.build_gates()
         self.reset_parameters()
@@ -106,9 +107,11 @@ class LinearMixer(Mixer):
         return ()
 
     def _qkv(self, x, initial_conv, output_state, cu_seqlens, sp):
-        h, conv = ops.short_conv(self.qkv_proj(x), self.conv_weight, activation="silu",
-                                 initial_state=initial_conv, output_final_state=output_state,
-                                 cu_seqlens=cu_seqlens, sp=sp)
+        # Traced into a compiled block on one device; its SP path exchanges halos.
+        short_conv = ops.short_conv if sp is None else partial(call_eager, ops.short_conv)
+        h, conv = short_conv(self.qkv_proj(x), self.conv_weight, activation="silu",
+                             initial_state=initial_conv, output_final_state=output_state,
+                             cu_seqlens=cu_seqlens, sp=sp)
         return (*self._split(h), conv)
 
     def _split(self, h):
@@ -138,8 +141,9 @@ class LinearMixer(Mixer):
         self.check_state(state, cu_seqlens, sp, output_state)
         q, k, v, conv = self._qkv(x, None if state is None else state.conv, output_state,
                                   cu_seqlens, sp)
-        o, S = self.op(
-            q, k, v, *self.gates(x), initial_state=None if state is None else state.state,
+        o, S = call_eager(
+            self.op, q, k, v, *self.gates(x),
+            initial_state=None if state is None else state.state,
             output_final_state=output_state, cu_seqlens=cu_seqlens,
             chunk_size=self.chunk_size, backend=self.backend, sp=sp)
         return self._output(o, x), (LinearCache(conv, S) if output_state else None)

@@ -19,7 +19,8 @@ from torch import nn
 
 from .. import ops
 from ..ops._validate import fail
-from ._common import Mixer, check_hidden, check_positive_int
+from .._checks import check_positive_int
+from ._common import Mixer, check_hidden
 from .linear import LinearCache
 
 

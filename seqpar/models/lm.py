@@ -7,10 +7,12 @@ import torch
 from torch import nn
 
 from .._checks import fail
-from ..layers import ImplicitFilter, SwiGLU, build_mixer, default_positions
+from ..layers import (ImplicitFilter, RMSNorm, SwiGLU, build_mixer, default_positions,
+                      use_graph_breaks)
 from ..layers.attention import check_positions
 from ..ops._validate import check_tensor
 from .config import ModelConfig
+from .loss import linear_cross_entropy
 
 
 class Block(nn.Module):
@@ -18,13 +20,13 @@ class Block(nn.Module):
 
     def __init__(self, mixer: str, cfg: ModelConfig):
         super().__init__()
-        self.mixer_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mixer_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mixer = build_mixer(mixer, d_model=cfg.d_model, n_heads=cfg.n_heads,
                                  head_dim=cfg.head_dim, n_kv_heads=cfg.n_kv_heads,
                                  conv_size=cfg.conv_size, norm_eps=cfg.norm_eps,
                                  chunk_size=cfg.chunk_size, backend=cfg.backend,
                                  rope_theta=cfg.rope_theta, time_scale=cfg.max_seq_len)
-        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
 
     def reset_parameters(self, std: float, out_std: float) -> None:
@@ -63,7 +65,7 @@ class HybridLM(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(Block(name, config) for name in config.mixers)
-        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -80,21 +82,36 @@ class HybridLM(nn.Module):
             block.reset_parameters(std, out_std)
         self.norm.reset_parameters()
 
-    def _check_ids(self, input_ids, name="input_ids"):
+    def _check_ids(self, input_ids, name="input_ids", values=True):
+        """Type, shape and device; with ``values`` also the id range, which reads the ids
+        on the host (a wait for the device when they live there)."""
         check_tensor(name, input_ids, ndim=2, dtypes=(torch.int64, torch.int32),
                      device=self.embed.weight.device)
         if input_ids.shape[1] == 0:
             fail(name, "at least one token, shape (B, T >= 1)", f"shape {tuple(input_ids.shape)}")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= self.config.vocab_size:
-            fail(name, f"token ids in [0, {self.config.vocab_size})", f"ids in [{lo}, {hi}]")
+        if values:
+            check_token_ids(name, input_ids, self.config.vocab_size)
         return input_ids.shape
 
     def _logits(self, x):
         return self.lm_head(self.norm(x))
 
+    def hidden_states(self, input_ids: torch.Tensor, *, cu_seqlens=None, position_ids=None,
+                      sp=None, check_ids: bool = True) -> torch.Tensor:
+        """The final normalized hidden states (B, T, D), which the LM head maps to
+        logits; arguments as :meth:`forward`."""
+        B, T = self._check_ids(input_ids, values=check_ids)
+        if position_ids is None:
+            position_ids = default_positions(T, input_ids.device, cu_seqlens, sp)
+        else:
+            check_positions(position_ids, B, T, input_ids.device)
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x, _ = block(x, cu_seqlens=cu_seqlens, position_ids=position_ids, sp=sp)
+        return self.norm(x)
+
     def forward(self, input_ids: torch.Tensor, *, cu_seqlens=None, position_ids=None,
-                sp=None) -> torch.Tensor:
+                sp=None, check_ids: bool = True) -> torch.Tensor:
         """Next-token logits.
 
         Args:
@@ -106,18 +123,37 @@ class HybridLM(nn.Module):
             sp: a ``seqpar.parallel.SequenceParallel``; every mixer runs
                 sequence-parallel and the result is this rank's slice of the
                 single-device logits.
+            check_ids: check that the ids lie in the vocabulary (reads them on the host;
+                a caller that checked them there before moving them to the GPU passes
+                False, so the step never waits for the device).
         Returns:
             logits (B, T, vocab_size) in the compute dtype.
         """
-        B, T = self._check_ids(input_ids)
-        if position_ids is None:
-            position_ids = default_positions(T, input_ids.device, cu_seqlens, sp)
-        else:
-            check_positions(position_ids, B, T, input_ids.device)
-        x = self.embed(input_ids)
-        for block in self.blocks:
-            x, _ = block(x, cu_seqlens=cu_seqlens, position_ids=position_ids, sp=sp)
-        return self._logits(x)
+        return self.lm_head(self.hidden_states(input_ids, cu_seqlens=cu_seqlens,
+                                               position_ids=position_ids, sp=sp,
+                                               check_ids=check_ids))
+
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, *, cu_seqlens=None,
+             position_ids=None, sp=None, ignore_index: int = -100,
+             check_ids: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed next-token cross-entropy and the number of targets it sums.
+
+        The head and the loss run chunk by chunk of tokens
+        (:func:`seqpar.models.loss.linear_cross_entropy`), so the (tokens, vocab)
+        float32 logits are never whole. ``targets`` (B, T) int64 ids, ``ignore_index``
+        where no loss is taken; other arguments as :meth:`forward`. Returns
+        ``(loss_sum, count)``: float32 and int64 scalars on the model's device (no host
+        read).
+        """
+        B, T = self._check_ids(input_ids, values=check_ids)
+        check_tensor("targets", targets, shape=(B, T), dtypes=(torch.int64, torch.int32),
+                     device=input_ids.device)
+        h = self.hidden_states(input_ids, cu_seqlens=cu_seqlens, position_ids=position_ids,
+                               sp=sp, check_ids=False)
+        flat = targets.reshape(-1)
+        loss_sum = linear_cross_entropy(h.reshape(B * T, -1), self.lm_head.weight, flat,
+                                        ignore_index=ignore_index)
+        return loss_sum, (flat != ignore_index).sum()
 
     def prefill(self, input_ids: torch.Tensor):
         """Parallel forward over a prompt (B, T) that also returns the per-layer
@@ -183,6 +219,19 @@ class HybridLM(nn.Module):
                 logits, caches = self.step(tok, caches)
         return torch.cat(out, 1)
 
+    def compile_blocks(self, **options) -> None:
+        """``torch.compile`` every block's forward in place (regional compilation).
+
+        Blocks of one mixer type share their compiled code, so the compile time is that
+        of one block per type, not per layer. The mixers' own kernels run outside the
+        graphs (``seqpar.layers.call_eager``); what lies around them fuses. Module hooks
+        (activation checkpointing, FSDP) stay outside the compiled forward, so either
+        may be applied before or after. Parameter names do not change.
+        """
+        use_graph_breaks()
+        for block in self.blocks:
+            block.forward = torch.compile(block.forward, **options)
+
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameters (a tied embedding / head counted once); ``exclude_embeddings``
         leaves out the embedding table (and with it a tied head)."""
@@ -208,6 +257,13 @@ class HybridLM(nn.Module):
         if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:
             fail("seq_len", "an int >= 1", repr(seq_len))
         return 6.0 * self.matmul_params() + sum(b.mixer.flops_per_token(seq_len) for b in self.blocks)
+
+
+def check_token_ids(name: str, ids: torch.Tensor, vocab_size: int) -> None:
+    """Token ids in ``[0, vocab_size)`` (reads them on the host)."""
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        fail(name, f"token ids in [0, {vocab_size})", f"ids in [{lo}, {hi}]")
 
 
 def _sample(logits, temperature, top_k, generator):

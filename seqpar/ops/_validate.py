@@ -73,6 +73,14 @@ def host_offsets(cu_seqlens: torch.Tensor) -> list[int]:
     return list(offsets)
 
 
+def remember_offsets(cu_seqlens: torch.Tensor, offsets: Sequence[int]) -> None:
+    """Record that ``cu_seqlens`` holds ``offsets``: values the caller read on the host
+    before copying the tensor to the device, so that :func:`host_offsets` returns them
+    without reading the device (a training step then never waits for the GPU)."""
+    global _last_read
+    _last_read = (weakref.ref(cu_seqlens), cu_seqlens._version, tuple(int(x) for x in offsets))
+
+
 def check_cu_seqlens(cu_seqlens, batch: int, length: int, device: torch.device) -> list[int] | None:
     """Validate packed-sequence offsets and return them as a Python list.
 

@@ -3,10 +3,18 @@
 ``y_t = sum_{u <= t} kernel[:, u] * x_{t-u}`` with a per-channel kernel of length
 ``L <= T`` (zero past L). A circular convolution of length ``n >= T + L - 1`` equals the
 linear one on the first T outputs (nothing wraps around into them); ``n`` is rounded up
-to a 2^a 3^b 5^c size, which FFT libraries handle fastest. Packed documents
-(``cu_seqlens``) are convolved one by one: lags never reach across a document start.
+to a 2^a 3^b 5^c size, which FFT libraries handle fastest.
+
+Packed documents (``cu_seqlens``): lags never reach across a document start. Documents
+are grouped by length class (the power of two at or above their length), each class
+gathered into one zero-padded ``(n_docs, P, C)`` batch and convolved by one batched FFT,
+and the outputs added back into the stream; the padded work is under twice the stream
+and the number of FFT calls is at most ``log2 T + 1``, whatever the number of documents.
 """
 from __future__ import annotations
+
+import functools
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +79,39 @@ def long_conv(x, kernel, cu_seqlens=None, sp=None):
     offsets = check_cu_seqlens(cu_seqlens, B, T, x.device)
     if offsets is None:
         return _fft_conv(x, kernel)
-    return torch.cat([_fft_conv(x[:, s:e], kernel[:, :e - s]) for s, e in zip(offsets, offsets[1:])], 1)
+    y = x.new_zeros(T, C)
+    for P, index, valid in _length_classes(tuple(offsets), x.device):
+        n, flat, valid = index.shape[0], index.flatten(), valid.to(x.dtype)
+        xs = x[0].index_select(0, flat).view(n, P, C) * valid
+        ys = _fft_conv(xs, kernel[:, :min(L, P)]) * valid
+        y = y.index_add(0, flat, ys.flatten(0, 1))
+    return y[None]
+
+
+@functools.lru_cache(maxsize=64)
+def _length_classes(offsets: tuple[int, ...], device: torch.device):
+    """For each length class P (a power of two) of the documents in ``offsets``:
+    ``(P, index, valid)`` with ``index`` int64 (n, P) the stream positions of the class's
+    n documents padded to P (clamped into the stream) and ``valid`` (n, P, 1) float32, 1
+    on real tokens. Cached per offsets: every Hyena layer of a step shares them."""
+    T = offsets[-1]
+    classes: dict[int, list[int]] = {}
+    for s, e in itertools.pairwise(offsets):
+        classes.setdefault(1 << (e - s - 1).bit_length(), []).append(s)
+    out = []
+    for P, starts in sorted(classes.items()):
+        lengths = torch.tensor([b - a for a, b in itertools.pairwise(offsets) if a in set(starts)])
+        pos = torch.tensor(starts)[:, None] + torch.arange(P)
+        valid = (torch.arange(P) < lengths[:, None]).float()[..., None]
+        out.append((P, _to_device(pos.clamp(max=T - 1), device), _to_device(valid, device)))
+    return out
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without blocking the host (pinned, asynchronous)."""
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
 
 
 def _fft_conv(x, kernel):
@@ -93,7 +133,7 @@ def long_conv_reference(x, kernel, lags: int = 256, cu_seqlens=None):
     offsets = check_cu_seqlens(cu_seqlens, B, T, x.device)
     if offsets is not None:
         return torch.cat([_direct_conv(x[:, s:e], kernel[:, :e - s], lags)
-                          for s, e in zip(offsets, offsets[1:])], 1)
+                          for s, e in itertools.pairwise(offsets)], 1)
     return _direct_conv(x, kernel, lags)
 
 

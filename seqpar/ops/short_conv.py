@@ -4,16 +4,21 @@
 zeros, or the ``initial_state``: the last ``w - 1`` inputs before the sequence. The final
 state is the last ``w - 1`` inputs (for streaming / generation).
 
-Every sequence (batch row, or packed document) is laid out as ``[state, x]`` along time,
-all sequences are concatenated and one grouped ``F.conv1d`` without padding runs over
-the whole stream; the outputs whose window would straddle two sequences are dropped.
-That keeps packed documents apart without a Python loop of kernel launches.
+The convolution is a sum of ``w`` shifted copies of the input, one per tap, over the
+whole ``(B, T, C)`` tensor at once: batch rows are padded in front by their initial
+state (or zeros), and in a packed stream a tap that would reach across a document start
+is masked by the token's position in its document (the initial state's value stands in
+for it). So the cost is linear in the tokens whatever the number of rows or documents,
+there is no Python loop over either, and under ``torch.compile`` the taps fuse into one
+kernel forward and backward.
 
 Half-precision inputs are computed in float32: the weight and bias gradients are sums
-over every token, and rounding each term to bfloat16 on the way (in the activation's and
-the convolution's backward) ruins them when the terms cancel.
+over every token, and rounding each term to bfloat16 on the way ruins them when the
+terms cancel.
 """
 from __future__ import annotations
+
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +64,96 @@ def _check(x, weight, bias, activation, initial_state, output_final_state):
     return B, T, C, w
 
 
+def num_sequences(cu_seqlens, B: int, T: int, device) -> int:
+    """Validate ``cu_seqlens`` and return the number of sequences N (B, or documents).
+
+    Under ``torch.compile`` only its type, shape and dtype are checked: reading the
+    offsets would stop the graph (the eager ops of the same layer read and check them).
+    """
+    if cu_seqlens is None:
+        return B
+    if not torch.compiler.is_compiling():
+        return len(check_cu_seqlens(cu_seqlens, B, T, device)) - 1
+    check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32, torch.int64), device=device)
+    if B != 1:
+        fail("cu_seqlens", "batch size B == 1 with packed sequences", f"B = {B}")
+    return cu_seqlens.shape[0] - 1
+
+
+def document_index(cu_seqlens: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's document and its position in it: two int64 (T,) tensors on the
+    device of ``cu_seqlens`` (no host read)."""
+    cu = cu_seqlens.long()
+    t = torch.arange(T, device=cu.device)
+    doc = torch.searchsorted(cu[1:], t, right=True)
+    return doc, t - cu[doc]
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient: the initial state's
+    gradient is otherwise a transposed view, and collectives that sum it over ranks
+    (sequence parallelism) need contiguous buffers."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.contiguous()
+
+
+def _conv_rows(xc, wc, head):
+    """Batch rows: ``xc`` (B, T, C) after ``head`` (B, w - 1, C); returns the pre-activation
+    sum and the padded input."""
+    T, w = xc.shape[1], wc.shape[1]
+    xp = torch.cat([head, xc], 1)
+    y = None
+    for j in range(w):  # the taps: w is the (small, fixed) conv width
+        term = wc[:, j] * xp[:, j:j + T]
+        y = term if y is None else y + term
+    return y, xp
+
+
+def _conv_packed(xc, wc, cu_seqlens, head):
+    """One packed row ``xc`` (1, T, C); ``head`` (N, w - 1, C) or None. Tap ``j`` reads
+    ``s = w - 1 - j`` tokens back; where that crosses the token's document start it reads
+    the document's initial state (or zero) instead."""
+    T, w = xc.shape[1], wc.shape[1]
+    xp = F.pad(xc, (0, 0, w - 1, 0))
+    doc, pos = document_index(cu_seqlens, T)
+    y = None
+    for j in range(w):
+        s = w - 1 - j
+        src = xp[:, j:j + T]
+        if s == 0:
+            term = wc[:, j] * src
+        elif head is None:
+            term = wc[:, j] * src * (pos >= s).to(src.dtype)[None, :, None]
+        else:
+            fill = head[doc, (pos + j).clamp(max=w - 2)]  # (T, C): x_{pos - s} from the state
+            term = wc[:, j] * torch.where((pos >= s)[None, :, None], src, fill[None])
+        y = term if y is None else y + term
+    return y
+
+
+def _final_packed(xc, cu_seqlens, head, w: int):
+    """Last ``w - 1`` inputs of each packed document, (N, C, w - 1); from the initial
+    state (or zero) where a document is shorter than that."""
+    cu = cu_seqlens.long()
+    starts, ends = cu[:-1], cu[1:]
+    m = torch.arange(w - 1, device=xc.device)
+    idx = ends[:, None] - (w - 1) + m  # (N, w - 1) stream positions
+    inside = idx >= starts[:, None]
+    vals = xc[0, idx.clamp(min=0)]  # (N, w - 1, C)
+    if head is None:
+        fill = torch.zeros_like(vals)
+    else:
+        at = ((ends - starts)[:, None] + m).clamp(max=w - 2)  # index into [head, doc]
+        fill = head.gather(1, at[..., None].expand(-1, -1, head.shape[-1]))
+    return torch.where(inside[..., None], vals, fill).transpose(1, 2)
+
+
 def short_conv(x, weight, bias=None, activation="silu", initial_state=None,
                output_final_state=False, cu_seqlens=None, sp=None):
     """Causal depthwise convolution of width w.
@@ -81,36 +176,27 @@ def short_conv(x, weight, bias=None, activation="silu", initial_state=None,
     if sp is not None:
         return sp.short_conv(x, weight, bias, activation=activation, initial_state=initial_state,
                              output_final_state=output_final_state, cu_seqlens=cu_seqlens)
-    offsets = check_cu_seqlens(cu_seqlens, B, T, x.device)
-    if offsets is None:
-        offsets = list(range(0, B * T + 1, T))
-    N = len(offsets) - 1
+    N = num_sequences(cu_seqlens, B, T, x.device)
     cd = _compute_dtype(x)
+    head = None
     if initial_state is not None:
         check_tensor("initial_state", initial_state, shape=(N, C, w - 1))
-        head = initial_state.to(cd)
+        head = _ContiguousGrad.apply(initial_state).transpose(1, 2).to(cd)  # (N, w - 1, C)
+    xc, wc = x.to(cd), weight.to(cd)
+    if cu_seqlens is None or w == 1:  # width 1 never reaches back: rows and documents alike
+        if head is None:
+            head = xc.new_zeros(B, w - 1, C)
+        y, xp = _conv_rows(xc, wc, head.reshape(B, w - 1, C))
+        final = xp[:, T:].transpose(1, 2) if output_final_state else None
+        if final is not None and cu_seqlens is not None:
+            final = final.reshape(N, C, 0)
     else:
-        head = x.new_zeros(N, C, w - 1, dtype=cd)
-
-    stream = x.reshape(B * T, C).t().to(cd)  # (C, B*T): batch rows are sequences like documents
-    pieces = []
-    for i, (a, b) in enumerate(zip(offsets, offsets[1:])):
-        pieces += [head[i], stream[:, a:b]]
-    ext = torch.cat(pieces, 1)  # (C, B*T + N (w-1)): sequence i starts at a_i + i (w-1)
-    bias_ = None if bias is None else bias.to(cd)
-    y_ext = F.conv1d(ext[None], weight.to(cd)[:, None, :], bias_, groups=C)[0]
-
-    # sequence i's outputs are y_ext[:, a_i + i (w-1) : b_i + i (w-1)]. Taken as slices,
-    # whose backward is a copy: a gather by index would have a sorting scatter as its
-    # backward, one of the most expensive kernels of a training step on a GPU.
-    y = torch.cat([y_ext[:, a + i * (w - 1):b + i * (w - 1)]
-                   for i, (a, b) in enumerate(zip(offsets, offsets[1:]))], 1)
-    y = _act(y, activation).t().reshape(B, T, C).to(x.dtype)
-    if not output_final_state:
-        return y, None
-    ends = torch.tensor(offsets[1:], device=x.device) + torch.arange(N, device=x.device) * (w - 1)
-    final = ext[:, ends[:, None] + torch.arange(w - 1, device=x.device)]  # (C, N, w-1)
-    return y, final.transpose(0, 1).to(x.dtype)
+        y = _conv_packed(xc, wc, cu_seqlens, head)
+        final = _final_packed(xc, cu_seqlens, head, w) if output_final_state else None
+    if bias is not None:
+        y = y + bias.to(cd)
+    y = _act(y, activation).to(x.dtype)
+    return y, (None if final is None else final.to(x.dtype))
 
 
 def short_conv_step(x, weight, bias=None, activation="silu", state=None):
@@ -146,7 +232,7 @@ def short_conv_reference(x, weight, bias=None, activation="silu", initial_state=
     B, T, C, w = _check(x, weight, bias, activation, initial_state, output_final_state)
     offsets = check_cu_seqlens(cu_seqlens, B, T, x.device)
     docs = ([(b, 0, T) for b in range(B)] if offsets is None
-            else [(0, a, e) for a, e in zip(offsets, offsets[1:])])
+            else [(0, a, e) for a, e in itertools.pairwise(offsets)])
     wd = weight.to(torch.float64)
     ys, finals = [], []
     for i, (b, a, e) in enumerate(docs):

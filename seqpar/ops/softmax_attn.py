@@ -10,14 +10,31 @@ Public entry point: :func:`softmax_attn`. Building blocks for sequence paralleli
   the *final* (merged) output and log-sum-exp, for a ring backward that does not keep
   every partial result alive.
 
-Two engines compute a block. ``fused`` calls PyTorch's flash-attention kernels through
-``torch.ops.aten`` (the CPU flash kernel; on CUDA the FA2 kernel for float16/bfloat16 with
-head dims up to 256), the same entry points ``torch.distributed``'s context parallelism
-uses, because public SDPA does not return the log-sum-exp; differing or odd head dims are
-zero-padded to one the kernel takes. ``math`` is plain float32 (float64 for float64 input)
-PyTorch, chunked over queries to bound memory, for everything else (float32 on CUDA).
+Engines. :func:`softmax_attn` runs on the fastest one that applies, one call for the
+whole batch or packed stream:
+
+* ``cudnn`` -- cuDNN attention through ``torch.ops.aten`` (the kernel PyTorch's SDPA
+  picks on Hopper), with its log-sum-exp: CUDA, float16/bfloat16, one head dim for q, k
+  and v that cuDNN takes, no GQA, not packed;
+* ``flash`` -- PyTorch's flash-attention kernels (the CPU flash kernel; on CUDA FA2 for
+  float16/bfloat16, head dims up to 256, GQA); differing or odd head dims are
+  zero-padded to one the kernel takes;
+* ``varlen`` -- FA2's variable-length kernel for packed documents on CUDA: one call over
+  the stream, attention block-diagonal by ``cu_seqlens``;
+* ``math`` -- plain float32 (float64 for float64 input) PyTorch, tiled over queries to
+  bound memory, each tile reading only the keys it can see (its documents, the causal
+  past); everything else (float32 on CUDA, packed input on CPU).
+
+The SP building blocks (:func:`attn_block`, :func:`attn_block_backward`) run on
+``flash`` or ``math``: the ring needs the backward from a given (merged) output and
+log-sum-exp. The entry points are the ones ``torch.distributed``'s context parallelism
+uses, because public SDPA does not return the log-sum-exp.
 """
 from __future__ import annotations
+
+import bisect
+import itertools
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -154,53 +171,71 @@ def _reduce_heads(dx: torch.Tensor, groups: int) -> torch.Tensor:
     return dx if groups == 1 else dx.unflatten(1, (-1, groups)).sum(2)
 
 
-def _math_tiles(q, k, scale: float, causal: bool):
-    """Yield ``(rows, scores)`` tiles: query rows slice and its (B, H, r, S) scaled,
-    masked scores in the compute dtype (float64 stays float64, else float32)."""
+def _doc_ids(offsets, n: int, device) -> torch.Tensor:
+    """int64 (n,): the packed document of each position, from host ``offsets``."""
+    lengths = torch.tensor([e - s for s, e in itertools.pairwise(offsets)])
+    return torch.repeat_interleave(torch.arange(len(lengths)), lengths).to(device)
+
+
+def _math_tiles(q, k, scale: float, causal: bool, offsets=None):
+    """Yield ``(rows, keys, scores)`` tiles: a query rows slice, the slice of keys those
+    rows can see (from the start of the first row's document, up to the last row when
+    causal) and their (B, H, r, s) scaled, masked scores in the compute dtype (float64
+    stays float64, else float32). ``offsets``: host document offsets (packed, S == T)."""
     B, H, T, _ = q.shape
     S = k.shape[2]
     rows = max(1, _MATH_TILE // max(1, B * H * S))
     cd = _acc_dtype(q)
-    kc = k.to(cd)
+    doc = None if offsets is None else _doc_ids(offsets, T, q.device)
     for r0 in range(0, T, rows):
-        r = slice(r0, min(T, r0 + rows))
-        s = (q[:, :, r].to(cd) @ kc.transpose(-1, -2)) * scale
+        r1 = min(T, r0 + rows)
+        k0, k1 = 0, (r1 if causal else S)
+        if offsets is not None:
+            k0 = offsets[bisect.bisect_right(offsets, r0) - 1]
+            if not causal:
+                k1 = offsets[bisect.bisect_left(offsets, r1)]
+        r, ks = slice(r0, r1), slice(k0, k1)
+        s = (q[:, :, r].to(cd) @ k[:, :, ks].to(cd).transpose(-1, -2)) * scale
+        hide = None
         if causal:
-            i = torch.arange(r.start, r.stop, device=q.device)[:, None]
-            s = s.masked_fill(torch.arange(S, device=q.device) > i, float("-inf"))
-        yield r, s
+            hide = torch.arange(k0, k1, device=q.device) > torch.arange(r0, r1, device=q.device)[:, None]
+        if doc is not None:
+            other = doc[ks][None, :] != doc[r][:, None]
+            hide = other if hide is None else hide | other
+        if hide is not None:
+            s = s.masked_fill(hide, float("-inf"))
+        yield r, ks, s
 
 
-def _math_fwd(q, k, v, scale: float, causal: bool):
+def _math_fwd(q, k, v, scale: float, causal: bool, offsets=None):
     G = q.shape[1] // k.shape[1]
     k, v = _expand_heads(k, G), _expand_heads(v, G)
     o = q.new_empty(*q.shape[:3], v.shape[-1], dtype=_acc_dtype(q))
     lse = q.new_empty(q.shape[:3], dtype=o.dtype)
-    vc = v.to(o.dtype)
-    for r, s in _math_tiles(q, k, scale, causal):
+    for r, ks, s in _math_tiles(q, k, scale, causal, offsets):
         lse[:, :, r] = s.logsumexp(-1)
-        o[:, :, r] = (s - lse[:, :, r, None]).exp() @ vc
+        o[:, :, r] = (s - lse[:, :, r, None]).exp() @ v[:, :, ks].to(o.dtype)
     return o, lse
 
 
-def _math_bwd(do, q, k, v, o, lse, scale: float, causal: bool, dlse=None):
+def _math_bwd(do, q, k, v, o, lse, scale: float, causal: bool, dlse=None, offsets=None):
     """``dS = P * (dP - rowsum(dO * O) + dlse)`` tile by tile, P recomputed from lse."""
     G = q.shape[1] // k.shape[1]
     k, v = _expand_heads(k, G), _expand_heads(v, G)
     cd = _acc_dtype(q)
-    kc, vc, do, o = k.to(cd), v.to(cd), do.to(cd), o.to(cd)
+    do, o = do.to(cd), o.to(cd)
     dq = torch.empty(q.shape, dtype=cd, device=q.device)
     dk = torch.zeros(k.shape, dtype=cd, device=q.device)
     dv = torch.zeros(v.shape, dtype=cd, device=q.device)
     delta = (do * o).sum(-1)
     if dlse is not None:
         delta = delta - dlse.to(cd)
-    for r, s in _math_tiles(q, k, scale, causal):
+    for r, ks, s in _math_tiles(q, k, scale, causal, offsets):
         p = (s - lse[:, :, r, None].to(cd)).exp()
-        dv += p.transpose(-1, -2) @ do[:, :, r]
-        ds = p * (do[:, :, r] @ vc.transpose(-1, -2) - delta[:, :, r, None]) * scale
-        dq[:, :, r] = ds @ kc
-        dk += ds.transpose(-1, -2) @ q[:, :, r].to(cd)
+        dv[:, :, ks] += p.transpose(-1, -2) @ do[:, :, r]
+        ds = p * (do[:, :, r] @ v[:, :, ks].to(cd).transpose(-1, -2) - delta[:, :, r, None]) * scale
+        dq[:, :, r] = ds @ k[:, :, ks].to(cd)
+        dk[:, :, ks] += ds.transpose(-1, -2) @ q[:, :, r].to(cd)
     return dq, _reduce_heads(dk, G), _reduce_heads(dv, G)
 
 
@@ -334,6 +369,176 @@ def attn_block_backward(do, q, k, v, o, lse, *, causal: bool, scale: float | Non
     return _bhtd(dq).to(acc), _bhtd(dk).to(acc), _bhtd(dv).to(acc)
 
 
+# ---- the public op's engines: (B, T, H, D) tensors; o in q's dtype, lse (B, H, T) float32 ----
+
+# Cleared when a cuDNN call fails on this machine (an old cuDNN, an unsupported GPU); the
+# flash kernel then serves instead, with one warning.
+_cudnn_usable = True
+
+
+def _cudnn_fits(q, k, v, causal: bool) -> bool:
+    """Whether cuDNN attention takes these (B, T, H, D) tensors, as SDPA would decide."""
+    if not (_cudnn_usable and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    D = q.shape[-1]
+    if k.shape[2] != q.shape[2] or v.shape[-1] != D or D % 8 or D > 128:
+        return False
+    try:
+        # As the kernel will see them: (B, T, H, D)-contiguous, viewed as (B, H, T, D).
+        x = _bhtd(q if q.is_contiguous() else torch.empty_like(q, memory_format=torch.contiguous_format))
+        params = torch.backends.cuda.SDPAParams(x, x, x, None, 0.0, causal, False)
+        return bool(torch.backends.cuda.can_use_cudnn_attention(params, False))
+    except (AttributeError, TypeError, RuntimeError):
+        return False
+
+
+def _engine(q, k, v, causal: bool, packed: bool) -> str:
+    if _fused_dim(q, v) is None:
+        return "math"
+    if q.device.type != "cuda":
+        return "math" if packed else "flash"
+    if packed:
+        return "varlen"
+    return "cudnn" if _cudnn_fits(q, k, v, causal) else "flash"
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """A (B, T, H, D) tensor with rows of unit stride along D (what the kernels read)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+# Each engine: ``fwd(q, k, v, scale, causal, pack) -> (o, lse, saved, meta)`` and
+# ``bwd(do, q, k, v, o, lse, saved, meta, scale, causal, pack) -> (dq, dk, dv)``, all in
+# (B, T, H, D) layout; ``saved`` are the tensors the backward needs beyond q, k, v, o and
+# lse (kept through ``save_for_backward``, so activation checkpointing frees them too),
+# ``meta`` its other values.
+
+def _cudnn_fwd(q, k, v, scale, causal, pack):
+    q, k, v = (_bhtd(x) for x in (q, k, v))
+    o, lse, cq, ck, mq, mk, seed, offset, _ = _aten._scaled_dot_product_cudnn_attention(
+        q, k, v, None, True, 0.0, causal, False, scale=scale)
+    return _bhtd(o), lse[..., 0], (seed, offset), (cq, ck, mq, mk)
+
+
+def _cudnn_bwd(do, q, k, v, o, lse, saved, meta, scale, causal, pack):
+    (seed, offset), (cq, ck, mq, mk) = saved, meta
+    o4 = _bhtd(o)  # the kernel's output as it wrote it
+    # cuDNN reads the output gradient with the output's strides.
+    do = _bhtd(do.to(o.dtype))
+    if do.stride() != o4.stride():
+        do = torch.empty_strided(o4.shape, o4.stride(), dtype=o4.dtype, device=o4.device).copy_(do)
+    dq, dk, dv = _aten._scaled_dot_product_cudnn_attention_backward(
+        do, *(_bhtd(x) for x in (q, k, v)), o4, lse[..., None].contiguous(), seed, offset, None,
+        cq, ck, mq, mk, 0.0, causal, scale=scale)
+    return _bhtd(dq), _bhtd(dk), _bhtd(dv)
+
+
+def _flash_fwd_pub(q, k, v, scale, causal, pack):
+    o, lse = _fused_fwd(_bhtd(q), _bhtd(k), _bhtd(v), scale, causal, _fused_dim(q, v))
+    return _bhtd(o), lse, (), ()
+
+
+def _flash_bwd_pub(do, q, k, v, o, lse, saved, meta, scale, causal, pack):
+    dq, dk, dv = _fused_bwd(_bhtd(do), _bhtd(q), _bhtd(k), _bhtd(v), _bhtd(o), lse, scale,
+                            causal, _fused_dim(q, v))
+    return _bhtd(dq), _bhtd(dk), _bhtd(dv)
+
+
+def _varlen_fwd(q, k, v, scale, causal, pack):
+    """FA2 over the packed stream (B == 1): inputs (T, H, P) with cu_seqlens."""
+    cu, offsets = pack
+    P = _fused_dim(q, v)
+    longest = max(e - s for s, e in itertools.pairwise(offsets))
+    q3, k3, v3 = (_rows(_pad(x[0], P)) for x in (q, k, v))
+    o, lse, rng, unused, _ = _aten._flash_attention_forward(
+        q3, k3, v3, cu, cu, longest, longest, 0.0, causal, False, scale=scale)
+    return o[None, ..., :v.shape[-1]], lse[None], (o, rng, unused), (longest,)
+
+
+def _varlen_bwd(do, q, k, v, o, lse, saved, meta, scale, causal, pack):
+    cu, _ = pack
+    (o3, rng, unused), (longest,) = saved, meta
+    P = o3.shape[-1]
+    q3, k3, v3, do3 = (_rows(_pad(x[0], P)) for x in (q, k, v, do.to(q.dtype)))
+    dq, dk, dv = _aten._flash_attention_backward(
+        do3, q3, k3, v3, o3, lse[0].contiguous(), cu, cu, longest, longest, 0.0, causal, rng, unused,
+        scale=scale)
+    D = q.shape[-1]
+    return dq[None, ..., :D], dk[None, ..., :D], dv[None, ..., :v.shape[-1]]
+
+
+def _math_fwd_pub(q, k, v, scale, causal, pack):
+    o, lse = _math_fwd(_bhtd(q), _bhtd(k), _bhtd(v), scale, causal, pack and pack[1])
+    return _bhtd(o), lse, (), ()
+
+
+def _math_bwd_pub(do, q, k, v, o, lse, saved, meta, scale, causal, pack, dlse=None):
+    dq, dk, dv = _math_bwd(_bhtd(do), _bhtd(q), _bhtd(k), _bhtd(v), _bhtd(o), lse, scale,
+                           causal, dlse, pack and pack[1])
+    return _bhtd(dq), _bhtd(dk), _bhtd(dv)
+
+
+_ENGINES = {"cudnn": (_cudnn_fwd, _cudnn_bwd), "flash": (_flash_fwd_pub, _flash_bwd_pub),
+            "varlen": (_varlen_fwd, _varlen_bwd), "math": (_math_fwd_pub, _math_bwd_pub)}
+
+
+class _Attention(torch.autograd.Function):
+    """:func:`softmax_attn` on one device: (B, T, H, D) in, o (B, T, H, Dv) in q's dtype
+    and lse (B, H, T) float32 (float64 for float64 input) out, both differentiable.
+
+    A gradient reaching lse is handled by the math engine directly; on the kernels by
+    ``d lse_i / d s_ij = P_ij``: ``dq_i += scale dlse_i (P k)_i`` (attention with values
+    k) and ``dk_j += scale (P^T (dlse q))_j`` (that attention's value gradient for the
+    output gradient ``dlse q``), one more forward and backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float, causal: bool, pack, engine: str):
+        o, lse, saved, meta = _ENGINES[engine][0](q, k, v, scale, causal, pack)
+        ctx.save_for_backward(q, k, v, o, lse, *saved)
+        ctx.meta, ctx.scale, ctx.causal, ctx.pack, ctx.engine = meta, scale, causal, pack, engine
+        ctx.set_materialize_grads(False)
+        return o.to(q.dtype), lse.to(_acc_dtype(q))
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse, *saved = ctx.saved_tensors
+        fwd, bwd = _ENGINES[ctx.engine]
+        args = (ctx.scale, ctx.causal, ctx.pack)
+        if ctx.engine == "math":
+            do = torch.zeros_like(o) if do is None else do
+            dq, dk, dv = bwd(do, q, k, v, o, lse, saved, ctx.meta, *args, dlse=dlse)
+        else:
+            if do is None:
+                dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+            else:
+                dq, dk, dv = bwd(do, q, k, v, o, lse, saved, ctx.meta, *args)
+            if dlse is not None:
+                o_k, _, saved_k, meta_k = fwd(q, k, k, *args)
+                w = dlse.to(torch.float32).transpose(1, 2)[..., None]  # (B, T, H, 1)
+                _, _, dk_l = bwd((w * q.float()).to(q.dtype), q, k, k, o_k, lse, saved_k, meta_k,
+                                 *args)
+                dq = dq.float() + ctx.scale * w * o_k.float()
+                dk = dk.float() + ctx.scale * dk_l.float()
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def _run_attention(q, k, v, scale, causal, pack):
+    global _cudnn_usable
+    engine = _engine(q, k, v, causal, pack is not None)
+    if engine != "cudnn":
+        return _Attention.apply(q, k, v, scale, causal, pack, engine)
+    try:
+        # cuDNN gets (B, T, H, D)-contiguous tensors, the layout SDPA hands it from
+        # projections (keys and values split from one projection are strided); copied
+        # here, before the op, so that only the copies are kept for the backward.
+        return _Attention.apply(*(x.contiguous() for x in (q, k, v)), scale, causal, pack, engine)
+    except RuntimeError as e:
+        _cudnn_usable = False
+        warnings.warn(f"seqpar.ops.softmax_attn: cuDNN attention failed ({str(e)[:200]}); "
+                      "using the flash kernel from now on", stacklevel=3)
+        return _Attention.apply(q, k, v, scale, causal, pack, "flash")
+
+
 @autocast_inputs
 def softmax_attn(q, k, v, *, causal: bool = True, scale=None, cu_seqlens=None, sp=None):
     """Softmax attention returning the log-sum-exp.
@@ -346,7 +551,7 @@ def softmax_attn(q, k, v, *, causal: bool = True, scale=None, cu_seqlens=None, s
         scale: score scale, default ``D ** -0.5``.
         cu_seqlens: int32 (N + 1,) document offsets of packed input (``B == 1``,
             ``S == T``): attention never crosses a document boundary (block-diagonal,
-            causal within a document if ``causal``). Documents run one after another.
+            causal within a document if ``causal``), in one kernel call for the stream.
         sp: a ``seqpar.parallel.SequenceParallel``; each rank passes its own shard.
     Returns:
         o: (B, T, H, Dv) in q's dtype; lse: (B, H, T) float32 (float64 for float64 input),
@@ -357,14 +562,10 @@ def softmax_attn(q, k, v, *, causal: bool = True, scale=None, cu_seqlens=None, s
     if sp is not None:
         return sp.softmax_attn(q, k, v, causal=causal, scale=scale, cu_seqlens=cu_seqlens)
     offsets = _check_packed(cu_seqlens, B, T, S, q.device)
-    if offsets is None:
-        o, lse = attn_block(q, k, v, causal=causal, scale=scale)
-    else:
-        parts = [attn_block(q[:, a:b], k[:, a:b], v[:, a:b], causal=causal, scale=scale)
-                 for a, b in zip(offsets, offsets[1:])]
-        o = torch.cat([p[0] for p in parts], 1)
-        lse = torch.cat([p[1] for p in parts], 2)
-    return o.to(q.dtype), lse
+    pack = None
+    if offsets is not None and len(offsets) > 2:
+        pack = (cu_seqlens.to(torch.int32), tuple(offsets))
+    return _run_attention(q, k, v, scale, causal, pack)
 
 
 def softmax_attn_reference(q, k, v, causal: bool = True, scale=None, cu_seqlens=None):
@@ -384,7 +585,7 @@ def softmax_attn_reference(q, k, v, causal: bool = True, scale=None, cu_seqlens=
     visible = (j <= i) if causal else torch.ones(T, S, dtype=torch.bool, device=q.device)
     offsets = _check_packed(cu_seqlens, B, T, S, q.device)
     if offsets is not None:
-        lengths = torch.tensor([b - a for a, b in zip(offsets, offsets[1:])], device=q.device)
+        lengths = torch.tensor([b - a for a, b in itertools.pairwise(offsets)], device=q.device)
         doc = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths)
         visible = visible & (doc[:, None] == doc[None, :])
     s = s.masked_fill(~visible, float("-inf"))

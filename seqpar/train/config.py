@@ -79,6 +79,8 @@ class TrainConfig:
         lr, min_lr_ratio, warmup, weight_decay, betas, grad_clip: AdamW with linear
             warmup to ``lr`` then cosine decay to ``min_lr_ratio * lr``.
         activation_checkpointing: recompute each block in backward.
+        compile: ``torch.compile`` each block (regional compilation); None: on for CUDA,
+            off on CPU.
         dtype: 'auto' (bf16 autocast on GPU, float32 on CPU), 'bf16' or 'fp32'.
         seed: model init and data order.
         eval_docs: documents held out for the evaluation loss.
@@ -112,6 +114,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     activation_checkpointing: bool | None = None
+    compile: bool | None = None
     dtype: str = "auto"
     seed: int = 0
     eval_docs: int = 8
@@ -319,11 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=d.dtype, choices=("auto", "bf16", "fp32"),
                    help="auto: bf16 autocast on GPU, float32 on CPU")
     g.add_argument("--activation-checkpointing", action="store_true", default=None,
-                   help="recompute each block in backward (default: preset, on for 1b only)")
+                   help="recompute each block in backward")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads per process (default: $OMP_NUM_THREADS if set, which "
                         "torchrun sets to 1; else one per 256 of model width, at most the cores "
                         "of this process over the processes on this machine)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile each block (default: on for CUDA, off on CPU)")
     g = p.add_argument_group("optimization")
     g.add_argument("--steps", type=int, default=None,
                    help="total optimizer steps, which the schedule spans (default: preset)")

@@ -10,12 +10,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.distributed._composable import checkpoint as activation_checkpoint
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import (FSDPModule, MixedPrecisionPolicy, fully_shard,
+                                    register_fsdp_forward_method)
 
-from ..models import HybridLM, ModelConfig
+from ..models import HybridLM, ModelConfig, check_token_ids
+from ..ops._validate import remember_offsets
 from ..parallel import SequenceParallel, shard
 from . import checkpoint
 from .config import ConfigError, TrainConfig, resolve
@@ -54,6 +55,15 @@ class Trainer:
     count of the whole global batch``. Summed over data and sequence ranks this is
     exactly the single-device loss of the global batch, whatever the number of ignored
     targets on each rank.
+
+    Speed: every block is compiled (``cfg.compile``, default on CUDA); the optimizer is
+    AdamW's fused kernel on CUDA; in bf16, FSDP2 keeps float32 master weights and
+    gathers bfloat16 copies (``MixedPrecisionPolicy``), and on one device autocast casts
+    them per matmul; the loss never forms whole float32 logits
+    (``HybridLM.loss``). A step makes no host synchronization: batches go to the GPU
+    from pinned memory without blocking, their ids are checked on the host before,
+    their packed offsets are handed to the ops from the host copy, and the loss and
+    gradient norm come back as device tensors (read only at log steps).
     """
 
     def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, env: DistEnv):
@@ -62,13 +72,20 @@ class Trainer:
         model = HybridLM(model_cfg).to(env.device)
         self.flops_per_token = model.flops_per_token(cfg.seq_len)
         self.num_params = model.num_params()
+        use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and env.device.type == "cuda")
+        self.compiled = cfg.compile if cfg.compile is not None else env.device.type == "cuda"
         if cfg.activation_checkpointing:
             for block in model.blocks:
                 activation_checkpoint(block)
+        if self.compiled:
+            model.compile_blocks()
         if env.distributed:
+            mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                  if use_bf16 else MixedPrecisionPolicy())
             for block in model.blocks:
-                fully_shard(block, mesh=env.fsdp_mesh)
-            fully_shard(model, mesh=env.fsdp_mesh)
+                fully_shard(block, mesh=env.fsdp_mesh, mp_policy=mp)
+            fully_shard(model, mesh=env.fsdp_mesh, mp_policy=mp)
+            register_fsdp_forward_method(model, "loss")
             for m in model.modules():
                 if isinstance(m, FSDPModule):
                     m.set_gradient_divide_factor(1.0)
@@ -81,13 +98,38 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=cfg.betas)
+            lr=cfg.lr, betas=cfg.betas, fused=env.device.type == "cuda" or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, warmup=cfg.warmup, steps=cfg.steps,
                                                 min_ratio=cfg.min_lr_ratio))
-        use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and env.device.type == "cuda")
         self._autocast = (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) if use_bf16 \
             else contextlib.nullcontext
+
+    def to_device(self, batch: Batch) -> Batch:
+        """A host batch on this rank's device without blocking the host.
+
+        The ids are checked against the vocabulary here, on the host; on CUDA the
+        tensors go through pinned memory as asynchronous copies, and the host values of
+        ``cu_seqlens`` are registered for the ops (``remember_offsets``), which would
+        otherwise read them back from the GPU."""
+        check_token_ids("input_ids", batch.input_ids, self.model.config.vocab_size)
+        if self.env.device.type == "cuda":
+            def move(x):
+                return x.pin_memory().to(self.env.device, non_blocking=True)
+
+            cu = None
+            if batch.cu_seqlens is not None:
+                cu = move(batch.cu_seqlens)
+                remember_offsets(cu, batch.cu_seqlens.tolist())
+            batch = Batch(move(batch.input_ids), move(batch.targets), cu)
+        else:
+            batch = batch.to(self.env.device)
+            if batch.cu_seqlens is not None:
+                remember_offsets(batch.cu_seqlens, batch.cu_seqlens.tolist())
+        if self.compiled and batch.cu_seqlens is not None:
+            # The number of documents varies by batch: one graph for all of them.
+            torch._dynamo.maybe_mark_dynamic(batch.cu_seqlens, 0)
+        return batch
 
     def shard(self, batch: Batch) -> Batch:
         """This rank's SP shard of a data-parallel rank's whole batch (itself without SP)."""
@@ -99,10 +141,8 @@ class Trainer:
         """Summed token loss (float32) and target count of this rank's shard of ``batch``."""
         batch = self.shard(batch)
         with self._autocast():
-            logits = self.model(batch.input_ids, cu_seqlens=batch.cu_seqlens, sp=self.sp)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
-        return loss, (batch.targets != IGNORE_INDEX).sum()
+            return self.model.loss(batch.input_ids, batch.targets, cu_seqlens=batch.cu_seqlens,
+                                   sp=self.sp, ignore_index=IGNORE_INDEX, check_ids=False)
 
     def forward_backward(self, batch: Batch) -> torch.Tensor:
         """Accumulate the gradient of the global mean token loss; returns that loss
@@ -285,7 +325,7 @@ def _train(plan: Plan, env: DistEnv, t0: float) -> RunResult:
         f"{env.device.type}, {tokens_per_step} tokens/step, "
         + (f"steps {start + 1}..{stop} of {cfg.steps}" if start < stop else f"no steps left of {cfg.steps}")
         + (f", resumed from {resume}" if resume else "") + f" -> {out}")
-    eval_batches = [eval_loader.batch(i).to(env.device) for i in range(cfg.eval_batches)]
+    eval_batches = [trainer.to_device(eval_loader.batch(i)) for i in range(cfg.eval_batches)]
     meta = {"model": model_cfg.to_dict(), "tokenizer": tokenizer.describe(), "world": env.world,
             "dp": env.dp, "sp": env.sp, "config": _jsonable(dataclasses.asdict(cfg)),
             "torch": torch.__version__}
@@ -293,7 +333,7 @@ def _train(plan: Plan, env: DistEnv, t0: float) -> RunResult:
     mark_t, mark_step = time.perf_counter(), start
     try:
         for step in range(start, stop):
-            loss, grad_norm = trainer.step(train_loader.batch(step).to(env.device))
+            loss, grad_norm = trainer.step(trainer.to_device(train_loader.batch(step)))
             done = step + 1
             steps.append(done)
             losses.append(loss)
