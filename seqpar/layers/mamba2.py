@@ -20,7 +20,7 @@ from torch import nn
 from .. import ops
 from ..ops._validate import fail
 from .._checks import check_positive_int
-from ._common import Mixer, check_hidden
+from ._common import Mixer, call_eager, check_hidden
 from .linear import LinearCache
 
 
@@ -121,7 +121,7 @@ class Mamba2(Mixer):
                                    initial_state=None if state is None else state.conv,
                                    output_final_state=output_state, cu_seqlens=cu_seqlens, sp=sp)
         u, B, C = self._split(xbc)
-        y, S = ops.mamba2(u, dt, self._A(), B, C, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
+        y, S = call_eager(ops.mamba2, u, dt, self._A(), B, C, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
                           initial_state=None if state is None else state.state,
                           output_final_state=output_state, cu_seqlens=cu_seqlens,
                           chunk_size=self.chunk_size, backend=self.backend, sp=sp)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ops._validate import check_cu_seqlens, check_state
-from ..ops.linear.engine import Sequences, apply
+from ..ops.linear.engine import Sequences, apply, to_device
 from ._geometry import Geometry, chunk_pieces
 from ._util import dtype_code, offsets_digest
 
@@ -102,7 +102,7 @@ def _plan_index(plan: Plan, device: torch.device) -> PlanIndex:
         return [u if u >= 0 else r for _, u in pairs for r in range(B)]
 
     def t(x, dtype=torch.long):
-        return torch.tensor(x, dtype=dtype).to(device)
+        return to_device(x, dtype, device)
 
     n_local = len(plan.head)
     at = [i * B + r for i in range(n_local) if plan.head[i] for r in range(B)]

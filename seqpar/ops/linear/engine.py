@@ -49,6 +49,16 @@ class Sequences:
         return out
 
 
+def to_device(values, dtype: torch.dtype, device) -> torch.Tensor:
+    """A host list as a tensor on ``device`` without blocking the host: through pinned
+    memory on CUDA (a pageable copy waits for the device's queue to drain)."""
+    t = torch.tensor(values, dtype=dtype)
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def apply(M: torch.Tensor, S: torch.Tensor, transpose: bool = False) -> torch.Tensor:
     """``M S`` (or ``M^T S``) for a transition M of any engine and states S (..., K, Vs)."""
     if M.shape[-1] == 1:
@@ -232,13 +242,18 @@ class Segments:
             seg.extend(cuts)
         self.offsets = seg
         self.split = len(seg) > len(offsets)
-        long = dict(dtype=torch.long, device=device)
-        first = torch.tensor([0] + counts, **long).cumsum(0)
-        self.first_of_seg = first[:-1][torch.tensor(seq_of, **long)]  # (n_seg,)
-        self.last_of_seq = first[1:] - 1  # (N,)
-        self.counts = torch.tensor(counts, **long)  # segments per sequence
-        self.tokens = torch.tensor(tokens, **long)  # tokens per segment
-        self.seq_of = torch.tensor(seq_of, **long)
+        firsts = [0]
+        for c in counts:
+            firsts.append(firsts[-1] + c)
+
+        def dev(x):
+            return to_device(x, torch.long, device)
+
+        self.first_of_seg = dev([firsts[n] for n in seq_of])  # (n_seg,)
+        self.last_of_seq = dev([f - 1 for f in firsts[1:]])  # (N,)
+        self.counts = dev(counts)  # segments per sequence
+        self.tokens = dev(tokens)  # tokens per segment
+        self.seq_of = dev(seq_of)
 
     def decays(self, g: torch.Tensor | None):
         """Log decays of a packed gate stream g (1, TT, H[, K]) (natural log, <= 0):
