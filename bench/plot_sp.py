@@ -244,7 +244,8 @@ def summary(sp, train, longest) -> str:
                   "|---|---|---|---|---|---|---|"]
         for r in train.get("runs", []):
             if "error" in r:
-                lines.append(f"| {r['world']} | {r['seq_len']} | {r['activation_checkpointing']} | error: {r['error'][:100]} | | | |")
+                lines.append(f"| {r['world']} | {r['seq_len']} | {r['activation_checkpointing']} "
+                             f"| error: {r['error'][:100]} | | | |")
                 continue
             mfu = r.get("mfu")
             lines.append(f"| {r['world']} | {r['seq_len']} | {r['activation_checkpointing']} | "

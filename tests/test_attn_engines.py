@@ -13,8 +13,8 @@ import importlib
 
 import pytest
 import torch
-from conftest import rel_err
 
+from conftest import rel_err
 from seqpar import ops
 
 attn_mod = importlib.import_module("seqpar.ops.softmax_attn")
@@ -69,7 +69,7 @@ class FakeAten:
         self.calls.append("varlen_bwd")
         dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
         for s, e in self._docs(cq):
-            b = lambda x: x[s:e].transpose(0, 1)[None]  # noqa: E731
+            b = lambda x: x[s:e].transpose(0, 1)[None]  # noqa: E731, B023
             g = cpu_bwd(b(do).contiguous(), b(q), b(k), b(v), b(o), lse[None, :, s:e].contiguous(),
                         0.0, causal, scale=scale)
             for dst, src in zip((dq, dk, dv), g):

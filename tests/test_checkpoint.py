@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from seqpar.train import main, run
-from seqpar.train import checkpoint as ckpt
-from seqpar.train.config import ConfigError
 from test_train import small_cfg, write_corpus
+
+from seqpar.train import checkpoint as ckpt
+from seqpar.train import main, run
+from seqpar.train.config import ConfigError
 
 PATTERN = "gdn,attn"
 SHARD = "__0_0.distcp"

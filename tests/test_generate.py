@@ -10,17 +10,17 @@ import shutil
 
 import pytest
 import torch
+from test_checkpoint import flip_bytes
+from test_train import small_cfg, write_corpus
 
 import seqpar
 from seqpar import cli, hub
 from seqpar.generate import TextStream, generate, sample
 from seqpar.layers import MIXERS
 from seqpar.models import HybridLM, ModelConfig
-from seqpar.train import run
 from seqpar.train import checkpoint as ckpt
+from seqpar.train import run
 from seqpar.train.data import ByteTokenizer
-from test_checkpoint import flip_bytes
-from test_train import small_cfg, write_corpus
 
 PATTERN = "gdn,attn"
 
@@ -139,7 +139,9 @@ def test_checkpoint_and_export_carry_a_tokenizers_file(tmp_path):
 def test_sample_respects_temperature_top_k_and_top_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
-    draws = lambda **kw: {int(sample(logits, generator=g, **kw)) for _ in range(200)}
+    def draws(**kw):
+        return {int(sample(logits, generator=g, **kw)) for _ in range(200)}
+
     assert draws(temperature=0) == {0}
     assert draws(top_k=1) == {0}
     assert draws(top_k=2) == {0, 1}

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import grad_errors, rel_err
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from conftest import grad_errors, rel_err
 from seqpar.ops import catalog
 from seqpar.ops.catalog import state_parts
 

@@ -33,10 +33,10 @@ from datetime import timedelta  # noqa: E402
 import pytest  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
-from conftest import grad_errors, rel_err  # noqa: E402
 from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from conftest import grad_errors, rel_err  # noqa: E402
 from seqpar import ops  # noqa: E402
 from seqpar.ops import catalog  # noqa: E402
 from seqpar.ops.catalog import state_parts  # noqa: E402

@@ -293,7 +293,7 @@ def traffic_case(sp, seed):
             xs = [_leaf(shard(x, sp)) for x in xs]
 
             def run():
-                o, S = getattr(ops, op)(*xs, output_final_state=True, sp=sp)
+                o, S = getattr(ops, op)(*xs, output_final_state=True, sp=sp)  # noqa: B023
                 (o.sum() + S.sum()).backward()
             got.append(_bytes_of(sp, run))
         # Closed forms: a (B, H, K, V) float32 state per chunk boundary whose far side is

@@ -28,18 +28,26 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
-from conftest import rel_err
 import seqpar
+from conftest import rel_err
 from seqpar import cli
 from seqpar.generate import build_parser as generate_parser
 from seqpar.layers import MIXERS
-from seqpar.train import Trainer, TrainConfig, build_loaders, main, prepare, run
+from seqpar.train import TrainConfig, Trainer, build_loaders, loop, main, prepare, run
 from seqpar.train import checkpoint as ckpt
-from seqpar.train import loop
-from seqpar.train.data import (IGNORE_INDEX, ByteTokenizer, HFTokenizer, Loader, WindowSampler,
-                               load_documents, pack_windows, split_documents, stdlib_files,
-                               token_stream)
 from seqpar.train.config import build_parser
+from seqpar.train.data import (
+    IGNORE_INDEX,
+    ByteTokenizer,
+    HFTokenizer,
+    Loader,
+    WindowSampler,
+    load_documents,
+    pack_windows,
+    split_documents,
+    stdlib_files,
+    token_stream,
+)
 from seqpar.train.distributed import DistEnv, cpu_threads, mesh_env
 from seqpar.train.loop import lr_factor
 

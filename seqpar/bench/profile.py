@@ -134,8 +134,8 @@ def profile_ops(args) -> dict:
                     xs = make(B, T, args.heads, args.head_dim, device, dtype)
 
                     def step():
-                        fn(*xs).float().sum().backward()
-                        for x in xs:
+                        fn(*xs).float().sum().backward()  # noqa: B023 -- run in this iteration
+                        for x in xs:  # noqa: B023
                             x.grad = None
 
                     for _ in range(args.warm):

@@ -87,7 +87,6 @@ class ImplicitFilter(nn.Module):
         f = torch.linspace(1e-4, self.bands - 1, self.bands, device=dev, dtype=torch.float64)
         ang = 2 * math.pi * f * t[:, None]
         z = torch.cat([t[:, None], ang.cos(), -ang.sin()], -1).to(dtype)
-        params = {k: v.to(dtype) for k, v in self.mlp.named_parameters()}
         with torch.autocast(dev.type, enabled=False):
             # In the parameters' dtype: float32, or bfloat16 under FSDP mixed precision.
             h = self.mlp(z.to(self.mlp[0].weight.dtype)).float()  # (L, C)

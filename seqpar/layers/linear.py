@@ -15,9 +15,9 @@ Subclasses differ only in the op they call and the gate tensors they compute fro
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

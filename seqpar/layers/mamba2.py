@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..ops._validate import fail
 from .._checks import check_positive_int
+from ..ops._validate import fail
 from ._common import Mixer, call_eager, check_hidden
 from .linear import LinearCache
 

@@ -7,8 +7,14 @@ import torch
 from torch import nn
 
 from .._checks import fail
-from ..layers import (ImplicitFilter, RMSNorm, SwiGLU, build_mixer, default_positions,
-                      use_graph_breaks)
+from ..layers import (
+    ImplicitFilter,
+    RMSNorm,
+    SwiGLU,
+    build_mixer,
+    default_positions,
+    use_graph_breaks,
+)
 from ..layers.attention import check_positions
 from ..ops._validate import check_tensor
 from .config import ModelConfig

@@ -24,18 +24,36 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from ._validate import fail
-from .linear import (delta_rule, delta_rule_reference, delta_rule_step, gated_delta_rule,
-                     gated_delta_rule_reference, gated_delta_rule_step, gla, gla_reference,
-                     gla_step, linear_attn, linear_attn_reference, linear_attn_step, mamba2,
-                     mamba2_reference, mamba2_step, mlstm, mlstm_reference, mlstm_step,
-                     simple_gla, simple_gla_reference, simple_gla_step)
+from .linear import (
+    delta_rule,
+    delta_rule_reference,
+    delta_rule_step,
+    gated_delta_rule,
+    gated_delta_rule_reference,
+    gated_delta_rule_step,
+    gla,
+    gla_reference,
+    gla_step,
+    linear_attn,
+    linear_attn_reference,
+    linear_attn_step,
+    mamba2,
+    mamba2_reference,
+    mamba2_step,
+    mlstm,
+    mlstm_reference,
+    mlstm_step,
+    simple_gla,
+    simple_gla_reference,
+    simple_gla_step,
+)
 from .long_conv import long_conv, long_conv_reference
 from .short_conv import short_conv, short_conv_reference, short_conv_step
 from .softmax_attn import softmax_attn, softmax_attn_reference

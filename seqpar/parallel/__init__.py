@@ -7,10 +7,10 @@ single-device outputs and gradients of every mixer.
 (:func:`position_ids`) and per-rank views of packed sequences (:func:`shard_documents`,
 :func:`local_cu_seqlens`). See docs/sequence_parallel.md.
 """
+from ._geometry import Geometry, Piece
 from .comm import Communicator, LocalCommunicator
 from .sequence_parallel import SequenceParallel
-from ._geometry import Geometry, Piece
 from .sharding import local_cu_seqlens, position_ids, shard, shard_documents, unshard
 
-__all__ = ["SequenceParallel", "Communicator", "LocalCommunicator", "Geometry", "Piece", "shard", "unshard", "position_ids",
-           "shard_documents", "local_cu_seqlens"]
+__all__ = ["SequenceParallel", "Communicator", "LocalCommunicator", "Geometry", "Piece", "shard",
+           "unshard", "position_ids", "shard_documents", "local_cu_seqlens"]

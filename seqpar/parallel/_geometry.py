@@ -27,7 +27,7 @@ class Geometry:
     local_len: int
 
     @staticmethod
-    def of(world: int, rank: int, layout: str, local_len: int, name: str = "q") -> "Geometry":
+    def of(world: int, rank: int, layout: str, local_len: int, name: str = "q") -> Geometry:
         """Validated geometry; ``name`` is the argument named in errors."""
         if layout == "zigzag" and local_len % 2:
             fail(name, "an even shard length with the zigzag layout (global T divisible by 2 P = "

@@ -29,8 +29,8 @@ from ..ops._validate import check_cu_seqlens, fail
 from ..ops.softmax_attn import attn_block, attn_block_backward, merge_attn
 from ..ops.softmax_attn import softmax_attn as local_softmax_attn
 from ._geometry import Geometry
-from ._util import dtype_code, offsets_digest
 from ._reshard import channels_to_seq, seq_to_channels
+from ._util import dtype_code, offsets_digest
 
 
 def _blocks(geo: Geometry, src: int, causal: bool, offsets) -> list:

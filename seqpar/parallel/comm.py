@@ -15,7 +15,7 @@ order they were posted.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist

@@ -15,8 +15,8 @@ from ..ops._validate import check_cu_seqlens, check_tensor, fail
 from ..ops.long_conv import long_conv as local_long_conv
 from ..ops.short_conv import short_conv as local_short_conv
 from ._geometry import chunk_pieces
-from ._util import dtype_code, offsets_digest
 from ._reshard import channels_to_seq, seq_to_channels
+from ._util import dtype_code, offsets_digest
 
 
 class _Halo(torch.autograd.Function):

@@ -39,7 +39,6 @@ from ..ops.linear.engine import Sequences, apply, to_device
 from ._geometry import Geometry, chunk_pieces
 from ._util import dtype_code, offsets_digest
 
-
 # ---- where the sequences are ----
 
 @dataclass(frozen=True)
@@ -63,7 +62,7 @@ class Plan:
     finals: tuple[tuple[int, int], ...]
     n_users: int
 
-    def index(self, device) -> "PlanIndex":
+    def index(self, device) -> PlanIndex:
         """The plan's index tensors on ``device`` (built once per plan and device)."""
         cache = self.__dict__.setdefault("_index", {})  # frozen fields; a memo beside them
         if device not in cache:

@@ -225,7 +225,7 @@ class Batch:
     targets: torch.Tensor
     cu_seqlens: torch.Tensor | None
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         cu = None if self.cu_seqlens is None else self.cu_seqlens.to(device)
         return Batch(self.input_ids.to(device), self.targets.to(device), cu)
 

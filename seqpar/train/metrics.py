@@ -8,8 +8,14 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 # Dense bf16 tensor-core peak FLOP/s per GPU (vendor data sheets), matched by substring of
 # torch.cuda.get_device_name(); more specific names first.

@@ -1,9 +1,16 @@
 """Validation and backend dispatch behind every public linear-family op."""
 from __future__ import annotations
 
-
-from .._validate import (check_backend, check_chunk_size, check_cu_seqlens, check_gate,
-                         check_qkv, check_scale, check_state, fail)
+from .._validate import (
+    check_backend,
+    check_chunk_size,
+    check_cu_seqlens,
+    check_gate,
+    check_qkv,
+    check_scale,
+    check_state,
+    fail,
+)
 from .engine import LinearEngine
 
 

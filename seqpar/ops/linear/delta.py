@@ -86,9 +86,9 @@ class _TritonDeltaPass(StatePass):
     part of dv' the full backward reuses."""
 
     def __init__(self, xs, seqs: Sequences, scale: float):
+        from .._validate import fail
         from .triton_common import as_packed
         from .triton_delta import MAX_DIM, DeltaPrep
-        from .._validate import fail
 
         K, V = xs[0].shape[-1], xs[2].shape[-1]
         for name, d in (("k", K), ("v", V)):

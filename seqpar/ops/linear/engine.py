@@ -44,7 +44,7 @@ class Sequences:
         """Offsets of the sequences in the packed stream ``(1, B T, ...)``."""
         out = [0]
         for r in range(self.B):
-            for a, b in self.spans:
+            for _, b in self.spans:
                 out.append(r * self.T + b)
         return out
 

@@ -15,8 +15,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._validate import (autocast_inputs, check_backend, check_gate, check_qkv, check_scale,
-                         check_tensor, fail)
+from .._validate import (
+    autocast_inputs,
+    check_backend,
+    check_gate,
+    check_qkv,
+    check_scale,
+    check_tensor,
+    fail,
+)
 from ._family import pick_backend, reference_scan
 from ._run import check_options, documents, linear_call
 from .diag import DIAG

@@ -57,7 +57,9 @@ def _chunk_plan(offsets: tuple[int, ...], device: torch.device) -> ChunkPlan:
         nc = triton.cdiv(e - s, BT)
         index.extend((n, c) for c in range(nc))
         starts.append(starts[-1] + nc)
-    as_t = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
+    def as_t(x):  # through pinned memory: a pageable copy would block the host
+        t = torch.tensor(x, dtype=torch.int32)
+        return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
     return ChunkPlan(as_t(offsets), as_t(index).reshape(-1, 2), as_t(starts),
                      len(offsets) - 1, len(index))
 

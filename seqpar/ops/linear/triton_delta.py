@@ -60,10 +60,26 @@ import triton
 import triton.language as tl
 
 from .._validate import fail
-from .triton_common import (BK, BT, BV, BV_STATE, as_packed, chunk_plan, dot_precision, mma,
-                            packed_offsets)
-from .triton_diag import (_cumsum, _dg_kernel, _doc_bounds, _doc_span, _dqk_kernel, _gates,
-                          _pair_kernel)
+from .triton_common import (
+    BK,
+    BT,
+    BV,
+    BV_STATE,
+    as_packed,
+    chunk_plan,
+    dot_precision,
+    mma,
+    packed_offsets,
+)
+from .triton_diag import (
+    _cumsum,
+    _dg_kernel,
+    _doc_bounds,
+    _doc_span,
+    _dqk_kernel,
+    _gates,
+    _pair_kernel,
+)
 
 NUM_WARPS = 4
 MAX_DIM = 128  # K and V: the state tile spans all of K, and one K tile is at most 128 wide

@@ -28,8 +28,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (BK, BT, BV, BV_STATE, as_packed, chunk_plan, dot_precision, mma,
-                            packed_offsets)
+from .triton_common import (
+    BK,
+    BT,
+    BV,
+    BV_STATE,
+    as_packed,
+    chunk_plan,
+    dot_precision,
+    mma,
+    packed_offsets,
+)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 NUM_WARPS = 4

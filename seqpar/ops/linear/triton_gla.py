@@ -57,8 +57,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (BK, BT, BV, BV_STATE, as_packed, chunk_plan, dot_precision, mma,
-                            packed_offsets)
+from .triton_common import (
+    BK,
+    BT,
+    BV,
+    BV_STATE,
+    as_packed,
+    chunk_plan,
+    dot_precision,
+    mma,
+    packed_offsets,
+)
 from .triton_diag import _doc_bounds, _doc_span
 
 LOG2E = tl.constexpr(1.4426950408889634)

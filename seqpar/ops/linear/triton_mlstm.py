@@ -37,8 +37,17 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .triton_common import (BK, BT, BV, BV_STATE, as_packed, chunk_plan, dot_precision, mma,
-                            packed_offsets)
+from .triton_common import (
+    BK,
+    BT,
+    BV,
+    BV_STATE,
+    as_packed,
+    chunk_plan,
+    dot_precision,
+    mma,
+    packed_offsets,
+)
 from .triton_diag import _cumsum, _dg_kernel, _doc_bounds, _doc_span, _dqk_tiles, _gates
 
 # triton_diag's launch setting, run on H100. At 4 warps the bf16 kernels spill registers
