@@ -195,3 +195,23 @@ def test_ops_need_no_extras():
             "import seqpar.ops, seqpar.parallel, seqpar.layers, seqpar.models\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_step_state_shape_and_scale_are_checked():
+    """A one-token step refuses a state of the wrong shape, naming it, and every op
+    refuses a scale that is not a positive finite number (no silent wrong answer)."""
+    from seqpar import ops
+
+    q, v = torch.randn(2, 3, 4), torch.randn(2, 3, 5)
+    g = torch.zeros(2, 3, 4)
+    for bad in (torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 5, 4), torch.zeros(3, 4, 5)):
+        with pytest.raises(ValueError, match=r"state: expected a tensor of shape \(B, H, K, V\)"):
+            ops.gla_step(q, q, v, g, bad)
+    with pytest.raises(ValueError, match="state"):
+        ops.gated_delta_rule_step(q, q, v, g[..., 0], g[..., 0], torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match="state"):
+        ops.mlstm_step(q, q, v, g[..., 0], g[..., 0], (torch.zeros(2, 3, 4, 5), torch.zeros(2, 3, 5)))
+    x = torch.randn(1, 4, 2, 8)
+    for scale in (-1.0, 0.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="scale: expected a positive finite float"):
+            ops.linear_attn(x, x, x, scale=scale)

@@ -111,7 +111,21 @@ def check_scale(scale, head_dim: int) -> float:
         return head_dim ** -0.5
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         fail("scale", "a float or None", type(scale).__name__)
+    if not 0 < scale < float("inf"):
+        fail("scale", "a positive finite float or None", scale)
     return float(scale)
+
+
+def check_step_state(state, q: torch.Tensor, v: torch.Tensor) -> None:
+    """A one-token step's state: a tensor (B, H, K, V) for q (B, H, K) and v (B, H, V)."""
+    for name, x in (("q", q), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            fail(name, "a (B, H, D) tensor for one token",
+                 tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__)
+    want = (*q.shape, v.shape[-1])
+    if not isinstance(state, torch.Tensor) or tuple(state.shape) != want:
+        fail("state", f"a tensor of shape (B, H, K, V) = {want}",
+             tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__)
 
 
 def autocast_inputs(op):

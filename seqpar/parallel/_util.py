@@ -5,26 +5,6 @@ import torch
 
 from ..ops._validate import host_offsets
 
-
-class Anchor(torch.autograd.Function):
-    """``anchor(x, *deps)`` is ``x``, with ``deps`` attached to its graph (zero gradient).
-
-    A collective inside autograd must run its backward on every rank, or the ranks that
-    do call it wait forever for the others. A rank may not use what an exchange returned
-    (rank 0 needs no incoming state), so the exchange result is anchored to the outputs
-    that every rank does backpropagate through.
-    """
-
-    @staticmethod
-    def forward(ctx, x, *deps):
-        ctx.deps = [(d.shape, d.dtype, d.device) for d in deps]
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return (grad, *[torch.zeros(s, dtype=t, device=d) for s, t, d in ctx.deps])
-
-
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32, torch.int64)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .._validate import check_scale
+from .._validate import check_scale, check_step_state
 from ._family import per_document, pick_backend, reference_scan
 from .chunk_delta import chunk_delta, chunk_delta_terms
 from .engine import ChunkPass, LinearEngine, Sequences, StatePass
@@ -23,6 +23,7 @@ def delta_step(q, k, v, g, beta, state, scale):
     q, k: (B, H, K); v: (B, H, V); g: (B, H) log decay or None; beta: (B, H);
     state: (B, H, K, V). Returns o (B, H, V) in v's dtype and the new state.
     """
+    check_step_state(state, q, v)
     out_dtype = v.dtype
     q, k, v, beta = (x.to(state.dtype) for x in (q, k, v, beta))
     if g is not None:

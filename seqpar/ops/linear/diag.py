@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .._validate import check_scale
+from .._validate import check_scale, check_step_state
 from ._family import per_document, pick_backend, reference_scan
 from .chunk_diag import chunk_diag, chunk_diag_terms
 from .engine import ChunkPass, LinearEngine, Sequences, StatePass, scale_state, segments
@@ -24,6 +24,7 @@ def diag_step(q, k, v, g, state, scale):
     q, k: (B, H, K); v: (B, H, V); g: None, (B, H, 1) or (B, H, K) log decay;
     state: (B, H, K, V). Returns o (B, H, V) in v's dtype and the new state.
     """
+    check_step_state(state, q, v)
     out_dtype = v.dtype
     q, k, v = (x.to(state.dtype) for x in (q, k, v))
     if g is not None:

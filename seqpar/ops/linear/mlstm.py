@@ -21,6 +21,7 @@ from .._validate import (
     check_gate,
     check_qkv,
     check_scale,
+    check_step_state,
     check_tensor,
     fail,
 )
@@ -35,7 +36,13 @@ def mlstm_step(q, k, v, i, f, state, scale=None):
     pre-activations; state: the pair (C (B, H, K, V), n (B, H, K)), float32.
     Returns o (B, H, V) in v's dtype and the new pair."""
     scale = check_scale(scale, q.shape[-1])
+    if not (isinstance(state, (tuple, list)) and len(state) == 2):
+        fail("state", "the pair (C (B, H, K, V), n (B, H, K))", type(state).__name__)
     C, n = state
+    check_step_state(C, q, v)
+    if not isinstance(n, torch.Tensor) or n.shape != q.shape:
+        fail("state[1] (n)", f"a tensor of shape {tuple(q.shape)}",
+             tuple(n.shape) if isinstance(n, torch.Tensor) else type(n).__name__)
     out_dtype = v.dtype
     q, k, v, i, f = (x.to(C.dtype) for x in (q, k, v, i, f))
     fg, ig = torch.sigmoid(f), torch.sigmoid(i)
