@@ -66,9 +66,11 @@ class DiagEngine(LinearEngine):
         q, k, v, g = xs
         if pick_backend(backend, q) == "triton":
             from .triton_diag import triton_diag
+            from .triton_gla import triton_gla
 
-            return triton_diag(q, k, v, g, scale=scale, initial_state=initial_state,
-                               output_final_state=output_final_state, offsets=offsets)
+            fn = triton_gla if g is not None and g.dim() == 4 else triton_diag
+            return fn(q, k, v, g, scale=scale, initial_state=initial_state,
+                      output_final_state=output_final_state, offsets=offsets)
 
         def fn(part, state):
             return chunk_diag(*part, scale=scale, initial_state=state,

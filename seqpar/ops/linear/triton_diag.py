@@ -462,16 +462,11 @@ torch.library.register_autograd("seqpar::diag_fwd", _backward, setup_context=_se
 def triton_diag(q, k, v, g, *, scale: float, initial_state, output_final_state: bool, offsets):
     """Diagonal-transition engine on CUDA (or the Triton interpreter).
 
-    q, k: (B, T, H, K); v: (B, T, H, V) float16/bfloat16/float32; g: None, (B, T, H)
-    or (B, T, H, K) log decay, float32; initial_state: (N, H, K, V) or None; offsets:
-    document offsets (list, B == 1) or None. Returns o (B, T, H, V) in v's dtype and the
-    final state (N, H, K, V) float32 or None.
+    q, k: (B, T, H, K); v: (B, T, H, V) float16/bfloat16/float32; g: None or (B, T, H)
+    log decay, float32 (a key gate is :func:`.triton_gla.triton_gla`'s); initial_state:
+    (N, H, K, V) or None; offsets: document offsets (list, B == 1) or None. Returns o
+    (B, T, H, V) in v's dtype and the final state (N, H, K, V) float32 or None.
     """
-    if g is not None and g.dim() == 4:
-        from .triton_gla import triton_gla  # imported here: it imports this module
-
-        return triton_gla(q, k, v, g, scale=scale, initial_state=initial_state,
-                          output_final_state=output_final_state, offsets=offsets)
     B, T = q.shape[:2]
     h0 = None if initial_state is None else initial_state.contiguous()
     o, ht = _diag_fwd_op(as_packed(q), as_packed(k), as_packed(v), as_packed(g), h0,
