@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .ops._validate import fail
+from .ops.validate import fail
 from .train.config import HelpFormatter
 
 

@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_mo
 
 from . import __version__
 from .models import HybridLM, ModelConfig
-from .ops._validate import fail
+from .ops.validate import fail
 from .train import checkpoint
 from .train.data import ByteTokenizer, HFTokenizer
 

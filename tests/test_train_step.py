@@ -148,6 +148,8 @@ def test_bench_longest_tiny(tmp_path, capsys):
 
 def test_bench_lists_subcommands(capsys):
     assert cli.main([]) == 2
+    assert "seqpar bench" in capsys.readouterr().err
+    assert cli.main(["bench", "--help"]) == 0
     usage = capsys.readouterr().out
-    for name in ("train", "longest", "profile", "attn"):
+    for name in ("ops", "sp", "train", "longest", "profile", "attn"):
         assert f"seqpar bench {name}" in usage

@@ -34,7 +34,7 @@ from conftest import (
     triton_cases,
 )
 from seqpar import ops
-from seqpar.ops.linear import _run
+from seqpar.ops.linear import delta as delta_engine
 
 OPS = ("delta_rule", "gated_delta_rule")
 
@@ -81,10 +81,10 @@ def test_auto_dispatch_reaches_delta_kernels(monkeypatch):
     calls = []
     monkeypatch.setattr(td, "triton_delta", lambda *a, **kw: calls.append(1) or (None, None))
     xs, _ = delta_inputs("delta_rule", 1, 5, 1, 16, 16, 1, False, False, torch.float32, 0)
-    monkeypatch.setattr(_run, "pick_backend", lambda backend, x: "torch")
+    monkeypatch.setattr(delta_engine, "pick_backend", lambda backend, x: "torch")
     ops.delta_rule(*xs, backend="auto")
     assert calls == []
-    monkeypatch.setattr(_run, "pick_backend", lambda backend, x: "triton")
+    monkeypatch.setattr(delta_engine, "pick_backend", lambda backend, x: "triton")
     ops.delta_rule(*xs, backend="auto")
     assert calls == [1]
 

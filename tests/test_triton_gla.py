@@ -31,7 +31,7 @@ from conftest import (
     triton_cases,
 )
 from seqpar import ops
-from seqpar.ops.linear import _run
+from seqpar.ops.linear import diag as diag_engine
 
 EXTRA = [  # bf16 with strong decays, packed, a one-token document; V = 33 spans two V tiles
     dict(B=1, T=140, H=1, K=16, V=33, cuts=(70, 71), strong=True, initial=True,
@@ -73,7 +73,7 @@ def test_auto_dispatch_reaches_gla_kernels(monkeypatch):
     calls = []
     monkeypatch.setattr(tg, "triton_gla", lambda *a, **kw: calls.append(1) or (None, None))
     xs, _ = gla_inputs("gla", 1, 5, 1, 16, 16, 1, False, False, torch.float32, 0)
-    monkeypatch.setattr(_run, "pick_backend", lambda backend, x: "triton")
+    monkeypatch.setattr(diag_engine, "pick_backend", lambda backend, x: "triton")
     ops.gla(*xs, backend="auto")
     assert calls == [1]
 

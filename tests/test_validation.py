@@ -118,7 +118,7 @@ def test_cu_seqlens_read_once_per_tensor(monkeypatch):
     """The offsets are read to the host once per cu_seqlens tensor, not once per op call
     (each read of a CUDA tensor waits for the device); a write in place or another
     tensor is read again, so the checks always see the current values."""
-    from seqpar.ops._validate import check_cu_seqlens
+    from seqpar.ops.validate import check_cu_seqlens
 
     reads = []
     tolist = torch.Tensor.tolist

@@ -67,8 +67,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import ops
-from ..parallel import LocalCommunicator, SequenceParallel, shard
-from ..parallel._geometry import Geometry
+from ..parallel import Geometry, LocalCommunicator, SequenceParallel, shard
 
 LINEAR = ("linear_attn", "simple_gla", "gla", "delta_rule", "gated_delta_rule", "mlstm")
 MIXERS = LINEAR + ("softmax_attn",)

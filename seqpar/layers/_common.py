@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import fail
-from ..ops._validate import check_tensor
+from ..ops.validate import check_tensor
 
 
 def _call(op, *args, **kwargs):

@@ -14,7 +14,7 @@ from torch import nn
 
 from .. import ops
 from .._checks import check_positive_int, fail
-from ..ops._validate import check_tensor
+from ..ops.validate import check_tensor
 from ._common import Mixer, call_eager, check_hidden
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from .. import ops
 from .._checks import check_positive_int
-from ..ops._validate import fail
+from ..ops.validate import fail
 from ._common import Mixer, call_eager, check_hidden
 from .linear import LinearCache
 

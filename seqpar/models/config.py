@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from .._checks import check_positive, fail
 from ..layers import MIXERS
-from ..ops._validate import check_backend, check_chunk_size
+from ..ops.validate import check_backend, check_chunk_size
 
 
 def parse_pattern(pattern) -> tuple[str, ...]:

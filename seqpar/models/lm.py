@@ -16,7 +16,7 @@ from ..layers import (
     use_graph_breaks,
 )
 from ..layers.attention import check_positions
-from ..ops._validate import check_tensor
+from ..ops.validate import check_tensor
 from .config import ModelConfig
 from .loss import linear_cross_entropy
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops._validate import check_tensor, fail
+from ..ops.validate import check_tensor, fail
 
 # Tokens per chunk: (CHUNK, vocab) float32 logits at a time.
 CHUNK = 4096

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ._validate import fail
 from .linear import (
     delta_rule,
     delta_rule_reference,
@@ -57,6 +56,7 @@ from .linear import (
 from .long_conv import long_conv, long_conv_reference
 from .short_conv import short_conv, short_conv_reference, short_conv_step
 from .softmax_attn import softmax_attn, softmax_attn_reference
+from .validate import fail
 
 ENGINES = ("diag", "delta", "mlstm", "attn", "conv")
 FAMILIES = ("linear", "attn", "conv")

@@ -23,7 +23,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from ._validate import check_cu_seqlens, check_tensor, fail
+from .validate import check_cu_seqlens, check_tensor, fail
 
 ACTIVATIONS = (None, "silu")
 

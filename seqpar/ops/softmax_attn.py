@@ -39,7 +39,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from ._validate import autocast_inputs, check_cu_seqlens, check_scale, check_tensor, fail
+from .validate import autocast_inputs, check_cu_seqlens, check_scale, check_tensor, fail
 
 _aten = torch.ops.aten
 # Elements of one (B, H, rows, S) float32 score tile in the math engine: bounds its memory.

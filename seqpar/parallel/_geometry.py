@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..ops._validate import fail
+from ..ops.validate import fail
 
 LAYOUTS = ("contiguous", "zigzag")
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops._validate import host_offsets
+from ..ops.validate import host_offsets
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32, torch.int64)
 

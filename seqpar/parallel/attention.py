@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import torch
 
-from ..ops._validate import check_cu_seqlens, fail
 from ..ops.softmax_attn import attn_block, attn_block_backward, merge_attn
 from ..ops.softmax_attn import softmax_attn as local_softmax_attn
+from ..ops.validate import check_cu_seqlens, fail
 from ._geometry import Geometry
 from ._reshard import channels_to_seq, seq_to_channels
 from ._util import dtype_code, offsets_digest

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from ..ops._validate import fail
+from ..ops.validate import fail
 
 
 class Work:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from ..ops._validate import check_cu_seqlens, check_tensor, fail
 from ..ops.long_conv import long_conv as local_long_conv
 from ..ops.short_conv import short_conv as local_short_conv
+from ..ops.validate import check_cu_seqlens, check_tensor, fail
 from ._geometry import chunk_pieces
 from ._reshard import channels_to_seq, seq_to_channels
 from ._util import dtype_code, offsets_digest

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ops._validate import check_cu_seqlens, check_state
 from ..ops.linear.engine import Sequences, apply, to_device
+from ..ops.validate import check_cu_seqlens, check_state
 from ._geometry import Geometry, chunk_pieces
 from ._util import dtype_code, offsets_digest
 

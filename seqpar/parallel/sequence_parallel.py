@@ -1,7 +1,7 @@
 """``SequenceParallel``: the communicator, strategy and layout every SP op reads."""
 from __future__ import annotations
 
-from ..ops._validate import fail
+from ..ops.validate import fail
 from ._geometry import LAYOUTS, Geometry
 from ._util import DTYPES
 from .attention import sp_softmax_attn

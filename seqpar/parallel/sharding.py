@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops._validate import check_cu_seqlens, check_tensor, fail, host_offsets
+from ..ops.validate import check_cu_seqlens, check_tensor, fail, host_offsets
 from ._geometry import Geometry, Piece, chunk_pieces
 
 

@@ -20,7 +20,7 @@ from torch.distributed.fsdp import (
 )
 
 from ..models import HybridLM, ModelConfig, check_token_ids
-from ..ops._validate import remember_offsets
+from ..ops.validate import remember_offsets
 from ..parallel import SequenceParallel, shard
 from . import checkpoint
 from .config import ConfigError, TrainConfig, resolve

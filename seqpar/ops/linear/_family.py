@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .._validate import fail
+from ..validate import fail
 
 
 def _slice_state(state, i: int, j: int):

@@ -1,7 +1,7 @@
 """Validation and backend dispatch behind every public linear-family op."""
 from __future__ import annotations
 
-from .._validate import (
+from ..validate import (
     check_backend,
     check_chunk_size,
     check_cu_seqlens,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .._validate import check_scale, check_step_state
+from ..validate import check_scale, check_step_state
 from ._family import per_document, pick_backend, reference_scan
 from .chunk_delta import chunk_delta, chunk_delta_terms
 from .engine import ChunkPass, LinearEngine, Sequences, StatePass
@@ -87,7 +87,7 @@ class _TritonDeltaPass(StatePass):
     part of dv' the full backward reuses."""
 
     def __init__(self, xs, seqs: Sequences, scale: float):
-        from .._validate import fail
+        from ..validate import fail
         from .triton_common import as_packed
         from .triton_delta import MAX_DIM, DeltaPrep
 

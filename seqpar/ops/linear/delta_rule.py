@@ -4,7 +4,7 @@ The caller L2-normalizes k. Engine: :data:`~.delta.DELTA` with no decay.
 """
 from __future__ import annotations
 
-from .._validate import autocast_inputs, check_scale
+from ..validate import autocast_inputs, check_scale
 from ._run import linear_call
 from .delta import DELTA, delta_reference, delta_step
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .._validate import check_scale, check_step_state
+from ..validate import check_scale, check_step_state
 from ._family import per_document, pick_backend, reference_scan
 from .chunk_diag import chunk_diag, chunk_diag_terms
 from .engine import ChunkPass, LinearEngine, Sequences, StatePass, scale_state, segments

@@ -3,7 +3,7 @@
 """
 from __future__ import annotations
 
-from .._validate import autocast_inputs, check_scale
+from ..validate import autocast_inputs, check_scale
 from ._run import linear_call
 from .delta import DELTA, delta_reference, delta_step
 

@@ -5,7 +5,7 @@ Engine: :data:`~.diag.DIAG`.
 """
 from __future__ import annotations
 
-from .._validate import autocast_inputs, check_scale
+from ..validate import autocast_inputs, check_scale
 from ._run import linear_call
 from .diag import DIAG, diag_reference, diag_step
 

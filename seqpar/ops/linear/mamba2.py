@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._validate import check_tensor, fail
+from ..validate import check_tensor, fail
 from .simple_gla import simple_gla
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._validate import (
+from ..validate import (
     autocast_inputs,
     check_backend,
     check_gate,

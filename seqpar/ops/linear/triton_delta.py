@@ -59,7 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._validate import fail
+from ..validate import fail
 from .triton_common import (
     BK,
     BT,
