@@ -7,7 +7,7 @@ One rank's compute alone, on one device and no process group (``--simulate``)::
 
 Under torchrun, one process per GPU (or per CPU process with ``--device cpu``, gloo)::
 
-    torchrun --nproc-per-node 2 -m seqpar.bench.sp --out bench/results/sp.json
+    torchrun --nproc-per-node 2 -m seqpar.bench.sp --out sp.json
     torchrun --nproc-per-node 2 -m seqpar.bench.sp --device cpu --small --out /tmp/sp.json
 
 For every mixer (the six linear-family ops and causal softmax attention) and every SP

@@ -32,9 +32,8 @@ Backward, with ``dS`` the gradient of the state leaving a chunk:
   quantities (every exponent <= 0, nothing undecayed cancels).
 
 This is flash-linear-attention's split of the backward (dW beside dq and dk, the WY
-gradients from dW and dv'); it replaced one where the WY backward formed ``dX = -dY S^T``
-itself, reloading the states per key tile: 2.6 of 6.4 ms of kernels at T = 8K on an
-H100, against 0.75 ms now (bench/results/profile_wy2_h100.log).
+gradients from dW and dv'): dW is formed where the state tiles are loaded anyway, so the
+WY backward never reloads the states per key tile.
 
 Precision: every product has operands in the inputs' dtype and float32 accumulation,
 and every stored intermediate but A is in the inputs' dtype: N (a copy; computed in float32),
@@ -43,13 +42,9 @@ dk's first part (for 16-bit inputs: half the bytes, and the kernels outside the
 sequential passes are bound by their memory traffic); the carried state, A and every
 accumulator are float32. Float32 inputs keep float32 throughout (three-pass tf32
 products, :func:`dot_precision`). ``v' = U - W S`` cancels once the state has learned
-the values, so 16-bit rounding of its operands shows relatively larger in ``v'``: bf16
-errors measured 3.5e-3 to 5.4e-3 at T <= 200 under the interpreter (rounding to nearest
-as the GPU does; tests/test_triton.py), and up to 7.2e-3 at full size on an H100
-(bench/device/check_triton_delta.py). The WY backward this replaced gave wrong dk, dv
-and dbeta with 16-bit inputs at K = 64 on an H100 (errors 0.6-1.5, cause not found;
-bench/results/k64_try_h100.log), so such inputs ran the float32 kernels; this one passes
-there (bench/results/k64_16bit_h100.log).
+the values, so 16-bit rounding of its operands shows relatively larger in ``v'`` than
+elsewhere; the bf16 tolerance of the tests (2e-2) covers it with room to spare (the
+worst bf16 errors are in docs/kernels.md).
 """
 from __future__ import annotations
 
@@ -484,11 +479,9 @@ torch.library.register_autograd("seqpar::unit_lower_inverse", _inverse_backward,
 
 
 def _dqk_meta(dtype: torch.dtype, use_g: bool) -> dict:
-    """Launch settings of triton_diag's dq/dk kernel here. With the gate terms it spilled
-    3-4 KB of registers at 4 warps compiled for sm_90 (bf16, K = 128), 56 bytes at 8, and
-    4 warps took 8% longer on an H100; without them 4 warps took 1.5% less
-    (bench/results/tune_delta_h100.log). Float32 inputs at 3 stages would need 262656
-    bytes of shared memory."""
+    """Launch settings of triton_diag's dq/dk kernel here: 8 warps with the gate terms
+    (at 4 they spill kilobytes of registers on sm_90), 4 without; float32 inputs at 2
+    stages, as 3 would need more shared memory than sm_90 has."""
     return dict(num_warps=8 if use_g else 4, num_stages=2 if dtype == torch.float32 else 3)
 
 
@@ -505,13 +498,10 @@ def _state_meta(dtype: torch.dtype, idle_sms: bool) -> dict:
     """Launch settings of the sequential passes; ``idle_sms``: their grid has fewer
     programs than the GPU has SMs. Their loads do not depend on the carried state, so
     stages prefetch the next chunks' tiles while this chunk's products run: 3 where the
-    grid leaves SMs idle, where each program's latency is the time; 2 where programs
-    queue for SMs, as 3 took 4.5% longer there (T = 32K, B = 1: 64 programs, 9% faster at 3; T = 8K, B = 4: 256;
-    bench/results/tune_delta_h100.log). With float32 inputs the (BT, 128) tiles need
-    270-400 KB of shared memory at 2-3 stages, over the H100's 227 KB (measured by
-    compiling for sm_90 on CPU), so those run unpipelined. 4 warps: at 8, which spill
-    fewer registers on sm_90 (88 bytes against 936 in the reverse pass),
-    forward+backward took 1-5% longer on an H100 (bench/results/delta_warps_h100.log)."""
+    grid leaves SMs idle and each program's latency is the time, 2 where programs queue
+    for SMs. Float32 inputs run unpipelined: their (BT, 128) tiles at 2-3 stages need more
+    shared memory than sm_90 has. 4 warps: the faster setting on an H100, though 8 spill
+    fewer registers (tools/tune_delta.py times the alternatives)."""
     stages = 1 if dtype == torch.float32 else 3 if idle_sms else 2
     return dict(BT=BT, BV=BV_STATE, num_warps=NUM_WARPS, num_stages=stages)
 
@@ -524,15 +514,11 @@ def _state_grid(V: int, n_docs: int, H: int, dtype: torch.dtype, device: torch.d
     return (triton.cdiv(V, meta["BV"]), n_docs * H), meta
 
 
-# Timed on an H100 one change at a time, forward+backward at T = 8K and 32K
-# (bench/results/tune_delta_h100.log, tune_delta2_h100.log): _wy_bwd_kernel at 4 warps took
-# 3% (delta_rule) and 6% (gated) less than at 8, though compiled for sm_90 it spills at 4
-# and not at 8 (it holds N^T, dA and k k^T across its loops); the inverse (one 64 x 64
-# matrix per program, its forward substitution serial) took 2% less at 2 warps than at 4,
-# 4-5% less again at 1, 15% more at 8. _dv_local_kernel spilled 56 bytes at 4 warps and
-# K = 64, none at 8. One stage in the WY backward: with 2, an earlier one hit illegal
-# memory accesses on an H100 for gated_delta_rule at K = 64
-# (bench/results/k64_try_h100.log), and this one gained at most 1.5%.
+# Launch settings chosen by timing each alternative on an H100 (tools/tune_delta.py):
+# the WY backward at 4 warps (it spills on sm_90 but runs faster than at 8) and one stage
+# (a second gains little and has faulted at K = 64); the inverse, one 64 x 64 matrix per
+# program with a serial forward substitution, at 1 warp; _dv_local_kernel at 8 warps,
+# where it spills nothing at K = 64.
 WY_BWD_META = dict(BK=BV_STATE, BV=BV_STATE, num_warps=4, num_stages=1)
 DV_LOCAL_META = dict(BK=BK, BV=BV, num_warps=8)
 INVERSE_META = dict(num_warps=1)

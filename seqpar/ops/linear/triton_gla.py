@@ -29,8 +29,7 @@ states ``h`` from the forward. Saving ``h`` costs memory: (NT, H, K, V) in the i
 dtype, ``K V H 2 / 64`` bytes per token in bf16 (V / 64 times q's size: 8 KB per token
 at H = 16, K = V = 128, twice q), held per layer until its backward. It is worth it:
 the forward writes ``h`` anyway, and recomputing it is a second sequential pass over
-the sequence, the latency-bound kind of launch (on an H100 at T = 32K the forward pass
-alone took 0.85 ms, the two passes of the backward together 1.05 ms). The backward
+the sequence, the latency-bound kind of launch. The backward
 runs only the reverse pass (``_state_bwd_kernel``), which gives ``dh_c`` (gradient of
 the state leaving chunk ``c``); then ``dv = (scale A)^T do + (k 2^(G_C - G)) dh``
 (``_out_kernel`` again, no rebuild of ``A``), ``dA = scale do v^T`` once per chunk and
@@ -81,10 +80,9 @@ NUM_WARPS = 4  # the sequential state pass
 CHUNK_LAUNCH = dict(num_warps=8, num_stages=1)
 BC = 16  # sub-chunk of the intra-chunk decomposition: the smallest tensor-core tile
 DIAG_WARPS = 4  # _diag_kernel, _dqk_diag_kernel: (BC, BK) tiles
-# Key tile of the (dq, dk, dg) kernel (the default of _dqk's bk): 64 spills 350-380 bytes
-# on sm_90 in bf16 even with 8 warps, yet on an H100 at T = 32K it took 1.95 ms against
-# 2.75 ms with 32, which reloads do, v and dA twice as often
-# (bench/results/gla_check3_h100.json, stage_ms).
+# Key tile of the (dq, dk, dg) kernel (the default of _dqk's bk): 64, although it spills a
+# few hundred bytes on sm_90 in bf16, because 32 reloads do, v and dA twice as often and
+# ran slower on an H100.
 BK_DQK = 64
 
 
