@@ -124,6 +124,13 @@ class LinearEngine:
         raise NotImplementedError
 
 
+def _plain_saved_tensors():
+    """Keep the inner graph's saved tensors as they are: under activation checkpointing
+    the outer hooks would otherwise recompute the whole block while this graph's backward
+    runs inside the block's own backward."""
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+
+
 class TorchPass(StatePass):
     """:class:`StatePass` of the chunkwise PyTorch paths: the inputs are detached into
     leaves (keeping ``requires_grad``), :meth:`finish` runs the subclass's differentiable
@@ -140,7 +147,7 @@ class TorchPass(StatePass):
 
     def finish(self, h0):
         h0_leaf = None if h0 is None else h0.detach().requires_grad_()
-        with torch.enable_grad():
+        with torch.enable_grad(), _plain_saved_tensors():
             o, fin = self.forward(h0_leaf)
         self._graph = (h0_leaf, o, fin)
         return o.detach(), fin.detach()
@@ -174,7 +181,7 @@ class ChunkPass(TorchPass):
 
     def __init__(self, xs: tuple, seqs: Sequences, terms):
         super().__init__(xs, seqs)
-        with torch.enable_grad():
+        with torch.enable_grad(), _plain_saved_tensors():
             self.terms = [terms(part) for part in span_split(self.leaves, seqs)]
 
     def _per_span(self, fn, *states):
