@@ -225,6 +225,9 @@ class ChunkPass(TorchPass):
 #: tokens per segment of the state-only passes (a multiple of the kernels' 64-token chunk)
 SEGMENT = 2048
 
+#: tokens per block of the gate prefix sums (:meth:`Segments.decays`)
+BLOCK = 64
+
 
 class Segments:
     """Sequences cut into segments of at most :data:`SEGMENT` tokens, for the state-only
@@ -233,55 +236,118 @@ class Segments:
     A sequential state pass walks a sequence chunk by chunk with one program per
     (sequence, head, tile): at long lengths and small batches too few programs to fill
     the GPU, each waiting on its loads. Walking every segment from zero in parallel
-    and combining the results by their decays (float64 sums of per-segment gate totals,
-    no cancellation) gives the same final states and entering-state gradients with
-    many programs in flight. Built once per offsets and device (:func:`segments`).
+    and combining the results by their decays gives the same final states and
+    entering-state gradients with many programs in flight. The decays come from float64
+    prefix sums of the gates at the segment boundaries (no cancellation worth the name:
+    a sum of 32K float32 gates keeps ~1e-11 of its size). Built once per offsets and
+    device (:func:`segments`).
     """
 
     def __init__(self, offsets: tuple[int, ...], device: torch.device):
-        seg, seq_of, counts, tokens = [offsets[0]], [], [], []
-        for n, (s, e) in enumerate(zip(offsets, offsets[1:])):
+        bounds, counts = [offsets[0]], []
+        for s, e in zip(offsets, offsets[1:]):
             cuts = list(range(s + SEGMENT, e, SEGMENT)) + [e]
             counts.append(len(cuts))
-            for a, b in zip([s] + cuts, cuts):
-                seq_of.append(n)
-                tokens.append(b - a)
-            seg.extend(cuts)
-        self.offsets = seg
-        self.split = len(seg) > len(offsets)
+            bounds.extend(cuts)
+        self.offsets = bounds
+        self.split = len(bounds) > len(offsets)
         firsts = [0]
         for c in counts:
             firsts.append(firsts[-1] + c)
+        seq_of = [n for n, c in enumerate(counts) for _ in range(c)]
+        n_seg = len(seq_of)
+        self.tokens = offsets[-1]
 
         def dev(x):
             return to_device(x, torch.long, device)
 
-        self.first_of_seg = dev([firsts[n] for n in seq_of])  # (n_seg,)
-        self.last_of_seq = dev([f - 1 for f in firsts[1:]])  # (N,)
-        self.counts = dev(counts)  # segments per sequence
-        self.tokens = dev(tokens)  # tokens per segment
-        self.seq_of = dev(seq_of)
+        # The gate prefix P(p) (sum of the gates before token p) at every boundary p is a
+        # whole-block prefix plus the first p % BLOCK gates of p's block.
+        self.block_of = dev([p // BLOCK for p in bounds])
+        self.window = dev([[min(p - p % BLOCK + j, max(self.tokens - 1, 0)) for j in range(BLOCK)]
+                           for p in bounds])
+        self.window_mask = to_device([[j < p % BLOCK for j in range(BLOCK)] for p in bounds],
+                                     torch.bool, device)
+        # before (n_seg) | after (n_seg) | total (N) = P(hi) - P(lo), boundary indices
+        starts = [firsts[n] for n in seq_of]
+        ends = [firsts[n + 1] for n in seq_of]
+        self.hi = dev(list(range(n_seg)) + ends + firsts[1:])
+        self.lo = dev(starts + [j + 1 for j in range(n_seg)] + firsts[:-1])
+        self.n_seg = n_seg
+        self.counts = tuple(counts)  # segments per sequence
+        self.last = dev([f - 1 for f in firsts[1:]])  # each sequence's last segment
+        # each sequence's segments in order, padded to a power of two with slot n_seg
+        # (an inert segment: identity transition, nothing added) for pairwise composition
+        width = 1 << (max(counts) - 1).bit_length()
+        self.slots = dev([firsts[n] + j if j < c else n_seg
+                          for n, c in enumerate(counts) for j in range(width)])
+        self.width = width
+        self.padded = n_seg != len(counts) * width  # some sequence has fewer segments
+
+    def prefix(self, g: torch.Tensor) -> torch.Tensor:
+        """Float64 sums of a packed gate stream g (1, TT, F...) before every boundary:
+        (n_boundaries, prod(F))."""
+        x = g[0].reshape(g.shape[1], -1)
+        nb = x.shape[0] // BLOCK
+        blocks = x[:nb * BLOCK].view(nb, BLOCK, x.shape[1]).sum(1, dtype=torch.float64)
+        # an inner-dim scan: one row per feature, not one sequential thread per feature
+        cum = blocks.t().contiguous().cumsum(-1)
+        cum = torch.cat([cum.new_zeros(cum.shape[0], 1), cum], 1)
+        inside = x[self.window].masked_fill(~self.window_mask[..., None], 0)
+        return cum.t().index_select(0, self.block_of) + inside.sum(1, dtype=torch.float64)
 
     def decays(self, g: torch.Tensor | None):
-        """Log decays of a packed gate stream g (1, TT, H[, K]) (natural log, <= 0):
-        per segment the sums of the gates before it and after it inside its sequence
+        """Log decays of a packed gate stream g (1, TT, H[, K]) (natural log, <= 0): per
+        segment the sums of the gates before it and after it inside its sequence
         (n_seg, H[, K]), and per sequence the total (N, H[, K]); float32."""
-        sums = torch.segment_reduce(g[0], "sum", lengths=self.tokens, axis=0, unsafe=True)
-        sums = sums.double()
-        incl = sums.cumsum(0)
-        start = (incl - sums)[self.first_of_seg]  # sum of everything before the sequence
-        before = incl - sums - start
-        total = incl[self.last_of_seq] - (incl - sums)[self.first_of_seg[self.last_of_seq]]
-        after = total[self.seq_of] - before - sums
-        return before.float(), after.float(), total.float()
+        P = self.prefix(g)
+        d = (P.index_select(0, self.hi) - P.index_select(0, self.lo)).float()
+        d = d.view(-1, *g.shape[2:])
+        return d[:self.n_seg], d[self.n_seg:2 * self.n_seg], d[2 * self.n_seg:]
+
+    def by_sequence(self, x: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-segment rows x (n_seg, ...) as (N, width, ...): each sequence's segments
+        in order, then ``pad`` (1, ...) (default zeros) up to the width."""
+        if self.padded:
+            pad = x.new_zeros(1, *x.shape[1:]) if pad is None else pad
+            x = torch.cat([x, pad]).index_select(0, self.slots)
+        return x.view(-1, self.width, *x.shape[1:])
+
+    def compose(self, M: torch.Tensor, C: torch.Tensor):
+        """Per sequence, the affine map of its segments in order, from each segment's
+        ``S -> M S + C`` (M (n_seg, H, K, K), C (n_seg, H, K, Vs), float32): the
+        sequence's M (N, H, K, K) and C (N, H, K, Vs), composed pairwise in log2 rounds.
+        Also returns the rounds' left transitions, which :meth:`compose_backward` takes."""
+        eye = torch.eye(M.shape[-1], device=M.device, dtype=M.dtype).expand(1, *M.shape[1:])
+        M, C = self.by_sequence(M, eye), self.by_sequence(C)
+        lefts = []
+        while M.shape[1] > 1:
+            Ma, Mb = M[:, 0::2], M[:, 1::2]
+            lefts.append(Ma)
+            C = Mb @ C[:, 0::2] + C[:, 1::2]
+            M = Mb @ Ma
+        return M[:, 0], C[:, 0], lefts
+
+    def compose_backward(self, lefts: list, D: torch.Tensor) -> torch.Tensor:
+        """The adjoint of :meth:`compose` for the entering states: per sequence
+        ``D_0 + M_0^T (D_1 + M_1^T (D_2 + ...))`` (N, H, K, Vs) from each segment's
+        entering-state gradient D (n_seg, H, K, Vs), the last segment's including the
+        sequence's final-state gradient."""
+        D = self.by_sequence(D)
+        for Ma in lefts:
+            D = D[:, 0::2] + Ma.transpose(-1, -2) @ D[:, 1::2]
+        return D[:, 0]
+
+    def at_ends(self, S: torch.Tensor | None) -> torch.Tensor | None:
+        """Per segment: the sequence's ``S`` (N, ...) on its last segment, zeros elsewhere."""
+        if S is None:
+            return None
+        return S.new_zeros(self.n_seg, *S.shape[1:]).index_copy_(0, self.last, S)
 
     def combine(self, parts: torch.Tensor, logw: torch.Tensor | None) -> torch.Tensor:
         """Per sequence, the sum of its segments' ``parts`` (n_seg, H, K, Vs), each weighted
         by ``exp(logw)`` ((n_seg, H) or (n_seg, H, K); None: unweighted)."""
-        if logw is not None:
-            w = logw.exp()
-            parts = parts * (w[..., None, None] if w.dim() == 2 else w[..., None])
-        return torch.segment_reduce(parts, "sum", lengths=self.counts, axis=0, unsafe=True)
+        return self.by_sequence(scale_state(parts, logw)).sum(1)
 
 
 @functools.lru_cache(maxsize=64)

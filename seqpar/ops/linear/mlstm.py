@@ -178,8 +178,7 @@ class _TritonMlstmPass(StatePass):
         return out if h0 is None else out + scale_state(h0, total)
 
     def transition(self):
-        total = self.decays()[2] if self.seg.split else torch.segment_reduce(
-            self.logf[0], "sum", lengths=self.seg.tokens, axis=0, unsafe=True)
+        total = self.decays()[2]
         return total.exp()[..., None, None]
 
     def finish(self, h0):
