@@ -14,7 +14,7 @@ import torch
 from ..validate import check_scale, check_step_state
 from ._family import per_document, pick_backend, reference_scan
 from .chunk_delta import chunk_delta, chunk_delta_terms
-from .engine import ChunkPass, LinearEngine, Sequences, StatePass
+from .engine import ChunkPass, LinearEngine, Sequences, StatePass, segments
 
 
 def delta_step(q, k, v, g, beta, state, scale):
@@ -82,9 +82,11 @@ class DeltaEngine(LinearEngine):
 
 class _TritonDeltaPass(StatePass):
     """The Triton kernels on the packed stream of a shard's sequences: the WY factors
-    once (:class:`~.triton_delta.DeltaPrep`), one state-only launch for the final states
-    and the K x K transitions together, the state-only reverse pass whose state-free
-    part of dv' the full backward reuses."""
+    once (:class:`~.triton_delta.DeltaPrep`), the state-only passes segment by segment
+    (:class:`~.engine.Segments`): one launch gives every segment's final state and K x K
+    transition, composed per sequence in log2 rounds; the reverse pass gives every
+    segment's entering-state gradient, folded back through the same transitions. Its
+    state-free part of dv' is reused by the full backward."""
 
     def __init__(self, xs, seqs: Sequences, scale: float):
         from ..validate import fail
@@ -99,23 +101,29 @@ class _TritonDeltaPass(StatePass):
         self.q, self.k, self.v, self.g, self.beta = (as_packed(x) for x in xs)
         self.offsets = seqs.offsets
         self.prep = DeltaPrep(self.k, self.v, self.g, self.beta, self.offsets)
-        self._chain = None
+        self.seg = segments(tuple(self.offsets), self.q.device)
+        # the segments' view of the WY factors: the same chunks (SEGMENT is a multiple of
+        # the chunk), grouped by segment
+        self.seg_prep = self.prep.regrouped(self.seg.offsets) if self.seg.split else self.prep
+        self._composed = None
         self._dvl = None
 
-    def _chain_pass(self, h0):
-        from .triton_delta import delta_chain
+    def _compose(self):
+        """Each sequence's (M, C from zero) and the composition's rounds, computed once."""
+        if self._composed is None:
+            from .triton_delta import delta_chain
 
-        return delta_chain(self.prep, self.k, h0, self.v.shape[-1])
+            C, M = delta_chain(self.seg_prep, self.k, None, self.v.shape[-1])
+            self._composed = self.seg.compose(M, C) if self.seg.split else (M, C, None)
+        return self._composed
 
     def final(self, h0):
-        ht, mt = self._chain_pass(h0)
-        self._chain = mt
-        return ht
+        M, C, _ = self._compose()
+        return C if h0 is None else torch.baddbmm(
+            C.flatten(0, 1), M.flatten(0, 1), h0.flatten(0, 1)).view_as(C)
 
     def transition(self):
-        if self._chain is None:
-            self._chain = self._chain_pass(None)[1]
-        return self._chain
+        return self._compose()[0]
 
     def finish(self, h0):
         from .triton_delta import delta_finish
@@ -128,9 +136,14 @@ class _TritonDeltaPass(StatePass):
         from .triton_common import as_packed
         from .triton_delta import delta_initial_grads
 
-        dh0, self._dvl = delta_initial_grads(self.q, self.k, self.v, self.prep, as_packed(do),
-                                             dht, self.scale)
-        return dh0
+        do = as_packed(do)
+        if not self.seg.split:
+            dh0, self._dvl = delta_initial_grads(self.q, self.k, self.v, self.prep, do, dht,
+                                                 self.scale)
+            return dh0
+        D, self._dvl = delta_initial_grads(self.q, self.k, self.v, self.seg_prep, do,
+                                           self.seg.at_ends(dht), self.scale)
+        return self.seg.compose_backward(self._compose()[2], D)
 
     def backward(self, do, dht):
         from .triton_common import as_packed

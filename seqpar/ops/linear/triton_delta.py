@@ -48,6 +48,7 @@ worst bf16 errors are in docs/kernels.md).
 """
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
@@ -548,6 +549,18 @@ class DeltaPrep:
                                plan.offsets, plan.chunk_index, H=H, K=K, V=V, BT=BT,
                                BD=BV_STATE, USE_G=use_g, STORE_N=self.an is not self.ai,
                                PREC=prec, num_warps=NUM_WARPS)
+
+    def regrouped(self, offsets: list[int]) -> DeltaPrep:
+        """The same factors under ``offsets`` that cut the sequences at chunk boundaries
+        (into segments): the chunks and their order are unchanged, so the factors are
+        shared, not recomputed."""
+        out = copy.copy(self)
+        out.offsets = offsets
+        out.plan = chunk_plan(offsets, self.plan.offsets.device)
+        if out.plan.n_chunks != self.plan.n_chunks:
+            fail("offsets", f"cuts at chunk boundaries of the sequences (the same "
+                 f"{self.plan.n_chunks} chunks)", f"{out.plan.n_chunks} chunks")
+        return out
 
 
 def delta_chain(prep: DeltaPrep, k, h0, V: int):
