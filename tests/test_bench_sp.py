@@ -63,7 +63,7 @@ def test_local_communicator_stands_in_without_a_group():
     comm.send_recv([(t, 2)], [(buf, 0)], "x").wait()
     assert buf.abs().sum() == 0 and comm.bytes_by_op["x"] == t.numel() * 4
     got = comm.all_gather(t, "y")
-    assert len(got) == 4 and all(torch.equal(g, t) for g in got)
+    assert got.shape == (4, 3, 2) and all(torch.equal(g, t) for g in got)
     assert comm.bytes_by_op["y"] == 3 * t.numel() * 4
     assert comm.gather_ints([5, 6]) == [[5, 6]] * 4
     assert not dist.is_initialized()

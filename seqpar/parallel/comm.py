@@ -86,14 +86,15 @@ class Communicator:
         return Work(dist.batch_isend_irecv(ops) if ops else (),
                     [(t, w) for t, w in landing if w is not t])
 
-    def all_gather(self, t: torch.Tensor, op: str) -> list[torch.Tensor]:
-        """Every rank's ``t`` (the same shape everywhere), in rank order."""
+    def all_gather(self, t: torch.Tensor, op: str) -> torch.Tensor:
+        """Every rank's ``t`` (the same shape everywhere), stacked in rank order:
+        (world, *t.shape), one collective into one buffer."""
         t = t.contiguous()
         self.count(op, *[t] * (self.world - 1))
-        w = self._wire(t)
-        out = [torch.empty_like(w) for _ in range(self.world)]
-        dist.all_gather(out, w, group=self.group)
-        return [x.to(t.device) for x in out]
+        w = self._wire(t).reshape(1, -1)
+        out = w.new_empty(self.world, w.shape[1])
+        _all_gather_single(out, w, group=self.group)
+        return out.view(self.world, *t.shape).to(t.device)
 
     def all_to_all(self, parts: Sequence[torch.Tensor], shapes: Sequence, op: str) -> list[torch.Tensor]:
         """Send ``parts[j]`` to rank j; receive a tensor of ``shapes[j]`` from each rank j."""
@@ -154,7 +155,7 @@ class LocalCommunicator(Communicator):
 
     def all_gather(self, t, op):
         self.count(op, *[t] * (self.world - 1))
-        return [t.clone() for _ in range(self.world)]
+        return t.expand(self.world, *t.shape).clone()
 
     def all_to_all(self, parts, shapes, op):
         self.count(op, *[p for j, p in enumerate(parts) if j != self.rank])
@@ -167,6 +168,11 @@ class LocalCommunicator(Communicator):
 
     def gather_ints(self, values):
         return [list(values) for _ in range(self.world)]
+
+
+# torch >= 2.13 names the gather into one flat buffer all_gather_single and deprecates
+# the older all_gather_into_tensor, which earlier versions have alone
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def _resolve_group(group):

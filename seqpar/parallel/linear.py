@@ -30,6 +30,7 @@ cross ranks and nothing of activation size is computed outside the engine's kern
 from __future__ import annotations
 
 import functools
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -78,7 +79,13 @@ class PlanIndex:
     ``head_at`` positions in ``heads`` of the chunks that have a head and ``head_rows``
     their sequences; ``init_rows`` / ``init_src`` sequences starting a document and the
     user rows of their initial states; ``final_rows`` / ``final_dst`` likewise for the
-    final states handed to the user."""
+    final states handed to the user.
+
+    The flags say where an index is the identity, so the op skips the gather or scatter
+    (the common case: one sequence per chunk and row): ``heads_id`` / ``tails_id``;
+    ``all_whole`` / ``all_head`` (every flag is 1); ``heads_fill`` (every sequence is the
+    head of a chunk, in order); ``inits_id`` / ``finals_id`` (sequences and user rows
+    coincide)."""
     heads: torch.Tensor
     tails: torch.Tensor
     whole: torch.Tensor
@@ -89,10 +96,18 @@ class PlanIndex:
     init_src: torch.Tensor
     final_rows: torch.Tensor
     final_dst: torch.Tensor
+    heads_id: bool
+    tails_id: bool
+    all_whole: bool
+    all_head: bool
+    heads_fill: bool
+    inits_id: bool
+    finals_id: bool
 
 
 def _plan_index(plan: Plan, device: torch.device) -> PlanIndex:
     B, n = plan.seqs.B, len(plan.seqs.spans)
+    count = plan.seqs.count
 
     def rows(spans):
         return [r * n + j for j in spans for r in range(B)]
@@ -103,16 +118,26 @@ def _plan_index(plan: Plan, device: torch.device) -> PlanIndex:
     def t(x, dtype=torch.long):
         return to_device(x, dtype, device)
 
+    def ident(x, size=count):
+        return list(x) == list(range(size))
+
     n_local = len(plan.head)
     at = [i * B + r for i in range(n_local) if plan.head[i] for r in range(B)]
-    heads = rows(plan.head_span)
+    heads, tails = rows(plan.head_span), rows(plan.tail_span)
+    head_rows = [heads[i] for i in at]
+    init_rows, init_src = rows([j for j, _ in plan.inits]), users(plan.inits)
+    final_rows, final_dst = rows([j for j, _ in plan.finals]), users(plan.finals)
+    same = count == plan.n_users
     return PlanIndex(
-        heads=t(heads), tails=t(rows(plan.tail_span)),
+        heads=t(heads), tails=t(tails),
         whole=t(plan.whole, torch.float32).view(-1, 1, 1, 1, 1),
         head=t(plan.head, torch.float32).view(-1, 1, 1, 1, 1),
-        head_at=t(at), head_rows=t([heads[i] for i in at]),
-        init_rows=t(rows([j for j, _ in plan.inits])), init_src=t(users(plan.inits)),
-        final_rows=t(rows([j for j, _ in plan.finals])), final_dst=t(users(plan.finals)))
+        head_at=t(at), head_rows=t(head_rows), init_rows=t(init_rows), init_src=t(init_src),
+        final_rows=t(final_rows), final_dst=t(final_dst),
+        heads_id=ident(heads), tails_id=ident(tails), all_whole=all(plan.whole),
+        all_head=all(plan.head), heads_fill=ident(at, n_local * B) and ident(head_rows),
+        inits_id=same and ident(init_rows) and ident(init_src),
+        finals_id=same and ident(final_rows) and ident(final_dst))
 
 
 @functools.lru_cache(maxsize=256)
@@ -149,7 +174,7 @@ def _chain(sp, geo: Geometry, step, like: torch.Tensor, reverse: bool, op: str) 
     """Pass a value along the global chunk chain, point to point.
 
     ``step(i, x_in, sl)`` maps the value entering this rank's ``i``-th chunk to the value
-    leaving it, restricted to the last-dim slice ``sl``. Chunks are visited in global
+    leaving it, restricted to the last-dim slice ``sl`` (``x_in`` None: zeros). Chunks are visited in global
     order (``reverse``: backwards); the first chunk of the chain receives zeros. The
     value is cut into ``sp.pieces`` pieces along its last dim: piece j is sent as soon as
     it is folded, while piece j+1 is still arriving or being folded. Returns the value
@@ -168,7 +193,8 @@ def _chain(sp, geo: Geometry, step, like: torch.Tensor, reverse: bool, op: str) 
         c = geo.chunks[i]
         prev, nxt = c - d, c + d
         works = bufs = None
-        if not 0 <= prev < n:
+        start = not 0 <= prev < n  # the chain starts here: zeros enter
+        if start:
             x_in[i] = torch.zeros_like(like)
         elif geo.owner(prev) == sp.rank:
             x_in[i] = carry
@@ -179,7 +205,7 @@ def _chain(sp, geo: Geometry, step, like: torch.Tensor, reverse: bool, op: str) 
             if x_in[i] is None:
                 for w in works:
                     w.wait()
-                x_in[i] = torch.cat(bufs, -1)
+                x_in[i] = _joined(bufs)
             continue
         outs = []
         for j, s in enumerate(slices):
@@ -187,28 +213,37 @@ def _chain(sp, geo: Geometry, step, like: torch.Tensor, reverse: bool, op: str) 
                 works[j].wait()
                 piece = bufs[j]
             else:
-                piece = x_in[i][..., s]
+                piece = None if start else x_in[i][..., s]
             out = step(i, piece, s)
             outs.append(out)
             if geo.owner(nxt) != sp.rank:
                 sends.append(comm.send_recv([(out, geo.owner(nxt))], [], op))
         if x_in[i] is None:
-            x_in[i] = torch.cat(bufs, -1)
-        carry = torch.cat(outs, -1)
+            x_in[i] = _joined(bufs)
+        carry = _joined(outs)
     for w in sends:
         w.wait()
     return x_in
 
 
+def _joined(parts: list) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+
+
+def _stacked(parts: list) -> torch.Tensor:
+    return parts[0].unsqueeze(0) if len(parts) == 1 else torch.stack(parts)
+
+
 def _gather_chunks(sp, geo: Geometry, xs: list, op: str) -> list:
     """One all-gather of per-local-chunk stacks ``xs[j] (n_local, ...)`` (float32, flattened
-    into one buffer); returns, for each j, the global list by chunk."""
+    into one buffer); returns, for each j, the global list by chunk (views of the buffer)."""
     flat = torch.cat([x.reshape(x.shape[0], -1) for x in xs], 1)
     sizes = [x[0].numel() for x in xs]
+    gathered = sp.comm.all_gather(flat, op)
     out = [[None] * geo.n_chunks for _ in xs]
-    for r, buf in enumerate(sp.comm.all_gather(flat, op)):
+    for r in range(sp.world):
         for i, c in enumerate(geo.chunks_of(r)):
-            for j, part in enumerate(buf[i].split(sizes)):
+            for j, part in enumerate(gathered[r, i].split(sizes)):
                 out[j][c] = part.view(xs[j].shape[1:])
     return out
 
@@ -217,12 +252,12 @@ def _fold(Ms: list, Cs: list, upto: int, reverse: bool) -> list:
     """Serial fold of the chain: entering values of chunks, forward from chunk 0 up to
     ``upto`` (inclusive), or backward from the last chunk down to ``upto``."""
     n = len(Ms)
-    x = torch.zeros_like(Cs[0])
+    x = None  # zeros enter the first chunk
     out = [None] * n
     idx = range(n - 1, upto - 1, -1) if reverse else range(upto + 1)
     for c in idx:
-        out[c] = x
-        x = apply(Ms[c], x, transpose=reverse) + Cs[c]
+        out[c] = torch.zeros_like(Cs[c]) if x is None else x
+        x = Cs[c] if x is None else apply(Ms[c], x, transpose=reverse) + Cs[c]
     return out
 
 
@@ -231,12 +266,12 @@ def exchange(sp, geo: Geometry, M: torch.Tensor, C: torch.Tensor):
     ``S_in(c+1) = M_c S_in(c) + C_c``, ``S_in(0) = 0``. Also returns every chunk's M
     (``'allgather'``; None for ``'scan'``) for :func:`exchange_backward`."""
     if sp.linear_strategy == "scan":
-        S_in = _chain(sp, geo, lambda i, x, s: apply(M[i], x) + C[i][..., s], C[0],
-                      reverse=False, op="linear")
-        return torch.stack(S_in), None
+        S_in = _chain(sp, geo, lambda i, x, s: C[i][..., s] if x is None else
+                      apply(M[i], x) + C[i][..., s], C[0], reverse=False, op="linear")
+        return _stacked(S_in), None
     M_all, C_all = _gather_chunks(sp, geo, [M, C], "linear")
     S_all = _fold(M_all, C_all, max(geo.chunks), reverse=False)
-    return torch.stack([S_all[c] for c in geo.chunks]), M_all
+    return _stacked([S_all[c] for c in geo.chunks]), M_all
 
 
 def exchange_backward(sp, geo: Geometry, M: torch.Tensor, M_all, d: torch.Tensor) -> torch.Tensor:
@@ -244,13 +279,14 @@ def exchange_backward(sp, geo: Geometry, M: torch.Tensor, M_all, d: torch.Tensor
     rank's use of each chunk's ``S_in``, the gradient ``lam`` of the state leaving each
     local chunk: ``lam_c = d_{c+1} + M_{c+1}^T lam_{c+1}``, zero after the last chunk."""
     if sp.linear_strategy == "scan":
-        lam = _chain(sp, geo, lambda i, x, s: apply(M[i], x, transpose=True) + d[i][..., s],
-                     d[0], reverse=True, op="linear.backward")
+        lam = _chain(sp, geo, lambda i, x, s: d[i][..., s] if x is None else
+                     apply(M[i], x, transpose=True) + d[i][..., s], d[0], reverse=True,
+                     op="linear.backward")
     else:
         d_all, = _gather_chunks(sp, geo, [d], "linear.backward")
         lam_all = _fold(M_all, d_all, min(geo.chunks), reverse=True)
         lam = [lam_all[c] for c in geo.chunks]
-    return torch.stack(lam)
+    return _stacked(lam)
 
 
 # ---- the op ----
@@ -267,9 +303,12 @@ class _LinearSP(torch.autograd.Function):
         state = (H, K, engine.state_width(xs[2].shape[-1]))
         h0 = None
         if init is not None:
-            h0 = init.new_zeros(plan.seqs.count, *init.shape[1:])
-            if plan.inits:
-                h0.index_copy_(0, ix.init_rows, init.index_select(0, ix.init_src))
+            if ix.inits_id:
+                h0 = init
+            else:
+                h0 = init.new_zeros(plan.seqs.count, *init.shape[1:])
+                if plan.inits:
+                    h0.index_copy_(0, ix.init_rows, init.index_select(0, ix.init_src))
         n_local = len(geo.chunks)
         # The last chunk of the chain passes nothing on: a rank holding no other chunk
         # skips the state-only pass (its (M, C) travel as zeros, which nobody reads).
@@ -277,19 +316,27 @@ class _LinearSP(torch.autograd.Function):
             with torch.no_grad():
                 F = p.final(h0)
                 Mall = p.transition()
-            C = F.index_select(0, ix.tails).view(n_local, -1, *F.shape[1:])
-            M = Mall.index_select(0, ix.heads).view(n_local, -1, *Mall.shape[1:]) * ix.whole
+            C = _rows(F, ix.tails, ix.tails_id).view(n_local, -1, *F.shape[1:])
+            M = _rows(Mall, ix.heads, ix.heads_id).view(n_local, -1, *Mall.shape[1:])
+            if not ix.all_whole:
+                M = M * ix.whole
         else:
             C = xs[0].new_zeros(n_local, plan.seqs.B, *state, dtype=torch.float32)
             M = C.new_zeros(n_local, plan.seqs.B, state[0], *engine.transition_shape(xs))
         S_in, ctx.M_all = exchange(sp, geo, M, C)
         if any(plan.head):
-            h0 = C.new_zeros(plan.seqs.count, *state) if h0 is None else h0
-            h0 = h0.index_copy(0, ix.head_rows, S_in.flatten(0, 1).index_select(0, ix.head_at))
+            if ix.heads_fill:  # every sequence continues into a chunk: S_in is h0
+                h0 = S_in.flatten(0, 1)
+            else:
+                h0 = C.new_zeros(plan.seqs.count, *state) if h0 is None else h0
+                h0 = h0.index_copy(0, ix.head_rows,
+                                   S_in.flatten(0, 1).index_select(0, ix.head_at))
         o, fin = p.finish(h0)
         ctx.p, ctx.sp, ctx.geo, ctx.plan, ctx.M = p, sp, geo, plan, M
         ctx.has_init = init is not None
         ctx.o_meta, ctx.state = (o.shape, o.dtype), state
+        if ix.finals_id:
+            return o, fin
         out = fin.new_zeros(plan.n_users, *fin.shape[1:])
         if plan.finals:
             out.index_copy_(0, ix.final_dst, fin.index_select(0, ix.final_rows))
@@ -304,26 +351,41 @@ class _LinearSP(torch.autograd.Function):
             do = torch.zeros(ctx.o_meta[0], dtype=ctx.o_meta[1], device=dev)
         dht = None
         if dfin is not None and plan.finals:
-            dht = dfin.new_zeros(plan.seqs.count, *dfin.shape[1:])
-            dht.index_copy_(0, ix.final_rows, dfin.index_select(0, ix.final_dst))
+            if ix.finals_id:
+                dht = dfin.contiguous()
+            else:
+                dht = dfin.new_zeros(plan.seqs.count, *dfin.shape[1:])
+                dht.index_copy_(0, ix.final_rows, dfin.index_select(0, ix.final_dst))
         n_local = len(geo.chunks)
         # The first chunk of the chain passes nothing back (as in the forward).
         if any(c > 0 for c in geo.chunks):
             d0 = p.initial_grads(do, dht)
-            d = d0.index_select(0, ix.heads).view(n_local, -1, *d0.shape[1:]) * ix.head
+            d = _rows(d0, ix.heads, ix.heads_id).view(n_local, -1, *d0.shape[1:])
+            if not ix.all_head:
+                d = d * ix.head
         else:
             d = ctx.M.new_zeros(n_local, plan.seqs.B, *ctx.state)
-        lam = exchange_backward(ctx.sp, geo, ctx.M, ctx.M_all, d)
-        dht = (d.new_zeros(plan.seqs.count, *ctx.state) if dht is None else dht).index_add(
-            0, ix.tails, lam.flatten(0, 1))
+        lam = exchange_backward(ctx.sp, geo, ctx.M, ctx.M_all, d).flatten(0, 1)
+        if ix.tails_id:
+            dht = lam if dht is None else dht + lam
+        else:
+            dht = (d.new_zeros(plan.seqs.count, *ctx.state) if dht is None else dht).index_add(
+                0, ix.tails, lam)
         dxs, dh0 = p.backward(do, dht)
         dinit = None
         if ctx.has_init and dh0 is not None:
-            dinit = dh0.new_zeros(plan.n_users, *dh0.shape[1:])
-            if plan.inits:
-                dinit.index_add_(0, ix.init_src, dh0.index_select(0, ix.init_rows))
+            if ix.inits_id:
+                dinit = dh0
+            else:
+                dinit = dh0.new_zeros(plan.n_users, *dh0.shape[1:])
+                if plan.inits:
+                    dinit.index_add_(0, ix.init_src, dh0.index_select(0, ix.init_rows))
         ctx.p = None
         return (None, None, None, None, None, dinit, *dxs)
+
+
+def _rows(x: torch.Tensor, index: torch.Tensor, identity: bool) -> torch.Tensor:
+    return x if identity else x.index_select(0, index)
 
 
 def sp_linear(sp, engine, xs: tuple, *, scale, initial_state, output_final_state, cu_seqlens,
@@ -361,7 +423,7 @@ def sp_linear(sp, engine, xs: tuple, *, scale, initial_state, output_final_state
         return geo, offsets
 
     gates = [x for x in xs[3:] if x is not None]
-    desc = {"engine": ("diag", "delta", "mlstm").index(engine.name), "B": B, "T/P": Tl, "H": H,
+    desc = {"engine": zlib.crc32(engine.name.encode()), "B": B, "T/P": Tl, "H": H,
             "K": K, "Vs": Vs, "gates": sum(x.dim() for x in gates) + 10 * len(gates),
             "q dtype": dtype_code(q), "initial_state dtype": dtype_code(initial_state),
             **offsets_digest(cu_seqlens)}

@@ -42,7 +42,7 @@ def unshard(x: torch.Tensor, sp, dim: int = 1) -> torch.Tensor:
     check_tensor("x", x, dtypes=None)
     geo = sp.geometry(x.shape[dim], "x")
     with torch.no_grad():
-        parts = torch.cat(sp.comm.all_gather(x.detach(), "unshard"), dim)
+        parts = torch.cat(sp.comm.all_gather(x.detach(), "unshard").unbind(0), dim)
     order = torch.tensor([t for r in range(sp.world) for t in geo.global_positions(r)], device=x.device)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=x.device)
