@@ -6,29 +6,40 @@ all T tokens (in global order, whatever the layout) of channels ``[r C/P, (r+1) 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from ..ops.linear.engine import to_device
 from ._geometry import Geometry
 
 
-def _rank_order(geo: Geometry, device) -> torch.Tensor:
-    """Global position of each row of the rank-order concatenation of all shards."""
-    return torch.tensor([t for r in range(geo.world) for t in geo.global_positions(r)],
-                        dtype=torch.long, device=device)
+@functools.lru_cache(maxsize=64)
+def _orders(geo: Geometry, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(global position of each row of the rank-order concatenation of all shards, its
+    inverse) on ``device``, built once per geometry; None where rank order is global
+    order (the contiguous layout)."""
+    order = [t for r in range(geo.world) for t in geo.global_positions(r)]
+    if order == list(range(len(order))):
+        return None
+    inverse = [0] * len(order)
+    for i, t in enumerate(order):
+        inverse[t] = i
+    return to_device(order, torch.long, device), to_device(inverse, torch.long, device)
 
 
 def _to_channels(sp, geo: Geometry, x: torch.Tensor, dim: int, op: str) -> torch.Tensor:
     parts = list(x.chunk(sp.world, dim))
     got = sp.comm.all_to_all(parts, [parts[sp.rank].shape] * sp.world, op)
     y = torch.cat(got, 1)  # rank order
-    order = _rank_order(geo, x.device)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=x.device)
-    return y.index_select(1, inverse)
+    orders = _orders(geo, x.device)
+    return y if orders is None else y.index_select(1, orders[1])
 
 
 def _to_seq(sp, geo: Geometry, y: torch.Tensor, dim: int, op: str) -> torch.Tensor:
-    y = y.index_select(1, _rank_order(geo, y.device))
+    orders = _orders(geo, y.device)
+    if orders is not None:
+        y = y.index_select(1, orders[0])
     parts = list(y.chunk(sp.world, 1))
     got = sp.comm.all_to_all(parts, [parts[sp.rank].shape] * sp.world, op)
     return torch.cat(got, dim)
