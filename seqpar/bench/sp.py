@@ -67,6 +67,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import ops
+from ..ops.linear import engine as linear_engine
 from ..parallel import Geometry, LocalCommunicator, SequenceParallel, shard
 
 LINEAR = ("linear_attn", "simple_gla", "gla", "delta_rule", "gated_delta_rule", "mlstm")
@@ -206,11 +207,14 @@ def time_once(step, cuda: bool) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def _leaves(xs: list) -> list:
+def leaves(xs: list) -> list:
+    """Detached copies of ``xs`` as autograd leaves (floating ones require grad)."""
     return [x.detach().clone().requires_grad_(x.is_floating_point()) for x in xs]
 
 
-def _fwd_bwd(mixer, xs, do, sp, backend):
+def fwd_bwd_step(mixer, xs, do, sp, backend):
+    """A callable running one forward+backward of ``mixer`` on the leaves ``xs`` with
+    output gradient ``do`` (``sp``: a SequenceParallel or None)."""
     def step():
         for x in xs:
             x.grad = None
@@ -234,7 +238,7 @@ class Reference:
         key = (mixer, full[0].shape[1])
         if key not in self._cache:
             self._cache.clear()
-            xs = _leaves(full)
+            xs = leaves(full)
             o = call_op(mixer, xs, None, backend)
             o.backward(do_full)
             self._cache[key] = (o.detach(), [x.grad for x in xs])
@@ -360,8 +364,8 @@ class Run:
 
     def baseline(self, mixer, T, backend) -> float:
         xs, do = self.inputs(mixer, T)
-        xs = _leaves(xs)
-        ms = self.bench.time(_fwd_bwd(mixer, xs, do, None, backend))
+        xs = leaves(xs)
+        ms = self.bench.time(fwd_bwd_step(mixer, xs, do, None, backend))
         self.out["baselines"].append({"mixer": mixer, "seq_len": T, "backend": backend, "ms": ms})
         self.save()
         self.log(f"{mixer:>16} 1 device  T={T:>8}: {ms:9.3f} ms")
@@ -378,10 +382,10 @@ class Run:
                                   **({"attn_strategy": strategy} if mixer == "softmax_attn"
                                      else {"linear_strategy": strategy}))
             full, do_full = self.inputs(mixer, total)
-            xs = _leaves([shard(x, sp) for x in full])
+            xs = leaves([shard(x, sp) for x in full])
             do = shard(do_full, sp)
             if fn is None:
-                step = _fwd_bwd(mixer, xs, do, sp, backend)
+                step = fwd_bwd_step(mixer, xs, do, sp, backend)
             else:
                 def step():
                     for x in xs:
@@ -414,7 +418,7 @@ class Run:
                                          comm=LocalCommunicator(self.world, self.rank),
                                          **({"attn_strategy": strategy} if mixer == "softmax_attn"
                                             else {"linear_strategy": strategy}))
-                row["compute_ms"] = self.bench.time(_fwd_bwd(mixer, xs, do, local, backend))
+                row["compute_ms"] = self.bench.time(fwd_bwd_step(mixer, xs, do, local, backend))
             else:
                 row["compute_ms"] = row["ms"]
             row["comm_ms"] = row["ms"] - row["compute_ms"]
@@ -593,7 +597,8 @@ def simulate(args, device: torch.device) -> dict:
     out = {"benchmark": "seqpar bench sp --simulate",
            "command": " ".join(["seqpar bench sp"] + args.argv),
            **environment(device, 1), "dtype": str(args.dtype).replace("torch.", ""),
-           "batch": B, "heads": H, "head_dim": D, "warmup": args.warmup, "reps": args.reps,
+           "batch": B, "heads": H, "head_dim": D, "segment": linear_engine.SEGMENT,
+           "warmup": args.warmup, "reps": args.reps,
            "method": SIM_METHOD, "rows": [], "skipped": [], "complete": False}
     t0 = time.perf_counter()
 
@@ -602,9 +607,9 @@ def simulate(args, device: torch.device) -> dict:
             write_json(Path(args.out), out)
 
     def fwd_bwd(mixer, T, sp):
-        xs, = [_leaves(make_inputs(mixer, B, T, H, D, args.dtype, device, seed=T))]
+        xs, = [leaves(make_inputs(mixer, B, T, H, D, args.dtype, device, seed=T))]
         do = torch.randn(B, T, H, D, device=device).to(args.dtype)
-        return _fwd_bwd(mixer, xs, do, sp, args.backend)
+        return fwd_bwd_step(mixer, xs, do, sp, args.backend)
 
     for mixer in args.mixers:
         for T in args.t_local:
@@ -703,6 +708,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--small", action="store_true",
                    help="CPU-sized shapes: 4 heads of 16, 64 tokens per rank, strong total 256, "
                         "1 warmup, 2 reps (explicit options still win)")
+    p.add_argument("--segment", type=int, default=None,
+                   help="tokens per segment of the linear family's state-only passes (a "
+                        "multiple of 64; default: the library's, "
+                        "seqpar.ops.linear.engine.SEGMENT); for tuning")
     p.add_argument("--out", default=None, help="JSON file (rank 0 writes it after every row)")
     return p
 
@@ -733,6 +742,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')}: expected a positive int, got {getattr(args, name)}")
     if args.warmup < 0:
         p.error(f"--warmup: expected an int >= 0, got {args.warmup}")
+    if args.segment is not None and (args.segment < 64 or args.segment % 64):
+        p.error(f"--segment: expected a positive multiple of 64, got {args.segment}")
     if args.simulate is not None:
         try:
             args.simulate = [int(x) for x in args.simulate.split(",") if x.strip()]
@@ -767,6 +778,8 @@ def _init(args) -> torch.device:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``seqpar bench sp`` (and ``python -m seqpar.bench.sp``)."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.segment is not None:
+        linear_engine.SEGMENT = args.segment
     if args.simulate is not None:
         use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
         device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
