@@ -194,17 +194,23 @@ def plot(rows, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="seqpar bench ops", description=__doc__.split("\n\n")[0])
-    p.add_argument("--T", type=int, nargs="+", default=[2048, 8192, 32768, 131072])
-    p.add_argument("--tokens", type=int, default=32768)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--ops", nargs="+", default=OPS, choices=OPS)
-    p.add_argument("--peers", nargs="*", default=["sdpa", "fla"], choices=["sdpa", "fla"])
+    p = argparse.ArgumentParser(prog="seqpar bench ops", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--T", type=int, nargs="+", default=[2048, 8192, 32768, 131072],
+                   help="sequence lengths to time")
+    p.add_argument("--tokens", type=int, default=32768,
+                   help="tokens per call: B = tokens / T (B = 1 where T exceeds it)")
+    p.add_argument("--heads", type=int, default=16, help="heads (queries and keys alike)")
+    p.add_argument("--dim", type=int, default=128, help="head dim (K = V)")
+    p.add_argument("--ops", nargs="+", default=OPS, choices=OPS, help="ops to time")
+    p.add_argument("--peers", nargs="*", default=["sdpa", "fla"], choices=["sdpa", "fla"],
+                   help="references timed beside them (none: seqpar alone)")
     p.add_argument("--fla-T", type=int, nargs="*", default=[8192],
                    help="T at which to run FLA (its first call autotunes for minutes)")
-    p.add_argument("--rep-ms", type=int, default=100)
-    p.add_argument("--out", default="bench/results/ops")
+    p.add_argument("--rep-ms", type=int, default=100,
+                   help="milliseconds of repetitions per timing (triton.testing.do_bench)")
+    p.add_argument("--out", default="bench_ops",
+                   help="path stem of the results: STEM.json and the plot STEM.png")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
