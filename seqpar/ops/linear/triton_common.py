@@ -1,5 +1,5 @@
-"""Bookkeeping shared by the linear family's Triton kernels: packed-document chunk plans
-and block sizes.
+"""Bookkeeping shared by the linear family's Triton kernels: packed-document chunk plans,
+block sizes and the masked tile loads and stores every kernel addresses memory with.
 
 Every kernel sees its input as one packed stream ``(1, TT, H, D)`` with document
 offsets; a batch of ``B`` equal-length rows is the packed stream with offsets
@@ -92,6 +92,53 @@ def mma(a, b, PREC: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
     else:
         return tl.dot(a, b, input_precision=PREC)
+
+
+# Tiles are addressed with masked pointer arithmetic, not block pointers
+# (tl.make_block_ptr), which Triton 3.9 removed. A transposed tile is the same call with
+# the offsets, strides, extents and tile sizes swapped.
+
+@triton.jit
+def load_tile(base, r0, c0, stride_r, stride_c, n_rows, n_cols, BR: tl.constexpr,
+              BC: tl.constexpr):
+    """The (BR, BC) tile whose element ``(i, j)`` is
+    ``base[(r0 + i) * stride_r + (c0 + j) * stride_c]``, zero where ``r0 + i >= n_rows``
+    or ``c0 + j >= n_cols``; in base's dtype. ``r0`` and ``c0`` are non-negative. Offsets
+    are int64: in a long packed stream a tile can lie more than 2^31 elements past the start
+    of its document (a token row is ``H * D`` elements)."""
+    rows = r0 + tl.arange(0, BR).to(tl.int64)
+    cols = c0 + tl.arange(0, BC).to(tl.int64)
+    return tl.load(base + rows[:, None] * stride_r + cols[None, :] * stride_c,
+                   mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.)
+
+
+@triton.jit
+def store_tile(base, x, r0, c0, stride_r, stride_c, n_rows, n_cols, BR: tl.constexpr,
+               BC: tl.constexpr):
+    """Store the (BR, BC) tile ``x`` where :func:`load_tile` with the same arguments
+    loads it from, skipping the elements outside ``n_rows`` x ``n_cols``. ``x`` is
+    converted to base's dtype by ``tl.store``; kernels cast explicitly where it matters."""
+    rows = r0 + tl.arange(0, BR).to(tl.int64)
+    cols = c0 + tl.arange(0, BC).to(tl.int64)
+    tl.store(base + rows[:, None] * stride_r + cols[None, :] * stride_c, x,
+             mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))
+
+
+@triton.jit
+def load_block(base, stride_r, stride_c, BR: tl.constexpr, BC: tl.constexpr):
+    """The whole (BR, BC) block at ``base`` with element ``(i, j)`` at
+    ``base[i * stride_r + j * stride_c]``, unmasked (a per-chunk (BT, BT) matrix)."""
+    r = tl.arange(0, BR)
+    c = tl.arange(0, BC)
+    return tl.load(base + r[:, None] * stride_r + c[None, :] * stride_c)
+
+
+@triton.jit
+def store_block(base, x, stride_r, stride_c, BR: tl.constexpr, BC: tl.constexpr):
+    """Store the whole (BR, BC) tile ``x`` where :func:`load_block` loads it from."""
+    r = tl.arange(0, BR)
+    c = tl.arange(0, BC)
+    tl.store(base + r[:, None] * stride_r + c[None, :] * stride_c, x)
 
 
 def as_packed(x: torch.Tensor | None) -> torch.Tensor | None:

@@ -63,8 +63,10 @@ from .triton_common import (
     as_packed,
     chunk_plan,
     dot_precision,
+    load_tile,
     mma,
     packed_offsets,
+    store_tile,
 )
 from .triton_diag import (
     _cumsum,
@@ -91,10 +93,8 @@ def _wy_a_kernel(k, beta, gc, a, offs, cidx, H: tl.constexpr, K: tl.constexpr,
     """A of one chunk and head (strictly lower, float32) into a (NT, H, BT, BT)."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
-    p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (T_doc, K), (H * K, 1), (c * BT, 0), (BT, BK), (1, 0))
-    p_kT = tl.make_block_ptr(k + (bos * H + i_h) * K, (K, T_doc), (1, H * K), (0, c * BT), (BK, BT), (0, 1))
-    b_a = mma(tl.load(p_k, boundary_check=(0, 1), padding_option="zero"),
-              tl.load(p_kT, boundary_check=(0, 1), padding_option="zero"), PREC)
+    b_a = mma(load_tile(k + (bos * H + i_h) * K, c * BT, 0, H * K, 1, T_doc, K, BT, BK),
+              load_tile(k + (bos * H + i_h) * K, 0, c * BT, 1, H * K, K, T_doc, BK, BT), PREC)
     o = tl.arange(0, BT)
     t = c * BT + o
     b_beta = tl.load(beta + (bos + t) * H + i_h, mask=t < T_doc, other=0.).to(tl.float32)
@@ -112,11 +112,10 @@ def _wy_apply(b_n, x, out, b_row, bos, c, T_doc, i_h, i_c, H: tl.constexpr, D: t
     """``out = N (b_row x)`` for one chunk of x (packed, D wide) into out (NT, H, BT, D),
     D tile by D tile; b_n is N in x's dtype."""
     for i_d in range(tl.cdiv(D, BD)):
-        p_x = tl.make_block_ptr(x + (bos * H + i_h) * D, (T_doc, D), (H * D, 1), (c * BT, i_d * BD), (BT, BD), (1, 0))
-        b_x = tl.load(p_x, boundary_check=(0, 1), padding_option="zero")
+        b_x = load_tile(x + (bos * H + i_h) * D, c * BT, i_d * BD, H * D, 1, T_doc, D, BT, BD)
         b_x = (b_x.to(tl.float32) * b_row[:, None]).to(b_x.dtype)
-        p_o = tl.make_block_ptr(out + i_c * BT * D, (BT, D), (D, 1), (0, i_d * BD), (BT, BD), (1, 0))
-        tl.store(p_o, mma(b_n, b_x, PREC).to(p_o.dtype.element_ty), boundary_check=(0, 1))
+        store_tile(out + i_c * BT * D, mma(b_n, b_x, PREC).to(out.dtype.element_ty), 0, i_d * BD,
+                   D, 1, BT, D, BT, BD)
 
 
 @triton.jit
@@ -155,29 +154,23 @@ def _fwd_kernel(k, w, u, gc, h0, h, vn, ht, offs, coff,
     bos, T_doc, boc = _doc_span(offs, coff, n)
     b_s = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
-        p_s = tl.make_block_ptr(h0 + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
-        b_s += tl.load(p_s, boundary_check=(0, 1), padding_option="zero")
+        b_s += load_tile(h0 + i_nh.to(tl.int64) * K * V, 0, i_v * BV, V, 1, K, V, BK, BV)
     for c in range(tl.cdiv(T_doc, BT).to(tl.int32)):
         i_c = (boc + c) * H + i_h
-        p_h = tl.make_block_ptr(h + i_c * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
-        tl.store(p_h, b_s.to(p_h.dtype.element_ty), boundary_check=(0, 1))
-        p_w = tl.make_block_ptr(w + i_c * BT * K, (BT, K), (K, 1), (0, 0), (BT, BK), (1, 0))
-        p_u = tl.make_block_ptr(u + i_c * BT * V, (BT, V), (V, 1), (0, i_v * BV), (BT, BV), (1, 0))
-        p_kT = tl.make_block_ptr(k + (bos * H + i_h) * K, (K, T_doc), (1, H * K), (0, c * BT), (BK, BT), (0, 1))
-        p_vn = tl.make_block_ptr(vn + (bos * H + i_h) * V, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
-        b_w = tl.load(p_w, boundary_check=(0, 1), padding_option="zero")
-        b_v = tl.load(p_u, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+        store_tile(h + i_c * K * V, b_s.to(h.dtype.element_ty), 0, i_v * BV, V, 1, K, V, BK, BV)
+        b_w = load_tile(w + i_c * BT * K, 0, 0, K, 1, BT, K, BT, BK)
+        b_v = load_tile(u + i_c * BT * V, 0, i_v * BV, V, 1, BT, V, BT, BV).to(tl.float32)
         b_v -= mma(b_w, b_s.to(b_w.dtype), PREC)
-        tl.store(p_vn, b_v.to(p_vn.dtype.element_ty), boundary_check=(0, 1))
-        b_kT = tl.load(p_kT, boundary_check=(0, 1), padding_option="zero")
+        store_tile(vn + (bos * H + i_h) * V, b_v.to(vn.dtype.element_ty), c * BT, i_v * BV, H * V,
+                   1, T_doc, V, BT, BV)
+        b_kT = load_tile(k + (bos * H + i_h) * K, 0, c * BT, 1, H * K, K, T_doc, BK, BT)
         # decays scale the small (BT, BV) operand, not the (BK, BT) one: fewer registers
         if USE_G:
             b_g, g_last = _gates(gc, bos, c, T_doc, i_h, H, BT)
             b_s *= tl.exp2(g_last)
             b_v *= tl.exp2(g_last - b_g)[:, None]
         b_s += mma(b_kT, b_v.to(b_kT.dtype), PREC)
-    p_t = tl.make_block_ptr(ht + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
-    tl.store(p_t, b_s, boundary_check=(0, 1))
+    store_tile(ht + i_nh.to(tl.int64) * K * V, b_s, 0, i_v * BV, V, 1, K, V, BK, BV)
 
 
 @triton.jit
@@ -208,13 +201,11 @@ def _chain_kernel(k, w, u, gc, h0, ht, mt, offs, coff,
                        mask=m_s & keep, other=0.)
     for c in range(tl.cdiv(T_doc, BT).to(tl.int32)):
         i_c = (boc + c) * H + i_h
-        p_w = tl.make_block_ptr(w + i_c * BT * K, (BT, K), (K, 1), (0, 0), (BT, BK), (1, 0))
-        p_kT = tl.make_block_ptr(k + (bos * H + i_h) * K, (K, T_doc), (1, H * K), (0, c * BT), (BK, BT), (0, 1))
-        b_w = tl.load(p_w, boundary_check=(0, 1), padding_option="zero")
+        b_w = load_tile(w + i_c * BT * K, 0, 0, K, 1, BT, K, BT, BK)
         b_v = tl.load(u + i_c.to(tl.int64) * BT * V + rows[:, None] * V + cols[None, :],
                       mask=(cols[None, :] < V) & keep, other=0.).to(tl.float32)
         b_v -= mma(b_w, b_s.to(b_w.dtype), PREC)
-        b_kT = tl.load(p_kT, boundary_check=(0, 1), padding_option="zero")
+        b_kT = load_tile(k + (bos * H + i_h) * K, 0, c * BT, 1, H * K, K, T_doc, BK, BT)
         if USE_G:
             b_g, g_last = _gates(gc, bos, c, T_doc, i_h, H, BT)
             b_s *= tl.exp2(g_last)
@@ -237,10 +228,10 @@ def _dv_local_kernel(q, k, do, gc, dvl, offs, cidx, scale, H: tl.constexpr, K: t
     c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
     b_pT = tl.zeros([BT, BT], dtype=tl.float32)  # [j, i] = k_j.q_i
     for i_k in range(tl.cdiv(K, BK)):
-        p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
-        p_qT = tl.make_block_ptr(q + (bos * H + i_h) * K, (K, T_doc), (1, H * K), (i_k * BK, c * BT), (BK, BT), (0, 1))
-        b_pT += mma(tl.load(p_k, boundary_check=(0, 1), padding_option="zero"),
-                    tl.load(p_qT, boundary_check=(0, 1), padding_option="zero"), PREC)
+        b_pT += mma(load_tile(k + (bos * H + i_h) * K, c * BT, i_k * BK, H * K, 1, T_doc, K, BT,
+                              BK),
+                    load_tile(q + (bos * H + i_h) * K, i_k * BK, c * BT, 1, H * K, K, T_doc, BK,
+                              BT), PREC)
     o = tl.arange(0, BT)
     anti = o[:, None] <= o[None, :]
     if USE_G:
@@ -248,10 +239,9 @@ def _dv_local_kernel(q, k, do, gc, dvl, offs, cidx, scale, H: tl.constexpr, K: t
         b_pT *= tl.exp2(tl.where(anti, b_g[None, :] - b_g[:, None], 0.))
     b_pT = tl.where(anti, b_pT * scale, 0.).to(do.dtype.element_ty)
     for i_v in range(tl.cdiv(V, BV)):
-        p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
-        p_o = tl.make_block_ptr(dvl + (bos * H + i_h) * V, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
-        b_do = tl.load(p_do, boundary_check=(0, 1), padding_option="zero")
-        tl.store(p_o, mma(b_pT, b_do, PREC).to(p_o.dtype.element_ty), boundary_check=(0, 1))
+        b_do = load_tile(do + (bos * H + i_h) * V, c * BT, i_v * BV, H * V, 1, T_doc, V, BT, BV)
+        store_tile(dvl + (bos * H + i_h) * V, mma(b_pT, b_do, PREC).to(dvl.dtype.element_ty),
+                   c * BT, i_v * BV, H * V, 1, T_doc, V, BT, BV)
 
 
 @triton.jit
@@ -270,39 +260,32 @@ def _bwd_kernel(q, k, w, gc, do, dht, dvl, dvn, dsl, dh0, offs, coff, scale,
     NC = tl.cdiv(T_doc, BT).to(tl.int32)
     b_ds = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DHT:
-        p_s = tl.make_block_ptr(dht + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
-        b_ds += tl.load(p_s, boundary_check=(0, 1), padding_option="zero")
+        b_ds += load_tile(dht + i_nh.to(tl.int64) * K * V, 0, i_v * BV, V, 1, K, V, BK, BV)
     for i in range(NC):
         c = NC - 1 - i
         i_c = (boc + c) * H + i_h
         if STORE:
-            p_l = tl.make_block_ptr(dsl + i_c * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
-            tl.store(p_l, b_ds.to(p_l.dtype.element_ty), boundary_check=(0, 1))
-        p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (T_doc, K), (H * K, 1), (c * BT, 0), (BT, BK), (1, 0))
-        p_dvl = tl.make_block_ptr(dvl + (bos * H + i_h) * V, (T_doc, V), (H * V, 1), (c * BT, i_v * BV),
-                                  (BT, BV), (1, 0))
-        p_qT = tl.make_block_ptr(q + (bos * H + i_h) * K, (K, T_doc), (1, H * K), (0, c * BT), (BK, BT), (0, 1))
-        p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
-        p_wT = tl.make_block_ptr(w + i_c * BT * K, (K, BT), (1, K), (0, 0), (BK, BT), (0, 1))
-        b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero")
+            store_tile(dsl + i_c * K * V, b_ds.to(dsl.dtype.element_ty), 0, i_v * BV, V, 1, K, V,
+                       BK, BV)
+        b_k = load_tile(k + (bos * H + i_h) * K, c * BT, 0, H * K, 1, T_doc, K, BT, BK)
         b_kds = mma(b_k, b_ds.to(b_k.dtype), PREC)
-        b_do = tl.load(p_do, boundary_check=(0, 1), padding_option="zero").to(tl.float32) * scale
+        b_do = load_tile(do + (bos * H + i_h) * V, c * BT, i_v * BV, H * V, 1, T_doc, V, BT,
+                         BV).to(tl.float32) * scale
         # decays scale the small (BT, BV) operands and results, not the (BT, BK) ones
         if USE_G:
             b_g, g_last = _gates(gc, bos, c, T_doc, i_h, H, BT)
             b_kds *= tl.exp2(g_last - b_g)[:, None]
             b_ds *= tl.exp2(g_last)
             b_do *= tl.exp2(b_g)[:, None]
-        b_dv = (tl.load(p_dvl, boundary_check=(0, 1), padding_option="zero") + b_kds).to(p_dvl.dtype.element_ty)
+        b_dv = (load_tile(dvl + (bos * H + i_h) * V, c * BT, i_v * BV, H * V, 1, T_doc, V, BT, BV)
+                + b_kds).to(dvl.dtype.element_ty)
         if STORE:
-            p_dvn = tl.make_block_ptr(dvn + (bos * H + i_h) * V, (T_doc, V), (H * V, 1),
-                                      (c * BT, i_v * BV), (BT, BV), (1, 0))
-            tl.store(p_dvn, b_dv, boundary_check=(0, 1))
-        b_qT = tl.load(p_qT, boundary_check=(0, 1), padding_option="zero")
-        b_wT = tl.load(p_wT, boundary_check=(0, 1), padding_option="zero")
+            store_tile(dvn + (bos * H + i_h) * V, b_dv, c * BT, i_v * BV, H * V, 1, T_doc, V, BT,
+                       BV)
+        b_qT = load_tile(q + (bos * H + i_h) * K, 0, c * BT, 1, H * K, K, T_doc, BK, BT)
+        b_wT = load_tile(w + i_c * BT * K, 0, 0, 1, K, K, BT, BK, BT)
         b_ds += mma(b_qT, b_do.to(b_qT.dtype), PREC) - mma(b_wT, b_dv, PREC)
-    p_0 = tl.make_block_ptr(dh0 + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
-    tl.store(p_0, b_ds, boundary_check=(0, 1))
+    store_tile(dh0 + i_nh.to(tl.int64) * K * V, b_ds, 0, i_v * BV, V, 1, K, V, BK, BV)
 
 
 @triton.jit
@@ -330,21 +313,18 @@ def _wy_bwd_kernel(k, v, beta, gc, an, vn, dvn, dw, dk_part, dk, dv, dbeta, r_ou
     base_v = (bos * H + i_h) * V
     base_k = (bos * H + i_h) * K
     for i_v in range(tl.cdiv(V, BV)):
-        p_dvn = tl.make_block_ptr(dvn + base_v, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
-        p_vnT = tl.make_block_ptr(vn + base_v, (V, T_doc), (1, H * V), (i_v * BV, c * BT), (BV, BT), (0, 1))
-        p_v = tl.make_block_ptr(v + base_v, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
-        p_dv = tl.make_block_ptr(dv + base_v, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
-        b_dy = mma(b_nT, tl.load(p_dvn, boundary_check=(0, 1), padding_option="zero"), PREC)
-        b_v = tl.load(p_v, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+        b_dy = mma(b_nT, load_tile(dvn + base_v, c * BT, i_v * BV, H * V, 1, T_doc, V, BT, BV),
+                   PREC)
+        b_v = load_tile(v + base_v, c * BT, i_v * BV, H * V, 1, T_doc, V, BT, BV).to(tl.float32)
         b_db += tl.sum(b_dy * b_v, axis=1)
-        tl.store(p_dv, (b_dy * b_beta[:, None]).to(p_dv.dtype.element_ty), boundary_check=(0, 1))
-        b_dA -= mma(b_dy.to(DT), tl.load(p_vnT, boundary_check=(0, 1), padding_option="zero"), PREC)
+        store_tile(dv + base_v, (b_dy * b_beta[:, None]).to(dv.dtype.element_ty), c * BT, i_v * BV,
+                   H * V, 1, T_doc, V, BT, BV)
+        b_dA -= mma(b_dy.to(DT),
+                    load_tile(vn + base_v, i_v * BV, c * BT, 1, H * V, V, T_doc, BV, BT), PREC)
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
-        p_k = tl.make_block_ptr(k + base_k, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
-        p_kT = tl.make_block_ptr(k + base_k, (K, T_doc), (1, H * K), (i_k * BK, c * BT), (BK, BT), (0, 1))
-        b_kk += mma(tl.load(p_k, boundary_check=(0, 1), padding_option="zero"),
-                    tl.load(p_kT, boundary_check=(0, 1), padding_option="zero"), PREC)
+        b_kk += mma(load_tile(k + base_k, c * BT, i_k * BK, H * K, 1, T_doc, K, BT, BK),
+                    load_tile(k + base_k, i_k * BK, c * BT, 1, H * K, K, T_doc, BK, BT), PREC)
     lower = o[:, None] > o[None, :]
     if USE_G:
         b_g, _ = _gates(gc, bos, c, T_doc, i_h, H, BT)
@@ -361,18 +341,17 @@ def _wy_bwd_kernel(k, v, beta, gc, an, vn, dvn, dw, dk_part, dk, dv, dbeta, r_ou
     b_m *= b_beta[:, None]
     b_ms = (b_m + tl.trans(b_m)).to(DT)
     for i_k in range(tl.cdiv(K, BK)):
-        p_dw = tl.make_block_ptr(dw + base_k, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
-        p_k = tl.make_block_ptr(k + base_k, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
-        p_dkp = tl.make_block_ptr(dk_part + base_k, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
-        p_dk = tl.make_block_ptr(dk + base_k, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
-        b_dx = mma(b_nT, tl.load(p_dw, boundary_check=(0, 1), padding_option="zero"), PREC)
-        b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero")
+        b_dx = mma(b_nT, load_tile(dw + base_k, c * BT, i_k * BK, H * K, 1, T_doc, K, BT, BK),
+                   PREC)
+        b_k = load_tile(k + base_k, c * BT, i_k * BK, H * K, 1, T_doc, K, BT, BK)
         b_xk = tl.sum(b_dx * b_k.to(tl.float32), axis=1) * b_e  # dX_i . k_i e^G_i
         b_db += b_xk
         b_r += b_beta * b_xk
-        b_dk = tl.load(p_dkp, boundary_check=(0, 1), padding_option="zero") + (b_beta * b_e)[:, None] * b_dx
+        b_dk = (load_tile(dk_part + base_k, c * BT, i_k * BK, H * K, 1, T_doc, K, BT, BK)
+                + (b_beta * b_e)[:, None] * b_dx)
         b_dk += mma(b_ms, b_k, PREC)
-        tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), boundary_check=(0, 1))
+        store_tile(dk + base_k, b_dk.to(dk.dtype.element_ty), c * BT, i_k * BK, H * K, 1, T_doc, K,
+                   BT, BK)
     tl.store(dbeta + (bos + t) * H + i_h, b_db.to(dbeta.dtype.element_ty), mask=m)
     if USE_G:
         tl.store(r_out + (bos + t) * H + i_h, b_r, mask=m)

@@ -36,8 +36,10 @@ from .triton_common import (
     as_packed,
     chunk_plan,
     dot_precision,
+    load_tile,
     mma,
     packed_offsets,
+    store_tile,
 )
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -105,20 +107,14 @@ def _state_kernel(x, y, gc, h, s0, s_out, offs, coff, scale,
     NC = tl.cdiv(T_doc, BT).to(tl.int32)
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_S0:
-        p_s = tl.make_block_ptr(s0 + i_nh * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
-        b_h += tl.load(p_s, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+        b_h += load_tile(s0 + i_nh * K * V, i_k * BK, i_v * BV, V, 1, K, V, BK, BV).to(tl.float32)
     for i in range(NC):
         c = NC - 1 - i if REVERSE else i
         if STORE_H:
-            p_h = tl.make_block_ptr(h + ((boc + c) * H + i_h) * K * V, (K, V), (V, 1),
-                                    (i_k * BK, i_v * BV), (BK, BV), (1, 0))
-            tl.store(p_h, b_h.to(p_h.dtype.element_ty), boundary_check=(0, 1))
-        p_x = tl.make_block_ptr(x + (bos * H + i_h) * K, (K, T_doc), (1, H * K),
-                                (i_k * BK, c * BT), (BK, BT), (0, 1))
-        p_y = tl.make_block_ptr(y + (bos * H + i_h) * V, (T_doc, V), (H * V, 1),
-                                (c * BT, i_v * BV), (BT, BV), (1, 0))
-        b_x = tl.load(p_x, boundary_check=(0, 1), padding_option="zero")
-        b_y = tl.load(p_y, boundary_check=(0, 1), padding_option="zero")
+            store_tile(h + ((boc + c) * H + i_h) * K * V, b_h.to(h.dtype.element_ty), i_k * BK,
+                       i_v * BV, V, 1, K, V, BK, BV)
+        b_x = load_tile(x + (bos * H + i_h) * K, i_k * BK, c * BT, 1, H * K, K, T_doc, BK, BT)
+        b_y = load_tile(y + (bos * H + i_h) * V, c * BT, i_v * BV, H * V, 1, T_doc, V, BT, BV)
         if USE_G:
             b_g, g_last = _gates(gc, bos, c, T_doc, i_h, H, BT)
             b_h *= tl.exp2(g_last)
@@ -130,8 +126,7 @@ def _state_kernel(x, y, gc, h, s0, s_out, offs, coff, scale,
         else:
             b_h += mma(b_x, b_y, PREC)
     if STORE_OUT:
-        p_o = tl.make_block_ptr(s_out + i_nh * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
-        tl.store(p_o, b_h, boundary_check=(0, 1))
+        store_tile(s_out + i_nh * K * V, b_h, i_k * BK, i_v * BV, V, 1, K, V, BK, BV)
 
 
 @triton.jit
@@ -149,15 +144,10 @@ def _pair_kernel(a, b, y, h, gc, out, offs, cidx, scale,
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
     b_M = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
-        p_a = tl.make_block_ptr(a + (bos * H + i_h) * K, (T_doc, K), (H * K, 1),
-                                (c * BT, i_k * BK), (BT, BK), (1, 0))
-        p_b = tl.make_block_ptr(b + (bos * H + i_h) * K, (K, T_doc), (1, H * K),
-                                (i_k * BK, c * BT), (BK, BT), (0, 1))
-        p_h = tl.make_block_ptr(h + (i_t * H + i_h).to(tl.int64) * K * V, (K, V), (V, 1),
-                                (i_k * BK, i_v * BV), (BK, BV), (1, 0))
-        b_a = tl.load(p_a, boundary_check=(0, 1), padding_option="zero")
-        b_b = tl.load(p_b, boundary_check=(0, 1), padding_option="zero")
-        b_h = tl.load(p_h, boundary_check=(0, 1), padding_option="zero")
+        b_a = load_tile(a + (bos * H + i_h) * K, c * BT, i_k * BK, H * K, 1, T_doc, K, BT, BK)
+        b_b = load_tile(b + (bos * H + i_h) * K, i_k * BK, c * BT, 1, H * K, K, T_doc, BK, BT)
+        b_h = load_tile(h + (i_t * H + i_h).to(tl.int64) * K * V, i_k * BK, i_v * BV, V, 1, K, V,
+                        BK, BV)
         b_o += mma(b_a, b_h.to(b_a.dtype), PREC)
         b_M += mma(b_a, b_b, PREC)
     t = c * BT + tl.arange(0, BT)
@@ -176,16 +166,13 @@ def _pair_kernel(a, b, y, h, gc, out, offs, cidx, scale,
         b_M = tl.where(keep, b_M * tl.exp2(tl.where(keep, d, 0.)), 0.)
     else:
         b_M = tl.where(keep, b_M, 0.)
-    p_y = tl.make_block_ptr(y + (bos * H + i_h) * V, (T_doc, V), (H * V, 1),
-                            (c * BT, i_v * BV), (BT, BV), (1, 0))
-    b_y = tl.load(p_y, boundary_check=(0, 1), padding_option="zero")
+    b_y = load_tile(y + (bos * H + i_h) * V, c * BT, i_v * BV, H * V, 1, T_doc, V, BT, BV)
     if BACKWARD:
         b_o += scale * mma(b_M.to(b_y.dtype), b_y, PREC)
     else:
         b_o = scale * (b_o + mma(b_M.to(b_y.dtype), b_y, PREC))
-    p_out = tl.make_block_ptr(out + (bos * H + i_h) * V, (T_doc, V), (H * V, 1),
-                              (c * BT, i_v * BV), (BT, BV), (1, 0))
-    tl.store(p_out, b_o.to(p_out.dtype.element_ty), boundary_check=(0, 1))
+    store_tile(out + (bos * H + i_h) * V, b_o.to(out.dtype.element_ty), c * BT, i_v * BV, H * V, 1,
+               T_doc, V, BT, BV)
 
 
 @triton.jit
@@ -194,22 +181,12 @@ def _dqk_tiles(do, v, h, dh, bos, c, T_doc, i_h, i_v, i_k, base_s, H: tl.constex
                BV: tl.constexpr):
     """The V-tile loads of a dq/dk kernel: do and v of the chunk (BT, BV) and their
     transposes (BV, BT), and the transposed state tiles h^T, dh^T (BV, BK) at base_s."""
-    p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (T_doc, V), (H * V, 1),
-                             (c * BT, i_v * BV), (BT, BV), (1, 0))
-    p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (T_doc, V), (H * V, 1),
-                            (c * BT, i_v * BV), (BT, BV), (1, 0))
-    p_doT = tl.make_block_ptr(do + (bos * H + i_h) * V, (V, T_doc), (1, H * V),
-                              (i_v * BV, c * BT), (BV, BT), (0, 1))
-    p_vT = tl.make_block_ptr(v + (bos * H + i_h) * V, (V, T_doc), (1, H * V),
-                             (i_v * BV, c * BT), (BV, BT), (0, 1))
-    p_hT = tl.make_block_ptr(h + base_s, (V, K), (1, V), (i_v * BV, i_k * BK), (BV, BK), (0, 1))
-    p_dhT = tl.make_block_ptr(dh + base_s, (V, K), (1, V), (i_v * BV, i_k * BK), (BV, BK), (0, 1))
-    return (tl.load(p_do, boundary_check=(0, 1), padding_option="zero"),
-            tl.load(p_v, boundary_check=(0, 1), padding_option="zero"),
-            tl.load(p_doT, boundary_check=(0, 1), padding_option="zero"),
-            tl.load(p_vT, boundary_check=(0, 1), padding_option="zero"),
-            tl.load(p_hT, boundary_check=(0, 1), padding_option="zero"),
-            tl.load(p_dhT, boundary_check=(0, 1), padding_option="zero"))
+    return (load_tile(do + (bos * H + i_h) * V, c * BT, i_v * BV, H * V, 1, T_doc, V, BT, BV),
+            load_tile(v + (bos * H + i_h) * V, c * BT, i_v * BV, H * V, 1, T_doc, V, BT, BV),
+            load_tile(do + (bos * H + i_h) * V, i_v * BV, c * BT, 1, H * V, V, T_doc, BV, BT),
+            load_tile(v + (bos * H + i_h) * V, i_v * BV, c * BT, 1, H * V, V, T_doc, BV, BT),
+            load_tile(h + base_s, i_v * BV, i_k * BK, 1, V, V, K, BV, BK),
+            load_tile(dh + base_s, i_v * BV, i_k * BK, 1, V, V, K, BV, BK))
 
 
 @triton.jit
@@ -239,16 +216,13 @@ def _dqk_kernel(q, k, v, do, h, dh, gc, dq, dk, r_part, b_part, dvn, dw, offs, c
         b_dq += mma(b_do, b_hT.to(b_do.dtype), PREC)
         b_dk += mma(b_v, b_dhT.to(b_v.dtype), PREC)
         if DW:
-            p_dvn = tl.make_block_ptr(dvn + (bos * H + i_h) * V, (T_doc, V), (H * V, 1),
-                                      (c * BT, i_v * BV), (BT, BV), (1, 0))
-            b_dw -= mma(tl.load(p_dvn, boundary_check=(0, 1), padding_option="zero"),
+            b_dw -= mma(load_tile(dvn + (bos * H + i_h) * V, c * BT, i_v * BV, H * V, 1, T_doc, V,
+                                  BT, BV),
                         b_hT.to(b_v.dtype), PREC)
         if USE_G:
             b_hdh += tl.sum(b_hT.to(tl.float32) * b_dhT.to(tl.float32), axis=0)
-    p_q = tl.make_block_ptr(q + (bos * H + i_h) * K, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
-    p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
-    b_q = tl.load(p_q, boundary_check=(0, 1), padding_option="zero")
-    b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero")
+    b_q = load_tile(q + (bos * H + i_h) * K, c * BT, i_k * BK, H * K, 1, T_doc, K, BT, BK)
+    b_k = load_tile(k + (bos * H + i_h) * K, c * BT, i_k * BK, H * K, 1, T_doc, K, BT, BK)
     t = c * BT + tl.arange(0, BT)
     causal = t[:, None] >= t[None, :]
     anti = t[:, None] <= t[None, :]
@@ -259,10 +233,8 @@ def _dqk_kernel(q, k, v, do, h, dh, gc, dq, dk, r_part, b_part, dvn, dw, offs, c
         b_dk *= tl.exp2(g_last - b_g)[:, None]
         b_dS = tl.where(causal, b_dA * tl.exp2(tl.where(causal, b_g[:, None] - b_g[None, :], 0.)), 0.) * scale
         b_dSt = tl.where(anti, b_dAt * tl.exp2(tl.where(anti, b_g[None, :] - b_g[:, None], 0.)), 0.) * scale
-        p_qT = tl.make_block_ptr(q + (bos * H + i_h) * K, (K, T_doc), (1, H * K), (i_k * BK, c * BT), (BK, BT), (0, 1))
-        p_kT = tl.make_block_ptr(k + (bos * H + i_h) * K, (K, T_doc), (1, H * K), (i_k * BK, c * BT), (BK, BT), (0, 1))
-        b_qT = tl.load(p_qT, boundary_check=(0, 1), padding_option="zero")
-        b_kT = tl.load(p_kT, boundary_check=(0, 1), padding_option="zero")
+        b_qT = load_tile(q + (bos * H + i_h) * K, i_k * BK, c * BT, 1, H * K, K, T_doc, BK, BT)
+        b_kT = load_tile(k + (bos * H + i_h) * K, i_k * BK, c * BT, 1, H * K, K, T_doc, BK, BT)
         # P = dS * (q k^T) strictly below the diagonal, and its transpose
         b_P = tl.where(t[:, None] > t[None, :], b_dS * mma(b_q, b_kT, PREC), 0.)
         b_Pt = tl.where(t[:, None] < t[None, :], b_dSt * mma(b_k, b_qT, PREC), 0.)
@@ -280,13 +252,13 @@ def _dqk_kernel(q, k, v, do, h, dh, gc, dq, dk, r_part, b_part, dvn, dw, offs, c
         b_dSt = tl.where(anti, b_dAt, 0.) * scale
     b_dq += mma(b_dS.to(b_k.dtype), b_k, PREC)
     b_dk += mma(b_dSt.to(b_q.dtype), b_q, PREC)
-    p_dq = tl.make_block_ptr(dq + (bos * H + i_h) * K, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
-    p_dk = tl.make_block_ptr(dk + (bos * H + i_h) * K, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
-    tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), boundary_check=(0, 1))
-    tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), boundary_check=(0, 1))
+    store_tile(dq + (bos * H + i_h) * K, b_dq.to(dq.dtype.element_ty), c * BT, i_k * BK, H * K, 1,
+               T_doc, K, BT, BK)
+    store_tile(dk + (bos * H + i_h) * K, b_dk.to(dk.dtype.element_ty), c * BT, i_k * BK, H * K, 1,
+               T_doc, K, BT, BK)
     if DW:
-        p_dw = tl.make_block_ptr(dw + (bos * H + i_h) * K, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
-        tl.store(p_dw, b_dw.to(p_dw.dtype.element_ty), boundary_check=(0, 1))
+        store_tile(dw + (bos * H + i_h) * K, b_dw.to(dw.dtype.element_ty), c * BT, i_k * BK, H * K,
+                   1, T_doc, K, BT, BK)
 
 
 @triton.jit

@@ -64,8 +64,12 @@ from .triton_common import (
     as_packed,
     chunk_plan,
     dot_precision,
+    load_block,
+    load_tile,
     mma,
     packed_offsets,
+    store_block,
+    store_tile,
 )
 from .triton_diag import _doc_bounds, _doc_span
 
@@ -99,23 +103,18 @@ def _tile(x, bos, T_doc, i_h, t0, d0, H: tl.constexpr, D: tl.constexpr, BR: tl.c
           BD: tl.constexpr, TRANS: tl.constexpr):
     """Rows ``t0 + [0, BR)`` and columns ``d0 + [0, BD)`` of head ``i_h`` of a packed
     (1, TT, H, D) tensor's document at ``bos``, zero outside; (BR, BD), or (BD, BR) with
-    TRANS. A block pointer: no per-element addresses in registers."""
+    TRANS."""
     if TRANS:
-        p = tl.make_block_ptr(x + (bos * H + i_h) * D, (D, T_doc), (1, H * D), (d0, t0),
-                              (BD, BR), (0, 1))
-    else:
-        p = tl.make_block_ptr(x + (bos * H + i_h) * D, (T_doc, D), (H * D, 1), (t0, d0),
-                              (BR, BD), (1, 0))
-    return tl.load(p, boundary_check=(0, 1), padding_option="zero")
+        return load_tile(x + (bos * H + i_h) * D, d0, t0, 1, H * D, D, T_doc, BD, BR)
+    return load_tile(x + (bos * H + i_h) * D, t0, d0, H * D, 1, T_doc, D, BR, BD)
 
 
 @triton.jit
 def _store(x, b_x, bos, T_doc, i_h, t0, d0, H: tl.constexpr, D: tl.constexpr,
            BR: tl.constexpr, BD: tl.constexpr):
     """Store a (BR, BD) tile at the place :func:`_tile` loads it from (TRANS=False)."""
-    p = tl.make_block_ptr(x + (bos * H + i_h) * D, (T_doc, D), (H * D, 1), (t0, d0), (BR, BD),
-                          (1, 0))
-    tl.store(p, b_x.to(p.dtype.element_ty), boundary_check=(0, 1))
+    store_tile(x + (bos * H + i_h) * D, b_x.to(x.dtype.element_ty), t0, d0, H * D, 1, T_doc, D,
+               BR, BD)
 
 
 @triton.jit
@@ -306,18 +305,17 @@ def _out_kernel(a, y, h, gc, A, out, offs, cidx, scale,
         if BACKWARD:
             g_last = tl.load(gc + ((bos + last) * H + i_h) * K + kk, mask=kk < K, other=0.)
             g_a = g_last[None, :] - g_a
-        p_h = tl.make_block_ptr(h + base_s, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
-        b_h = tl.load(p_h, boundary_check=(0, 1), padding_option="zero")
+        b_h = load_tile(h + base_s, i_k * BK, i_v * BV, V, 1, K, V, BK, BV)
         b_o += mma((b_a * tl.exp2(g_a)).to(b_a.dtype), b_h.to(b_a.dtype), PREC)
     if not BACKWARD:
         b_o *= scale
     base_A = (i_t * H + i_h).to(tl.int64) * BT * BT
-    if BACKWARD:  # A^T through swapped strides
-        p_A = tl.make_block_ptr(A + base_A, (BT, BT), (1, BT), (0, 0), (BT, BT), (0, 1))
-    else:
-        p_A = tl.make_block_ptr(A + base_A, (BT, BT), (BT, 1), (0, 0), (BT, BT), (1, 0))
     b_y = _tile(y, bos, T_doc, i_h, c * BT, i_v * BV, H, V, BT, BV, False)
-    b_o += mma(tl.load(p_A).to(b_y.dtype), b_y, PREC)
+    if BACKWARD:  # A^T through swapped strides
+        b_A = load_block(A + base_A, 1, BT, BT, BT)
+    else:
+        b_A = load_block(A + base_A, BT, 1, BT, BT)
+    b_o += mma(b_A.to(b_y.dtype), b_y, PREC)
     _store(out, b_o, bos, T_doc, i_h, c * BT, i_v * BV, H, V, BT, BV)
 
 
@@ -334,9 +332,8 @@ def _dA_kernel(do, v, dA, offs, cidx, scale, H: tl.constexpr, V: tl.constexpr,
         b_do = _tile(do, bos, T_doc, i_h, c * BT, i_v * BV, H, V, BT, BV, False)
         b_vT = _tile(v, bos, T_doc, i_h, c * BT, i_v * BV, H, V, BT, BV, True)
         b_dA += mma(b_do, b_vT, PREC)
-    p_dA = tl.make_block_ptr(dA + (i_t * H + i_h).to(tl.int64) * BT * BT, (BT, BT), (BT, 1),
-                             (0, 0), (BT, BT), (1, 0))
-    tl.store(p_dA, (scale * b_dA).to(dA.dtype.element_ty))
+    store_block(dA + (i_t * H + i_h).to(tl.int64) * BT * BT,
+                (scale * b_dA).to(dA.dtype.element_ty), BT, 1, BT, BT)
 
 
 @triton.jit
@@ -394,10 +391,8 @@ def _dqk_kernel(q, k, v, do, h, dh, gc, dA, dq_d, dk_d, dq, dk, dg, offs, cidx, 
     for i_v in range(tl.cdiv(V, BV)):
         b_do = _tile(do, bos, T_doc, i_h, c * BT, i_v * BV, H, V, BT, BV, False)
         b_v = _tile(v, bos, T_doc, i_h, c * BT, i_v * BV, H, V, BT, BV, False)
-        p_hT = tl.make_block_ptr(h + base_s, (V, K), (1, V), (i_v * BV, i_k * BK), (BV, BK), (0, 1))
-        p_dhT = tl.make_block_ptr(dh + base_s, (V, K), (1, V), (i_v * BV, i_k * BK), (BV, BK), (0, 1))
-        b_hT = tl.load(p_hT, boundary_check=(0, 1), padding_option="zero")
-        b_dhT = tl.load(p_dhT, boundary_check=(0, 1), padding_option="zero")
+        b_hT = load_tile(h + base_s, i_v * BV, i_k * BK, 1, V, V, K, BV, BK)
+        b_dhT = load_tile(dh + base_s, i_v * BV, i_k * BK, 1, V, V, K, BV, BK)
         b_dq += mma(b_do, b_hT.to(b_do.dtype), PREC)
         b_dk += mma(b_v, b_dhT.to(b_v.dtype), PREC)
         b_hdh += tl.sum(b_hT.to(tl.float32) * b_dhT.to(tl.float32), axis=0)
@@ -409,10 +404,8 @@ def _dqk_kernel(q, k, v, do, h, dh, gc, dA, dq_d, dk_d, dq, dk, dg, offs, cidx, 
     b_dk *= tl.exp2(g_last[None, :] - b_g)
     # the gate-gradient terms through the leaving state (module docstring)
     b_dg_c = tl.sum(b_dk * b_k.to(tl.float32), axis=0) + b_hdh * tl.exp2(g_last)
-    p_dA = tl.make_block_ptr(dA + (i_t * H + i_h).to(tl.int64) * BT * BT, (BT, BT), (BT, 1),
-                             (0, 0), (BT, BT), (1, 0))
     # one load; the transpose is a register/shared-memory relayout, not a second read
-    b_dA = tl.load(p_dA).to(b_k.dtype)
+    b_dA = load_block(dA + (i_t * H + i_h).to(tl.int64) * BT * BT, BT, 1, BT, BT).to(b_k.dtype)
     b_dAt = tl.trans(b_dA)
     for p in range(BC, BT, BC):
         g_p = tl.load(gc + ((bos + tl.minimum(c * BT + p, last)) * H + i_h) * K + kk,

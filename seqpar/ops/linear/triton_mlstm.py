@@ -45,8 +45,10 @@ from .triton_common import (
     as_packed,
     chunk_plan,
     dot_precision,
+    load_tile,
     mma,
     packed_offsets,
+    store_tile,
 )
 from .triton_diag import _cumsum, _dg_kernel, _doc_bounds, _doc_span, _dqk_tiles, _gates
 
@@ -98,23 +100,18 @@ def _state_walk(x, y, gc, wc, wn, h, hn, s0, n0, s_out, n_out, offs, coff, scale
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     b_n = tl.zeros([BK], dtype=tl.float32)
     if HAS_S0:
-        p_s = tl.make_block_ptr(s0 + i_nh * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
-        b_h += tl.load(p_s, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+        b_h += load_tile(s0 + i_nh * K * V, i_k * BK, i_v * BV, V, 1, K, V, BK, BV).to(tl.float32)
         b_n += tl.load(n0 + i_nh * K + o_k, mask=o_k < K, other=0.).to(tl.float32)
     for i in range(NC):
         c = NC - 1 - i if REVERSE else i
         if STORE_H:
-            p_h = tl.make_block_ptr(h + ((boc + c) * H + i_h) * K * V, (K, V), (V, 1),
-                                    (i_k * BK, i_v * BV), (BK, BV), (1, 0))
-            tl.store(p_h, b_h, boundary_check=(0, 1))
+            store_tile(h + ((boc + c) * H + i_h) * K * V, b_h, i_k * BK, i_v * BV, V, 1, K, V, BK,
+                       BV)
             if i_v == 0:
                 tl.store(hn + ((boc + c) * H + i_h) * K + o_k, b_n, mask=o_k < K)
-        p_x = tl.make_block_ptr(x + (bos * H + i_h) * K, (K, T_doc), (1, H * K),
-                                (i_k * BK, c * BT), (BK, BT), (0, 1))
-        p_y = tl.make_block_ptr(y + (bos * H + i_h) * V, (T_doc, V), (H * V, 1),
-                                (c * BT, i_v * BV), (BT, BV), (1, 0))
-        b_x = tl.load(p_x, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
-        b_y = tl.load(p_y, boundary_check=(0, 1), padding_option="zero")
+        b_x = load_tile(x + (bos * H + i_h) * K, i_k * BK, c * BT, 1, H * K, K, T_doc, BK,
+                        BT).to(tl.float32)
+        b_y = load_tile(y + (bos * H + i_h) * V, c * BT, i_v * BV, H * V, 1, T_doc, V, BT, BV)
         b_g, g_last = _gates(gc, bos, c, T_doc, i_h, H, BT)
         t = c * BT + tl.arange(0, BT)
         r_wc = tl.load(wc + (bos + t) * H + i_h, mask=t < T_doc, other=0.)
@@ -129,8 +126,7 @@ def _state_walk(x, y, gc, wc, wn, h, hn, s0, n0, s_out, n_out, offs, coff, scale
         b_h = b_h * decay + _dot32(b_x * r_wc[None, :], b_y, PREC, True)
         b_n = b_n * decay + tl.sum(b_x * r_wn[None, :], axis=1)
     if STORE_OUT:
-        p_o = tl.make_block_ptr(s_out + i_nh * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
-        tl.store(p_o, b_h, boundary_check=(0, 1))
+        store_tile(s_out + i_nh * K * V, b_h, i_k * BK, i_v * BV, V, 1, K, V, BK, BV)
         if i_v == 0:
             tl.store(n_out + i_nh * K + o_k, b_n, mask=o_k < K)
 
@@ -197,15 +193,10 @@ def _pair_kernel(a, b, y, h, hn, gc, ig, rm, out, out32, u, offs, cidx, scale,
     b_M = tl.zeros([BT, BT], dtype=tl.float32)
     b_an = tl.zeros([BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
-        p_a = tl.make_block_ptr(a + (bos * H + i_h) * K, (T_doc, K), (H * K, 1),
-                                (c * BT, i_k * BK), (BT, BK), (1, 0))
-        p_b = tl.make_block_ptr(b + (bos * H + i_h) * K, (K, T_doc), (1, H * K),
-                                (i_k * BK, c * BT), (BK, BT), (0, 1))
-        p_h = tl.make_block_ptr(h + (i_t * H + i_h).to(tl.int64) * K * V, (K, V), (V, 1),
-                                (i_k * BK, i_v * BV), (BK, BV), (1, 0))
-        b_a = tl.load(p_a, boundary_check=(0, 1), padding_option="zero")
-        b_b = tl.load(p_b, boundary_check=(0, 1), padding_option="zero")
-        b_h = tl.load(p_h, boundary_check=(0, 1), padding_option="zero")
+        b_a = load_tile(a + (bos * H + i_h) * K, c * BT, i_k * BK, H * K, 1, T_doc, K, BT, BK)
+        b_b = load_tile(b + (bos * H + i_h) * K, i_k * BK, c * BT, 1, H * K, K, T_doc, BK, BT)
+        b_h = load_tile(h + (i_t * H + i_h).to(tl.int64) * K * V, i_k * BK, i_v * BV, V, 1, K, V,
+                        BK, BV)
         b_o += _dot32(b_a, b_h, PREC, False)
         b_M += mma(b_a, b_b, PREC)
         if not BACKWARD:
@@ -228,9 +219,7 @@ def _pair_kernel(a, b, y, h, hn, gc, ig, rm, out, out32, u, offs, cidx, scale,
         b_o *= tl.exp2(b_g)[:, None]
         b_M *= b_ig[None, :]
     b_M = tl.where(keep, b_M * tl.exp2(tl.where(keep, d, 0.)), 0.)
-    p_y = tl.make_block_ptr(y + (bos * H + i_h) * V, (T_doc, V), (H * V, 1),
-                            (c * BT, i_v * BV), (BT, BV), (1, 0))
-    b_y = tl.load(p_y, boundary_check=(0, 1), padding_option="zero")
+    b_y = load_tile(y + (bos * H + i_h) * V, c * BT, i_v * BV, H * V, 1, T_doc, V, BT, BV)
     if BACKWARD:
         b_o += scale * _dot32(b_M, b_y, PREC, True)
     else:
@@ -239,12 +228,9 @@ def _pair_kernel(a, b, y, h, hn, gc, ig, rm, out, out32, u, offs, cidx, scale,
         b_o /= tl.maximum(tl.abs(b_u), 1.)[:, None]
         if i_v == 0:
             tl.store(u + (bos + t) * H + i_h, b_u, mask=m)
-        p_o32 = tl.make_block_ptr(out32 + (bos * H + i_h) * V, (T_doc, V), (H * V, 1),
-                                  (c * BT, i_v * BV), (BT, BV), (1, 0))
-        tl.store(p_o32, b_o, boundary_check=(0, 1))
-    p_out = tl.make_block_ptr(out + (bos * H + i_h) * V, (T_doc, V), (H * V, 1),
-                              (c * BT, i_v * BV), (BT, BV), (1, 0))
-    tl.store(p_out, b_o.to(p_out.dtype.element_ty), boundary_check=(0, 1))
+        store_tile(out32 + (bos * H + i_h) * V, b_o, c * BT, i_v * BV, H * V, 1, T_doc, V, BT, BV)
+    store_tile(out + (bos * H + i_h) * V, b_o.to(out.dtype.element_ty), c * BT, i_v * BV, H * V, 1,
+               T_doc, V, BT, BV)
 
 
 @triton.jit
@@ -292,14 +278,10 @@ def _dqk_kernel(q, k, v, do, h, hn, dh, dhn, gc, ig, rm, cu, dq, dk, r_part, b_p
     b_dS = tl.where(causal, b_dS * tl.exp2(tl.where(causal, b_g[:, None] - b_g[None, :], 0.)), 0.) * scale
     b_dSt = b_dAt * b_rm[None, :] + b_cu[None, :]
     b_dSt = tl.where(anti, b_dSt * tl.exp2(tl.where(anti, b_g[None, :] - b_g[:, None], 0.)), 0.) * scale
-    p_q = tl.make_block_ptr(q + (bos * H + i_h) * K, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
-    p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
-    p_qT = tl.make_block_ptr(q + (bos * H + i_h) * K, (K, T_doc), (1, H * K), (i_k * BK, c * BT), (BK, BT), (0, 1))
-    p_kT = tl.make_block_ptr(k + (bos * H + i_h) * K, (K, T_doc), (1, H * K), (i_k * BK, c * BT), (BK, BT), (0, 1))
-    b_q = tl.load(p_q, boundary_check=(0, 1), padding_option="zero")
-    b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero")
-    b_qT = tl.load(p_qT, boundary_check=(0, 1), padding_option="zero")
-    b_kT = tl.load(p_kT, boundary_check=(0, 1), padding_option="zero")
+    b_q = load_tile(q + (bos * H + i_h) * K, c * BT, i_k * BK, H * K, 1, T_doc, K, BT, BK)
+    b_k = load_tile(k + (bos * H + i_h) * K, c * BT, i_k * BK, H * K, 1, T_doc, K, BT, BK)
+    b_qT = load_tile(q + (bos * H + i_h) * K, i_k * BK, c * BT, 1, H * K, K, T_doc, BK, BT)
+    b_kT = load_tile(k + (bos * H + i_h) * K, i_k * BK, c * BT, 1, H * K, K, T_doc, BK, BT)
     # P = dS * (q_i.k'_j) strictly below the diagonal, and its transpose
     b_dS *= b_ig[None, :]
     b_dSt *= b_ig[:, None]
@@ -317,10 +299,10 @@ def _dqk_kernel(q, k, v, do, h, hn, dh, dhn, gc, ig, rm, cu, dq, dk, r_part, b_p
     tl.store(r_part + o_part, b_r, mask=m)
     tl.store(b_part + o_part, b_b, mask=m)
     tl.store(i_part + o_part, b_di, mask=m)
-    p_dq = tl.make_block_ptr(dq + (bos * H + i_h) * K, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
-    p_dk = tl.make_block_ptr(dk + (bos * H + i_h) * K, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
-    tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), boundary_check=(0, 1))
-    tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), boundary_check=(0, 1))
+    store_tile(dq + (bos * H + i_h) * K, b_dq.to(dq.dtype.element_ty), c * BT, i_k * BK, H * K, 1,
+               T_doc, K, BT, BK)
+    store_tile(dk + (bos * H + i_h) * K, b_dk.to(dk.dtype.element_ty), c * BT, i_k * BK, H * K, 1,
+               T_doc, K, BT, BK)
 
 
 @triton.jit
