@@ -96,7 +96,11 @@ def mma(a, b, PREC: tl.constexpr):
 
 # Tiles are addressed with masked pointer arithmetic, not block pointers
 # (tl.make_block_ptr), which Triton 3.9 removed. A transposed tile is the same call with
-# the offsets, strides, extents and tile sizes swapped.
+# the offsets, strides, extents and tile sizes swapped. The helpers build a tile's
+# addresses and mask in the order and form of a block pointer's boundary check, lower
+# bounds included (r0 and c0 are never negative here): the launch settings were tuned on
+# that code, and compiled for sm_90 other forms allocate registers differently (up to
+# 3 KB more spills in the float32 mLSTM kernels).
 
 @triton.jit
 def load_tile(base, r0, c0, stride_r, stride_c, n_rows, n_cols, BR: tl.constexpr,
@@ -104,12 +108,13 @@ def load_tile(base, r0, c0, stride_r, stride_c, n_rows, n_cols, BR: tl.constexpr
     """The (BR, BC) tile whose element ``(i, j)`` is
     ``base[(r0 + i) * stride_r + (c0 + j) * stride_c]``, zero where ``r0 + i >= n_rows``
     or ``c0 + j >= n_cols``; in base's dtype. ``r0`` and ``c0`` are non-negative. Offsets
-    are int64: in a long packed stream a tile can lie more than 2^31 elements past the start
-    of its document (a token row is ``H * D`` elements)."""
+    are int64: in a long packed stream a tile can lie more than 2^31 elements past the
+    start of its document (a token row is ``H * D`` elements)."""
     rows = r0 + tl.arange(0, BR).to(tl.int64)
     cols = c0 + tl.arange(0, BC).to(tl.int64)
-    return tl.load(base + rows[:, None] * stride_r + cols[None, :] * stride_c,
-                   mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.)
+    return tl.load(base + (rows[:, None] * stride_r + cols[None, :] * stride_c),
+                   mask=((rows[:, None] >= 0) & (rows[:, None] < n_rows))
+                   & ((cols[None, :] >= 0) & (cols[None, :] < n_cols)), other=0.)
 
 
 @triton.jit
@@ -120,8 +125,9 @@ def store_tile(base, x, r0, c0, stride_r, stride_c, n_rows, n_cols, BR: tl.const
     converted to base's dtype by ``tl.store``; kernels cast explicitly where it matters."""
     rows = r0 + tl.arange(0, BR).to(tl.int64)
     cols = c0 + tl.arange(0, BC).to(tl.int64)
-    tl.store(base + rows[:, None] * stride_r + cols[None, :] * stride_c, x,
-             mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))
+    tl.store(base + (rows[:, None] * stride_r + cols[None, :] * stride_c), x,
+             mask=((rows[:, None] >= 0) & (rows[:, None] < n_rows))
+             & ((cols[None, :] >= 0) & (cols[None, :] < n_cols)))
 
 
 @triton.jit
