@@ -58,6 +58,14 @@ from .triton_diag import _cumsum, _dg_kernel, _doc_bounds, _doc_span, _dqk_tiles
 NUM_WARPS = 4
 
 
+def _dqk_meta(dtype: torch.dtype) -> dict:
+    """Launch settings of :func:`_dqk_kernel`. Float32 inputs run 2 pipeline stages: at
+    Triton's default 3 its (BT, 128) float32 tiles need 229376 bytes of shared memory with
+    triton 3.6 and 3.9 (sm_90 has 232448) and 245760 with 3.8, which cannot launch there;
+    at 2, 131072-147456 (compiled for sm_90 on CPU, tests/sm90.py)."""
+    return dict(num_warps=NUM_WARPS, num_stages=2 if dtype == torch.float32 else 3)
+
+
 @triton.jit
 def _dot32(a, b, PREC: tl.constexpr, A32: tl.constexpr):
     """``a @ b`` to about float32 accuracy where one operand is a float32 intermediate
@@ -401,7 +409,7 @@ def mlstm_backward(q, k, v, i, f, C0, n0, o32, u, do, dCT, dnT, scale: float,
     _dqk_kernel[(NK, plan.n_chunks, H)](q, k, v, do, h, hn, dh, dhn, gc, ig, rm, cu, dq, dk,
                                         r_part, b_part, i_part, plan.offsets, plan.chunk_index,
                                         scale, TT, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-                                        PREC=prec, num_warps=NUM_WARPS)
+                                        PREC=prec, **_dqk_meta(q.dtype))
     dg = torch.empty_like(f)
     _dg_kernel[(plan.n_chunks, H)](r_part, b_part, dg, plan.offsets, plan.chunk_index, TT,
                                    H=H, BT=BT, NK=NK)
