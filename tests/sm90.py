@@ -23,7 +23,7 @@ SM90_SHARED = 232448  # bytes of shared memory one block may use on H100 / H200
 # Spill allowance in the bf16 configuration, in bytes of spill stores. Where a setting that
 # spills into L1 is the faster one on an H100, the allowance says so: the delta rules'
 # sequential state passes and WY backward at 4 warps. PRINT_ONLY kernels are reported, not
-# judged (triton_diag's bf16 _dqk_kernel spills at its fastest setting).
+# judged (the shared bf16 dqk_kernel spills at its chosen setting).
 NO_SPILLS, WY_BWD_SPILLS, STATE_SPILLS, PRINT_ONLY = 0, 256, 1024, None
 
 
@@ -95,8 +95,7 @@ def _split_meta(meta):
 def _delta_kernels(td, K, dtype):
     """(kernel, constexprs, launch options, 16-bit arguments, spill allowance) of every
     kernel of the delta path at head dim K and V = 128 for inputs of ``dtype``."""
-    from seqpar.ops.linear import triton_diag as tdg
-    from seqpar.ops.linear.triton_common import BK, BV
+    from seqpar.ops.linear.triton_common import BK, BV, dqk_kernel, pair_kernel
 
     bk, bs = td._k_tile(K), td.BV_STATE
     chunk = dict(H=16, K=K, V=128, BT=td.BT, USE_G=True)
@@ -118,8 +117,8 @@ def _delta_kernels(td, K, dtype):
         *[(td._bwd_kernel, {**state, "HAS_DHT": True}, o, _DELTA_BF16, STATE_SPILLS)
           for o in state_opts],
         (td._wy_bwd_kernel, {**chunk, **wy_tiles}, wy_launch, _DELTA_BF16, WY_BWD_SPILLS),
-        (tdg._pair_kernel, {**diag, "BACKWARD": False}, opts, _DIAG_BF16, PRINT_ONLY),
-        (tdg._dqk_kernel, {**diag, "DW": True}, td._dqk_meta(dtype, True), _DIAG_BF16, PRINT_ONLY),
+        (pair_kernel, {**diag, "BACKWARD": False}, opts, _DIAG_BF16, PRINT_ONLY),
+        (dqk_kernel, {**diag, "DW": True}, td._dqk_meta(dtype, True), _DIAG_BF16, PRINT_ONLY),
     ]
 
 

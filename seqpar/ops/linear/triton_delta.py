@@ -4,7 +4,7 @@ directly through the chunk plan of :mod:`.triton_common` (rows past a document's
 load as zeros, which are inert: beta = 0 writes nothing, k = 0 reads nothing).
 
 Per chunk (``BT`` tokens, never straddling a document) with cumulative log2 gate ``G``
-(``triton_diag._cumsum``; ``e^x`` below is ``2^x`` of log2-scaled exponents), scale s:
+(:func:`.triton_common.gate_cumsum`; ``e^x`` below is ``2^x`` of log2-scaled exponents), scale s:
 
 * ``_wy_a_kernel``: ``A_ij = beta_i (k_i.k_j) e^(G_i - G_j)`` for ``j < i``;
   :func:`unit_lower_inverse` gives ``N = (I + A)^{-1}``;
@@ -12,7 +12,7 @@ Per chunk (``BT`` tokens, never straddling a document) with cumulative log2 gate
 * ``_fwd_kernel`` (sequential over chunks; one program per document, head and V tile;
   the state enters as ``S_c``): ``v'_c = U_c - W_c S_c``,
   ``S_{c+1} = e^G_C S_c + (k e^(G_C - G))^T v'_c``; stores ``S_c`` and ``v'``;
-* ``triton_diag._pair_kernel`` on ``(q, k, v')``: ``o = P v' + s q e^G S_c`` with
+* :func:`.triton_common.pair_kernel` on ``(q, k, v')``: ``o = P v' + s q e^G S_c`` with
   ``P = s (q k^T) e^(G_i - G_j)``, ``j <= i`` (the diagonal family's output kernel, as
   the delta rule's output is linear attention over ``v'``).
 
@@ -21,14 +21,14 @@ Backward, with ``dS`` the gradient of the state leaving a chunk:
 * ``_dv_local_kernel`` (parallel): ``P^T do``, the state-free part of ``dv'``;
 * ``_bwd_kernel`` (reverse, sequential): ``dv' = P^T do + k e^(G_C - G) dS``,
   ``dS <- e^G_C dS + s (q e^G)^T do - W^T dv'``;
-* ``triton_diag._dqk_kernel`` on ``(q, k, v', do, S_c, dS)``: dq complete, the parts
+* :func:`.triton_common.dqk_kernel` on ``(q, k, v', do, S_c, dS)``: dq complete, the parts
   of dk and of the gate gradient that come through ``P``, ``q e^G``, ``k e^(G_C - G)``
   and ``e^G_C``, and ``dW = -dv' S_c^T`` (the state tiles are loaded there anyway);
 * ``_wy_bwd_kernel``: the rest through ``W``, ``U`` and ``A``. With ``dY = N^T dv'``
   (the gradient of ``beta v``) and ``dX = N^T dW`` (of ``beta k e^G``), the gradient
   of A is ``dA = -(dX W^T + dY U^T) = -dY v'^T`` (strictly lower), which needs
   neither W nor U;
-* ``triton_diag._dg_kernel``: ``dg_t`` from the per-row terms, each a product of decayed
+* :func:`.triton_common.dg_kernel`: ``dg_t`` from the per-row terms, each a product of decayed
   quantities (every exponent <= 0, nothing undecayed cancels).
 
 This is flash-linear-attention's split of the backward (dW beside dq and dk, the WY
@@ -61,21 +61,19 @@ from .triton_common import (
     BV,
     BV_STATE,
     as_packed,
+    chunk_gates,
     chunk_plan,
+    dg_kernel,
+    doc_bounds,
+    doc_span,
     dot_precision,
+    dqk_kernel,
+    gate_cumsum,
     load_tile,
     mma,
     packed_offsets,
+    pair_kernel,
     store_tile,
-)
-from .triton_diag import (
-    _cumsum,
-    _dg_kernel,
-    _doc_bounds,
-    _doc_span,
-    _dqk_kernel,
-    _gates,
-    _pair_kernel,
 )
 
 NUM_WARPS = 4
@@ -92,7 +90,7 @@ def _wy_a_kernel(k, beta, gc, a, offs, cidx, H: tl.constexpr, K: tl.constexpr,
                  BT: tl.constexpr, BK: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr):
     """A of one chunk and head (strictly lower, float32) into a (NT, H, BT, BT)."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
-    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    c, bos, T_doc = doc_bounds(offs, cidx, i_t)
     b_a = mma(load_tile(k + (bos * H + i_h) * K, c * BT, 0, H * K, 1, T_doc, K, BT, BK),
               load_tile(k + (bos * H + i_h) * K, 0, c * BT, 1, H * K, K, T_doc, BK, BT), PREC)
     o = tl.arange(0, BT)
@@ -100,7 +98,7 @@ def _wy_a_kernel(k, beta, gc, a, offs, cidx, H: tl.constexpr, K: tl.constexpr,
     b_beta = tl.load(beta + (bos + t) * H + i_h, mask=t < T_doc, other=0.).to(tl.float32)
     lower = o[:, None] > o[None, :]
     if USE_G:
-        b_g, _ = _gates(gc, bos, c, T_doc, i_h, H, BT)
+        b_g, _ = chunk_gates(gc, bos, c, T_doc, i_h, H, BT)
         b_a *= tl.exp2(tl.where(lower, b_g[:, None] - b_g[None, :], 0.))
     b_a = tl.where(lower, b_a * b_beta[:, None], 0.)
     tl.store(a + (i_t * H + i_h).to(tl.int64) * BT * BT + o[:, None] * BT + o[None, :], b_a)
@@ -126,7 +124,7 @@ def _wy_wu_kernel(k, v, beta, gc, ai, an, w, u, offs, cidx, H: tl.constexpr, K: 
     u (NT, H, BT, V) for one chunk and head, N from ai (NT, H, BT, BT) float32; with
     STORE_N, N in the inputs' dtype into an (same shape) for the backward."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
-    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    c, bos, T_doc = doc_bounds(offs, cidx, i_t)
     i_c = (i_t * H + i_h).to(tl.int64)
     o = tl.arange(0, BT)
     t = c * BT + o
@@ -136,7 +134,7 @@ def _wy_wu_kernel(k, v, beta, gc, ai, an, w, u, offs, cidx, H: tl.constexpr, K: 
     b_beta = tl.load(beta + (bos + t) * H + i_h, mask=t < T_doc, other=0.).to(tl.float32)
     _wy_apply(b_n, v, u, b_beta, bos, c, T_doc, i_h, i_c, H, V, BT, BD, PREC)
     if USE_G:
-        b_g, _ = _gates(gc, bos, c, T_doc, i_h, H, BT)
+        b_g, _ = chunk_gates(gc, bos, c, T_doc, i_h, H, BT)
         b_beta *= tl.exp2(b_g)
     _wy_apply(b_n, k, w, b_beta, bos, c, T_doc, i_h, i_c, H, K, BT, BD, PREC)
 
@@ -151,7 +149,7 @@ def _fwd_kernel(k, w, u, gc, h0, h, vn, ht, offs, coff,
     ht."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     n, i_h = i_nh // H, i_nh % H
-    bos, T_doc, boc = _doc_span(offs, coff, n)
+    bos, T_doc, boc = doc_span(offs, coff, n)
     b_s = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
         b_s += load_tile(h0 + i_nh.to(tl.int64) * K * V, 0, i_v * BV, V, 1, K, V, BK, BV)
@@ -166,7 +164,7 @@ def _fwd_kernel(k, w, u, gc, h0, h, vn, ht, offs, coff,
         b_kT = load_tile(k + (bos * H + i_h) * K, 0, c * BT, 1, H * K, K, T_doc, BK, BT)
         # decays scale the small (BT, BV) operand, not the (BK, BT) one: fewer registers
         if USE_G:
-            b_g, g_last = _gates(gc, bos, c, T_doc, i_h, H, BT)
+            b_g, g_last = chunk_gates(gc, bos, c, T_doc, i_h, H, BT)
             b_s *= tl.exp2(g_last)
             b_v *= tl.exp2(g_last - b_g)[:, None]
         b_s += mma(b_kT, b_v.to(b_kT.dtype), PREC)
@@ -186,7 +184,7 @@ def _chain_kernel(k, w, u, gc, h0, ht, mt, offs, coff,
     document maps any entering state S to ``mt S + ht``."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     n, i_h = i_nh // H, i_nh % H
-    bos, T_doc, boc = _doc_span(offs, coff, n)
+    bos, T_doc, boc = doc_span(offs, coff, n)
     NV: tl.constexpr = (V + BV - 1) // BV
     trans = i_v >= NV
     keep = i_v < NV
@@ -207,7 +205,7 @@ def _chain_kernel(k, w, u, gc, h0, ht, mt, offs, coff,
         b_v -= mma(b_w, b_s.to(b_w.dtype), PREC)
         b_kT = load_tile(k + (bos * H + i_h) * K, 0, c * BT, 1, H * K, K, T_doc, BK, BT)
         if USE_G:
-            b_g, g_last = _gates(gc, bos, c, T_doc, i_h, H, BT)
+            b_g, g_last = chunk_gates(gc, bos, c, T_doc, i_h, H, BT)
             b_s *= tl.exp2(g_last)
             b_v *= tl.exp2(g_last - b_g)[:, None]
         b_s += mma(b_kT, b_v.to(b_kT.dtype), PREC)
@@ -225,7 +223,7 @@ def _dv_local_kernel(q, k, do, gc, dvl, offs, cidx, scale, H: tl.constexpr, K: t
     needs no state, off the sequential pass. P is formed once and applied V tile by V
     tile (per V tile it repeated its K-long products V / BV times)."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
-    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    c, bos, T_doc = doc_bounds(offs, cidx, i_t)
     b_pT = tl.zeros([BT, BT], dtype=tl.float32)  # [j, i] = k_j.q_i
     for i_k in range(tl.cdiv(K, BK)):
         b_pT += mma(load_tile(k + (bos * H + i_h) * K, c * BT, i_k * BK, H * K, 1, T_doc, K, BT,
@@ -235,7 +233,7 @@ def _dv_local_kernel(q, k, do, gc, dvl, offs, cidx, scale, H: tl.constexpr, K: t
     o = tl.arange(0, BT)
     anti = o[:, None] <= o[None, :]
     if USE_G:
-        b_g, _ = _gates(gc, bos, c, T_doc, i_h, H, BT)
+        b_g, _ = chunk_gates(gc, bos, c, T_doc, i_h, H, BT)
         b_pT *= tl.exp2(tl.where(anti, b_g[None, :] - b_g[:, None], 0.))
     b_pT = tl.where(anti, b_pT * scale, 0.).to(do.dtype.element_ty)
     for i_v in range(tl.cdiv(V, BV)):
@@ -256,7 +254,7 @@ def _bwd_kernel(q, k, w, gc, do, dht, dvl, dvn, dsl, dh0, offs, coff, scale,
     state-only pass of sequence parallelism)."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     n, i_h = i_nh // H, i_nh % H
-    bos, T_doc, boc = _doc_span(offs, coff, n)
+    bos, T_doc, boc = doc_span(offs, coff, n)
     NC = tl.cdiv(T_doc, BT).to(tl.int32)
     b_ds = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DHT:
@@ -273,7 +271,7 @@ def _bwd_kernel(q, k, w, gc, do, dht, dvl, dvn, dsl, dh0, offs, coff, scale,
                          BV).to(tl.float32) * scale
         # decays scale the small (BT, BV) operands and results, not the (BT, BK) ones
         if USE_G:
-            b_g, g_last = _gates(gc, bos, c, T_doc, i_h, H, BT)
+            b_g, g_last = chunk_gates(gc, bos, c, T_doc, i_h, H, BT)
             b_kds *= tl.exp2(g_last - b_g)[:, None]
             b_ds *= tl.exp2(g_last)
             b_do *= tl.exp2(b_g)[:, None]
@@ -294,13 +292,13 @@ def _wy_bwd_kernel(k, v, beta, gc, an, vn, dvn, dw, dk_part, dk, dv, dbeta, r_ou
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                    USE_G: tl.constexpr, PREC: tl.constexpr):
     """Gradients through W, U and A of one chunk and head from ``dU = dv'`` (dvn),
-    ``dW = -dv' S^T`` (dw, from ``_dqk_kernel``) and N (an, the inputs' dtype): dv,
+    ``dW = -dv' S^T`` (dw, from ``dqk_kernel``) and N (an, the inputs' dtype): dv,
     dbeta, dk (dk_part plus the terms through ``beta k e^G`` and A) and this kernel's
     share of the gate terms (r into r_out; b_out gets zeros). ``dY = N^T dv'`` and ``dX = N^T dW`` are the gradients
     of ``beta v`` and ``beta k e^G``; ``M = dA e^(G_i - G_j)`` enters dk as
     ``(M + M^T) (beta k)`` with beta on M's rows."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
-    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    c, bos, T_doc = doc_bounds(offs, cidx, i_t)
     i_c = (i_t * H + i_h).to(tl.int64)
     o = tl.arange(0, BT)
     t = c * BT + o
@@ -327,7 +325,7 @@ def _wy_bwd_kernel(k, v, beta, gc, an, vn, dvn, dw, dk_part, dk, dv, dbeta, r_ou
                     load_tile(k + base_k, i_k * BK, c * BT, 1, H * K, K, T_doc, BK, BT), PREC)
     lower = o[:, None] > o[None, :]
     if USE_G:
-        b_g, _ = _gates(gc, bos, c, T_doc, i_h, H, BT)
+        b_g, _ = chunk_gates(gc, bos, c, T_doc, i_h, H, BT)
         b_e = tl.exp2(b_g)
         b_m = tl.where(lower, b_dA * tl.exp2(tl.where(lower, b_g[:, None] - b_g[None, :], 0.)), 0.)
     else:
@@ -458,7 +456,7 @@ torch.library.register_autograd("seqpar::unit_lower_inverse", _inverse_backward,
 
 
 def _dqk_meta(dtype: torch.dtype, use_g: bool) -> dict:
-    """Launch settings of triton_diag's dq/dk kernel here: 8 warps with the gate terms
+    """Launch settings of :func:`.triton_common.dqk_kernel` here: 8 warps with the gate terms
     (at 4 they spill kilobytes of registers on sm_90), 4 without; float32 inputs at 2
     stages, as 3 would need more shared memory than sm_90 has."""
     return dict(num_warps=8 if use_g else 4, num_stages=2 if dtype == torch.float32 else 3)
@@ -515,7 +513,7 @@ class DeltaPrep:
         self.offsets = offsets
         self.plan = plan = chunk_plan(offsets, k.device)
         NT, use_g, bk, prec = plan.n_chunks, g is not None, _k_tile(K), dot_precision(v.dtype)
-        self.gc = _cumsum(g, plan, H) if use_g else None
+        self.gc = gate_cumsum(g, plan, H) if use_g else None
         a = torch.empty(NT, H, BT, BT, device=k.device, dtype=torch.float32)
         _wy_a_kernel[(NT, H)](k, beta, self.gc, a, plan.offsets, plan.chunk_index, H=H, K=K,
                               BT=BT, BK=bk, USE_G=use_g, PREC=prec, num_warps=NUM_WARPS)
@@ -559,11 +557,11 @@ def delta_finish(q, k, v, prep: DeltaPrep, h0, scale: float):
         k, prep.w, prep.u, prep.gc, h0, h, vn, ht, plan.offsets, plan.chunk_offsets, H=H, K=K,
         V=V, BK=_k_tile(K), USE_G=use_g, HAS_H0=h0 is not None, PREC=prec, **meta)
     o = torch.empty_like(v)
-    _pair_kernel[(triton.cdiv(V, BV), plan.n_chunks, H)](q, k, vn, h, prep.gc, o, plan.offsets,
-                                                         plan.chunk_index,
-                                                         scale, H=H, K=K, V=V, BT=BT, BK=BK,
-                                                         BV=BV, USE_G=use_g, BACKWARD=False,
-                                                         PREC=prec, num_warps=NUM_WARPS)
+    pair_kernel[(triton.cdiv(V, BV), plan.n_chunks, H)](q, k, vn, h, prep.gc, o, plan.offsets,
+                                                        plan.chunk_index,
+                                                        scale, H=H, K=K, V=V, BT=BT, BK=BK,
+                                                        BV=BV, USE_G=use_g, BACKWARD=False,
+                                                        PREC=prec, num_warps=NUM_WARPS)
     return o, ht, h, vn
 
 
@@ -614,7 +612,7 @@ def delta_backward(q, k, v, g, beta, ai, w, h, vn, do, dht, scale: float, offset
     plan = chunk_plan(offsets, q.device)
     NT, use_g, bk, prec = plan.n_chunks, g is not None, _k_tile(K), dot_precision(v.dtype)
     if use_g and gc is None:
-        gc = _cumsum(g, plan, H)
+        gc = gate_cumsum(g, plan, H)
     f32 = dict(device=q.device, dtype=torch.float32)
     if dvl is None:
         dvl = _dv_local(q, k, do, gc, plan, scale)
@@ -626,14 +624,14 @@ def delta_backward(q, k, v, g, beta, ai, w, h, vn, do, dht, scale: float, offset
         K=K, V=V, BK=bk, USE_G=use_g, HAS_DHT=dht is not None, STORE=True, PREC=prec, **meta)
     NK = triton.cdiv(K, BK)
     dq, dk_part, dw = torch.empty_like(q), torch.empty_like(k), torch.empty_like(k)
-    # gate terms: one slot per K tile of _dqk_kernel, the last for _wy_bwd_kernel
+    # gate terms: one slot per K tile of dqk_kernel, the last for _wy_bwd_kernel
     r_part = b_part = None
     if use_g:
         r_part, b_part = torch.empty(NK + 1, TT, H, **f32), torch.empty(NK + 1, TT, H, **f32)
-    _dqk_kernel[(NK, NT, H)](q, k, vn, do, h, dsl, gc, dq, dk_part, r_part, b_part, dvn, dw,
-                             plan.offsets, plan.chunk_index, scale, TT, H=H, K=K, V=V, BT=BT,
-                             BK=BK, BV=BV, USE_G=use_g, DW=True, PREC=prec,
-                             **_dqk_meta(q.dtype, use_g))
+    dqk_kernel[(NK, NT, H)](q, k, vn, do, h, dsl, gc, dq, dk_part, r_part, b_part, dvn, dw,
+                            plan.offsets, plan.chunk_index, scale, TT, H=H, K=K, V=V, BT=BT,
+                            BK=BK, BV=BV, USE_G=use_g, DW=True, PREC=prec,
+                            **_dqk_meta(q.dtype, use_g))
     dk, dv, dbeta = torch.empty_like(k), torch.empty_like(v), torch.empty_like(beta)
     _wy_bwd_kernel[(NT, H)](k, v, beta, gc, ai, vn, dvn, dw, dk_part, dk, dv, dbeta,
                             r_part[NK] if use_g else None, b_part[NK] if use_g else None,
@@ -642,8 +640,8 @@ def delta_backward(q, k, v, g, beta, ai, w, h, vn, do, dht, scale: float, offset
     dg = None
     if use_g:
         dg = torch.empty_like(g)
-        _dg_kernel[(NT, H)](r_part, b_part, dg, plan.offsets, plan.chunk_index, TT, H=H, BT=BT,
-                            NK=NK + 1)
+        dg_kernel[(NT, H)](r_part, b_part, dg, plan.offsets, plan.chunk_index, TT, H=H, BT=BT,
+                           NK=NK + 1)
     return dq, dk, dv, dg, dbeta, dh0
 
 

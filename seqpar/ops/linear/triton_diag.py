@@ -34,57 +34,22 @@ from .triton_common import (
     BV,
     BV_STATE,
     as_packed,
+    chunk_gates,
     chunk_plan,
+    dg_kernel,
+    doc_span,
     dot_precision,
+    dqk_kernel,
+    gate_cumsum,
     load_tile,
     mma,
     packed_offsets,
+    pair_kernel,
+    state_dtype,
     store_tile,
 )
 
-LOG2E = tl.constexpr(1.4426950408889634)
 NUM_WARPS = 4
-
-
-@triton.jit
-def _doc_bounds(offs, cidx, i_t):
-    n = tl.load(cidx + 2 * i_t)
-    c = tl.load(cidx + 2 * i_t + 1)
-    bos = tl.load(offs + n).to(tl.int64)
-    eos = tl.load(offs + n + 1).to(tl.int64)
-    return c, bos, eos - bos
-
-
-@triton.jit
-def _doc_span(offs, coff, n):
-    """Start token, token count and first chunk of document n."""
-    bos = tl.load(offs + n).to(tl.int64)
-    T_doc = tl.load(offs + n + 1).to(tl.int64) - bos
-    return bos, T_doc, tl.load(coff + n).to(tl.int64)
-
-
-@triton.jit
-def _gates(gc, bos, c, T_doc, i_h, H: tl.constexpr, BT: tl.constexpr):
-    """Cumulative log2 gates of one chunk and the last one.
-
-    Rows past the document end repeat the last gate: their inputs are zero, but a
-    difference ``G_pad - G_j`` with a real ``j`` must stay <= 0 so that 0 * 2^(...)
-    never meets an overflowed exponent."""
-    t = c * BT + tl.arange(0, BT)
-    last = tl.minimum(c * BT + BT, T_doc) - 1
-    g_last = tl.load(gc + (bos + last) * H + i_h)
-    b_g = tl.load(gc + (bos + t) * H + i_h, mask=t < T_doc, other=0.)
-    return tl.where(t < T_doc, b_g, g_last), g_last
-
-
-@triton.jit
-def _cumsum_kernel(g, gc, offs, cidx, H: tl.constexpr, BT: tl.constexpr):
-    i_t, i_h = tl.program_id(0), tl.program_id(1)
-    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
-    t = c * BT + tl.arange(0, BT)
-    m = t < T_doc
-    b_g = tl.load(g + (bos + t) * H + i_h, mask=m, other=0.)
-    tl.store(gc + (bos + t) * H + i_h, tl.cumsum(b_g * LOG2E, axis=0), mask=m)
 
 
 @triton.jit
@@ -103,7 +68,7 @@ def _state_kernel(x, y, gc, h, s0, s_out, offs, coff, scale,
     """
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, i_h = i_nh // H, i_nh % H
-    bos, T_doc, boc = _doc_span(offs, coff, n)
+    bos, T_doc, boc = doc_span(offs, coff, n)
     NC = tl.cdiv(T_doc, BT).to(tl.int32)
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_S0:
@@ -116,7 +81,7 @@ def _state_kernel(x, y, gc, h, s0, s_out, offs, coff, scale,
         b_x = load_tile(x + (bos * H + i_h) * K, i_k * BK, c * BT, 1, H * K, K, T_doc, BK, BT)
         b_y = load_tile(y + (bos * H + i_h) * V, c * BT, i_v * BV, H * V, 1, T_doc, V, BT, BV)
         if USE_G:
-            b_g, g_last = _gates(gc, bos, c, T_doc, i_h, H, BT)
+            b_g, g_last = chunk_gates(gc, bos, c, T_doc, i_h, H, BT)
             b_h *= tl.exp2(g_last)
             # forward: k_j 2^(G_C - G_j); backward: q_i 2^G_i
             w = b_g if REVERSE else g_last - b_g
@@ -129,173 +94,10 @@ def _state_kernel(x, y, gc, h, s0, s_out, offs, coff, scale,
         store_tile(s_out + i_nh * K * V, b_h, i_k * BK, i_v * BV, V, 1, K, V, BK, BV)
 
 
-@triton.jit
-def _pair_kernel(a, b, y, h, gc, out, offs, cidx, scale,
-                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                 BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
-                 BACKWARD: tl.constexpr, PREC: tl.constexpr):
-    """Chunk outputs along V: forward ``o`` (a=q, b=k, y=v, h: entering states) or
-    backward ``dv`` (a=k, b=q, y=do, h: gradients of leaving states). With
-    ``M = a b^T`` masked to the causal (forward) or anti-causal (backward) triangle and
-    decayed, ``out = scale M y + w * (a h)`` with ``w`` the per-row decay into or out of
-    the state."""
-    i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
-    b_o = tl.zeros([BT, BV], dtype=tl.float32)
-    b_M = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        b_a = load_tile(a + (bos * H + i_h) * K, c * BT, i_k * BK, H * K, 1, T_doc, K, BT, BK)
-        b_b = load_tile(b + (bos * H + i_h) * K, i_k * BK, c * BT, 1, H * K, K, T_doc, BK, BT)
-        b_h = load_tile(h + (i_t * H + i_h).to(tl.int64) * K * V, i_k * BK, i_v * BV, V, 1, K, V,
-                        BK, BV)
-        b_o += mma(b_a, b_h.to(b_a.dtype), PREC)
-        b_M += mma(b_a, b_b, PREC)
-    t = c * BT + tl.arange(0, BT)
-    if BACKWARD:
-        keep = t[:, None] <= t[None, :]
-    else:
-        keep = t[:, None] >= t[None, :]
-    if USE_G:
-        b_g, g_last = _gates(gc, bos, c, T_doc, i_h, H, BT)
-        if BACKWARD:
-            b_o *= tl.exp2(g_last - b_g)[:, None]
-            d = b_g[None, :] - b_g[:, None]
-        else:
-            b_o *= tl.exp2(b_g)[:, None]
-            d = b_g[:, None] - b_g[None, :]
-        b_M = tl.where(keep, b_M * tl.exp2(tl.where(keep, d, 0.)), 0.)
-    else:
-        b_M = tl.where(keep, b_M, 0.)
-    b_y = load_tile(y + (bos * H + i_h) * V, c * BT, i_v * BV, H * V, 1, T_doc, V, BT, BV)
-    if BACKWARD:
-        b_o += scale * mma(b_M.to(b_y.dtype), b_y, PREC)
-    else:
-        b_o = scale * (b_o + mma(b_M.to(b_y.dtype), b_y, PREC))
-    store_tile(out + (bos * H + i_h) * V, b_o.to(out.dtype.element_ty), c * BT, i_v * BV, H * V, 1,
-               T_doc, V, BT, BV)
-
-
-@triton.jit
-def _dqk_tiles(do, v, h, dh, bos, c, T_doc, i_h, i_v, i_k, base_s, H: tl.constexpr,
-               K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-               BV: tl.constexpr):
-    """The V-tile loads of a dq/dk kernel: do and v of the chunk (BT, BV) and their
-    transposes (BV, BT), and the transposed state tiles h^T, dh^T (BV, BK) at base_s."""
-    return (load_tile(do + (bos * H + i_h) * V, c * BT, i_v * BV, H * V, 1, T_doc, V, BT, BV),
-            load_tile(v + (bos * H + i_h) * V, c * BT, i_v * BV, H * V, 1, T_doc, V, BT, BV),
-            load_tile(do + (bos * H + i_h) * V, i_v * BV, c * BT, 1, H * V, V, T_doc, BV, BT),
-            load_tile(v + (bos * H + i_h) * V, i_v * BV, c * BT, 1, H * V, V, T_doc, BV, BT),
-            load_tile(h + base_s, i_v * BV, i_k * BK, 1, V, V, K, BV, BK),
-            load_tile(dh + base_s, i_v * BV, i_k * BK, 1, V, V, K, BV, BK))
-
-
-@triton.jit
-def _dqk_kernel(q, k, v, do, h, dh, gc, dq, dk, r_part, b_part, dvn, dw, offs, cidx, scale,
-                TT, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, DW: tl.constexpr,
-                PREC: tl.constexpr):
-    """dq, dk of one chunk and K tile, and (with a gate) this tile's share of the gate
-    gradient terms ``r`` (reverse-cumsummed later) and ``b`` (forward-cumsummed).
-    With DW (the delta rule, v = v'): also ``dW = -dv' h^T`` into dw (packed like k,
-    its dtype) from dvn (packed like v), while the state tiles are in registers."""
-    i_k, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
-    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
-    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
-    if DW:
-        b_dw = tl.zeros([BT, BK], dtype=tl.float32)
-    b_dA = tl.zeros([BT, BT], dtype=tl.float32)   # [i, j] = do_i . v_j
-    b_dAt = tl.zeros([BT, BT], dtype=tl.float32)  # its transpose, by its own product
-    b_hdh = tl.zeros([BK], dtype=tl.float32)
-    base_s = (i_t * H + i_h).to(tl.int64) * K * V
-    for i_v in range(tl.cdiv(V, BV)):
-        b_do, b_v, b_doT, b_vT, b_hT, b_dhT = _dqk_tiles(do, v, h, dh, bos, c, T_doc, i_h, i_v, i_k,
-                                                          base_s, H, K, V, BT, BK, BV)
-        b_dA += mma(b_do, b_vT, PREC)
-        b_dAt += mma(b_v, b_doT, PREC)
-        b_dq += mma(b_do, b_hT.to(b_do.dtype), PREC)
-        b_dk += mma(b_v, b_dhT.to(b_v.dtype), PREC)
-        if DW:
-            b_dw -= mma(load_tile(dvn + (bos * H + i_h) * V, c * BT, i_v * BV, H * V, 1, T_doc, V,
-                                  BT, BV),
-                        b_hT.to(b_v.dtype), PREC)
-        if USE_G:
-            b_hdh += tl.sum(b_hT.to(tl.float32) * b_dhT.to(tl.float32), axis=0)
-    b_q = load_tile(q + (bos * H + i_h) * K, c * BT, i_k * BK, H * K, 1, T_doc, K, BT, BK)
-    b_k = load_tile(k + (bos * H + i_h) * K, c * BT, i_k * BK, H * K, 1, T_doc, K, BT, BK)
-    t = c * BT + tl.arange(0, BT)
-    causal = t[:, None] >= t[None, :]
-    anti = t[:, None] <= t[None, :]
-    b_dq *= scale
-    if USE_G:
-        b_g, g_last = _gates(gc, bos, c, T_doc, i_h, H, BT)
-        b_dq *= tl.exp2(b_g)[:, None]
-        b_dk *= tl.exp2(g_last - b_g)[:, None]
-        b_dS = tl.where(causal, b_dA * tl.exp2(tl.where(causal, b_g[:, None] - b_g[None, :], 0.)), 0.) * scale
-        b_dSt = tl.where(anti, b_dAt * tl.exp2(tl.where(anti, b_g[None, :] - b_g[:, None], 0.)), 0.) * scale
-        b_qT = load_tile(q + (bos * H + i_h) * K, i_k * BK, c * BT, 1, H * K, K, T_doc, BK, BT)
-        b_kT = load_tile(k + (bos * H + i_h) * K, i_k * BK, c * BT, 1, H * K, K, T_doc, BK, BT)
-        # P = dS * (q k^T) strictly below the diagonal, and its transpose
-        b_P = tl.where(t[:, None] > t[None, :], b_dS * mma(b_q, b_kT, PREC), 0.)
-        b_Pt = tl.where(t[:, None] < t[None, :], b_dSt * mma(b_k, b_qT, PREC), 0.)
-        b_r = tl.sum(b_dq * b_q.to(tl.float32), axis=1) + tl.sum(b_P, axis=1) - tl.sum(b_Pt, axis=1)
-        last = tl.minimum(c * BT + BT, T_doc) - 1
-        c_term = tl.sum(b_hdh * tl.exp2(g_last), axis=0)
-        b_r += tl.where(t == last, c_term, 0.)
-        b_b = tl.sum(b_dk * b_k.to(tl.float32), axis=1)
-        m = t < T_doc
-        o_part = i_k * TT * H + (bos + t) * H + i_h
-        tl.store(r_part + o_part, b_r, mask=m)
-        tl.store(b_part + o_part, b_b, mask=m)
-    else:
-        b_dS = tl.where(causal, b_dA, 0.) * scale
-        b_dSt = tl.where(anti, b_dAt, 0.) * scale
-    b_dq += mma(b_dS.to(b_k.dtype), b_k, PREC)
-    b_dk += mma(b_dSt.to(b_q.dtype), b_q, PREC)
-    store_tile(dq + (bos * H + i_h) * K, b_dq.to(dq.dtype.element_ty), c * BT, i_k * BK, H * K, 1,
-               T_doc, K, BT, BK)
-    store_tile(dk + (bos * H + i_h) * K, b_dk.to(dk.dtype.element_ty), c * BT, i_k * BK, H * K, 1,
-               T_doc, K, BT, BK)
-    if DW:
-        store_tile(dw + (bos * H + i_h) * K, b_dw.to(dw.dtype.element_ty), c * BT, i_k * BK, H * K,
-                   1, T_doc, K, BT, BK)
-
-
-@triton.jit
-def _dg_kernel(r_part, b_part, dg, offs, cidx, TT, H: tl.constexpr, BT: tl.constexpr,
-               NK: tl.constexpr):
-    """dg_t = sum_{i>=t} r_i + sum_{j<t} b_j within the chunk, summing the K tiles."""
-    i_t, i_h = tl.program_id(0), tl.program_id(1)
-    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
-    t = c * BT + tl.arange(0, BT)
-    m = t < T_doc
-    mb = m & (t > c * BT)
-    b_r = tl.zeros([BT], dtype=tl.float32)
-    b_b = tl.zeros([BT], dtype=tl.float32)
-    for i_k in tl.static_range(NK):
-        b_r += tl.load(r_part + i_k * TT * H + (bos + t) * H + i_h, mask=m, other=0.)
-        # shifted by one token so the inclusive cumsum is exclusive without subtracting
-        b_b += tl.load(b_part + i_k * TT * H + (bos + t - 1) * H + i_h, mask=mb, other=0.)
-    b_dg = tl.cumsum(b_r, axis=0, reverse=True) + tl.cumsum(b_b, axis=0)
-    tl.store(dg + (bos + t) * H + i_h, b_dg, mask=m)
-
-
-def _state_dtype(x: torch.Tensor) -> torch.dtype:
-    # Per-chunk states feed tensor-core products in the input dtype anyway; 16-bit
-    # storage halves their traffic. The carried state stays float32 in registers.
-    return torch.float32 if x.dtype == torch.float32 else x.dtype
-
-
-def _cumsum(g, plan, H):
-    gc = torch.empty_like(g)
-    _cumsum_kernel[(plan.n_chunks, H)](g, gc, plan.offsets, plan.chunk_index, H=H, BT=BT)
-    return gc
-
-
 def _state_pass(x, y, gc, s0, plan, scale, reverse, store_out, K, V, store_h=True):
     H = x.shape[2]
     BV = BV_STATE
-    h = x.new_empty(plan.n_chunks, H, K, V, dtype=_state_dtype(x)) if store_h else None
+    h = x.new_empty(plan.n_chunks, H, K, V, dtype=state_dtype(x)) if store_h else None
     s_out = x.new_empty(plan.n_docs, H, K, V, dtype=torch.float32) if store_out else None
     grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), plan.n_docs * H)
     _state_kernel[grid](x, y, gc, h, s0, s_out, plan.offsets, plan.chunk_offsets, scale,
@@ -309,9 +111,9 @@ def _pair(a, b, y, h, gc, plan, scale, backward, K, V):
     H = a.shape[2]
     out = torch.empty_like(y)
     grid = (triton.cdiv(V, BV), plan.n_chunks, H)
-    _pair_kernel[grid](a, b, y, h, gc, out, plan.offsets, plan.chunk_index, scale,
-                       H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
-                       BACKWARD=backward, PREC=dot_precision(a.dtype), num_warps=NUM_WARPS)
+    pair_kernel[grid](a, b, y, h, gc, out, plan.offsets, plan.chunk_index, scale,
+                      H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
+                      BACKWARD=backward, PREC=dot_precision(a.dtype), num_warps=NUM_WARPS)
     return out
 
 
@@ -321,7 +123,7 @@ def diag_forward(q, k, v, g, h0, scale: float, offsets: list[int]):
     (N, H, K, V) float32."""
     K, V = q.shape[-1], v.shape[-1]
     plan = chunk_plan(offsets, q.device)
-    gc = None if g is None else _cumsum(g, plan, q.shape[2])
+    gc = None if g is None else gate_cumsum(g, plan, q.shape[2])
     h, ht = _state_pass(k, v, gc, h0, plan, scale, False, True, K, V)
     o = _pair(q, k, v, h, gc, plan, scale, False, K, V)
     return o, ht
@@ -333,7 +135,7 @@ def diag_backward(q, k, v, g, h0, do, dht, scale: float, offsets: list[int]):
     _, TT, H, K = q.shape
     V = v.shape[-1]
     plan = chunk_plan(offsets, q.device)
-    gc = None if g is None else _cumsum(g, plan, H)
+    gc = None if g is None else gate_cumsum(g, plan, H)
     h, _ = _state_pass(k, v, gc, h0, plan, scale, False, False, K, V)
     dh, dh0 = _state_pass(q, do, gc, dht, plan, scale, True, h0 is not None, K, V)
     dv = _pair(k, q, do, dh, gc, plan, scale, True, K, V)
@@ -343,15 +145,15 @@ def diag_backward(q, k, v, g, h0, do, dht, scale: float, offsets: list[int]):
     if g is not None:
         r_part = q.new_empty(NK, TT, H, dtype=torch.float32)
         b_part = torch.empty_like(r_part)
-    _dqk_kernel[(NK, plan.n_chunks, H)](q, k, v, do, h, dh, gc, dq, dk, r_part, b_part, None,
-                                        None, plan.offsets, plan.chunk_index, scale, TT, H=H,
-                                        K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=g is not None,
-                                        DW=False, PREC=dot_precision(q.dtype),
-                                        num_warps=NUM_WARPS)
+    dqk_kernel[(NK, plan.n_chunks, H)](q, k, v, do, h, dh, gc, dq, dk, r_part, b_part, None,
+                                       None, plan.offsets, plan.chunk_index, scale, TT, H=H,
+                                       K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=g is not None,
+                                       DW=False, PREC=dot_precision(q.dtype),
+                                       num_warps=NUM_WARPS)
     if g is not None:
         dg = torch.empty_like(g)
-        _dg_kernel[(plan.n_chunks, H)](r_part, b_part, dg, plan.offsets, plan.chunk_index,
-                                       TT, H=H, BT=BT, NK=NK)
+        dg_kernel[(plan.n_chunks, H)](r_part, b_part, dg, plan.offsets, plan.chunk_index,
+                                      TT, H=H, BT=BT, NK=NK)
     return dq, dk, dv, dg, dh0
 
 
@@ -361,7 +163,7 @@ def diag_final_states(k, v, g, h0, offsets: list[int]):
     (N, H, K, V) or zeros; no per-chunk states, no outputs."""
     K, V = k.shape[-1], v.shape[-1]
     plan = chunk_plan(offsets, k.device)
-    gc = None if g is None else _cumsum(g, plan, k.shape[2])
+    gc = None if g is None else gate_cumsum(g, plan, k.shape[2])
     return _state_pass(k, v, gc, h0, plan, 1.0, False, True, K, V, store_h=False)[1]
 
 
@@ -371,7 +173,7 @@ def diag_initial_grads(q, do, g, dht, scale: float, offsets: list[int]):
     states' gradient dht (N, H, K, V) or None."""
     K, V = q.shape[-1], do.shape[-1]
     plan = chunk_plan(offsets, q.device)
-    gc = None if g is None else _cumsum(g, plan, q.shape[2])
+    gc = None if g is None else gate_cumsum(g, plan, q.shape[2])
     return _state_pass(q, do, gc, dht, plan, scale, True, True, K, V, store_h=False)[1]
 
 

@@ -61,19 +61,21 @@ from .triton_common import (
     BT,
     BV,
     BV_STATE,
+    LOG2E,
     as_packed,
     chunk_plan,
+    doc_bounds,
+    doc_span,
     dot_precision,
     load_block,
     load_tile,
     mma,
     packed_offsets,
+    state_dtype,
     store_block,
     store_tile,
 )
-from .triton_diag import _doc_bounds, _doc_span
 
-LOG2E = tl.constexpr(1.4426950408889634)
 NUM_WARPS = 4  # the sequential state pass
 # Launch settings of the (BT, BT)-tile kernels, from compiling them for sm_90
 # (bench/device/check_triton_gla.py --compile-only): they hold several (BT, BT) and
@@ -85,8 +87,8 @@ CHUNK_LAUNCH = dict(num_warps=8, num_stages=1)
 BC = 16  # sub-chunk of the intra-chunk decomposition: the smallest tensor-core tile
 DIAG_WARPS = 4  # _diag_kernel, _dqk_diag_kernel: (BC, BK) tiles
 # Key tile of the (dq, dk, dg) kernel (the default of _dqk's bk): 64, although it spills a
-# few hundred bytes on sm_90 in bf16, because 32 reloads do, v and dA twice as often and
-# ran slower on an H100.
+# few hundred bytes of registers on sm_90 in bf16, because 32-wide tiles reload do, v and
+# dA twice as often.
 BK_DQK = 64
 
 
@@ -145,7 +147,7 @@ def _cumsum_kernel(g, gc, offs, cidx, H: tl.constexpr, K: tl.constexpr, BT: tl.c
                    BK: tl.constexpr):
     """Cumulative log2 gates of one chunk and key tile, from the chunk start."""
     i_k, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    c, bos, T_doc = doc_bounds(offs, cidx, i_t)
     t = c * BT + tl.arange(0, BT)
     kk = i_k * BK + tl.arange(0, BK)
     b_g = _load(g, bos, t[:, None], T_doc, i_h, kk[None, :], H, K)
@@ -168,7 +170,7 @@ def _state_scan(x, y, gc, h, s0, s_out, offs, coff, scale, i_k, i_v, i_nh,
     s_out receives the final state (or dh0). Without STORE_H only s_out is written.
     """
     n, i_h = i_nh // H, i_nh % H
-    bos, T_doc, boc = _doc_span(offs, coff, n)
+    bos, T_doc, boc = doc_span(offs, coff, n)
     NC = tl.cdiv(T_doc, BT).to(tl.int32)
     kk = i_k * BK + tl.arange(0, BK)
     vv = i_v * BV + tl.arange(0, BV)
@@ -230,7 +232,7 @@ def _intra_kernel(q, k, gc, A, offs, cidx, scale,
     (BT, BT) row-major block of A (zero above the diagonal blocks), in A's dtype; the
     products through the sub-chunk reference points (module docstring)."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
-    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    c, bos, T_doc = doc_bounds(offs, cidx, i_t)
     r = tl.arange(0, BT)
     last = tl.minimum(c * BT + BT, T_doc) - 1
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
@@ -263,7 +265,7 @@ def _diag_kernel(q, k, gc, A, offs, cidx, scale,
     per step. Small tiles and one program per sub-chunk: many programs per SM hide the
     latency of the sequential steps."""
     i_s, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    c, bos, T_doc = doc_bounds(offs, cidx, i_t)
     last = tl.minimum(c * BT + BT, T_doc) - 1
     t0 = c * BT + i_s * BC
     r = tl.arange(0, BC)
@@ -294,7 +296,7 @@ def _out_kernel(a, y, h, gc, A, out, offs, cidx, scale,
     the leaving states, which carry the scale), ``dv = (scale A)^T do +
     (k 2^(G_C - G)) dh``."""
     i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    c, bos, T_doc = doc_bounds(offs, cidx, i_t)
     last = tl.minimum(c * BT + BT, T_doc) - 1
     base_s = (i_t * H + i_h).to(tl.int64) * K * V
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
@@ -326,7 +328,7 @@ def _dA_kernel(do, v, dA, offs, cidx, scale, H: tl.constexpr, V: tl.constexpr,
     dtype, every entry (the masks are applied where it is used, in :func:`_dqk_kernel`
     and :func:`_dqk_diag_kernel`)."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
-    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    c, bos, T_doc = doc_bounds(offs, cidx, i_t)
     b_dA = tl.zeros([BT, BT], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         b_do = _tile(do, bos, T_doc, i_h, c * BT, i_v * BV, H, V, BT, BV, False)
@@ -345,7 +347,7 @@ def _dqk_diag_kernel(q, k, gc, dA, dq_d, dk_d, offs, cidx,
     2^(G_i - G_j) k_j`` and ``dk_j += sum_{i>=j} dA_ij 2^(G_i - G_j) q_i`` within the
     sub-chunk, one partner token per step (as :func:`_diag_kernel`)."""
     i_s, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    c, bos, T_doc = doc_bounds(offs, cidx, i_t)
     last = tl.minimum(c * BT + BT, T_doc) - 1
     t0 = c * BT + i_s * BC
     r = tl.arange(0, BC)
@@ -380,7 +382,7 @@ def _dqk_kernel(q, k, v, do, h, dh, gc, dA, dq_d, dk_d, dq, dk, dg, offs, cidx, 
     (:func:`_dA_kernel`) and the diagonal blocks' shares of dq and dk
     (:func:`_dqk_diag_kernel`)."""
     i_k, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    c, bos, T_doc = doc_bounds(offs, cidx, i_t)
     r = tl.arange(0, BT)
     last = tl.minimum(c * BT + BT, T_doc) - 1
     kk = i_k * BK + tl.arange(0, BK)
@@ -427,11 +429,6 @@ def _dqk_kernel(q, k, v, do, h, dh, gc, dA, dq_d, dk_d, dq, dk, dg, offs, cidx, 
     _store(dg, b_dg + b_dg_c[None, :], bos, T_doc, i_h, c * BT, i_k * BK, H, K, BT, BK)
 
 
-def _state_dtype(x: torch.Tensor) -> torch.dtype:
-    # as triton_diag: 16-bit storage of per-chunk states for 16-bit inputs
-    return torch.float32 if x.dtype == torch.float32 else x.dtype
-
-
 def _cumsum(g, plan):
     H, K = g.shape[2:]
     gc = torch.empty_like(g)
@@ -445,7 +442,7 @@ def _state_pass(k, v, gc, h0, plan, bk=BK, store_h=True):
     more sequential programs in flight, each reloading v): entering states h (NT, H, K, V)
     in the states' dtype, final states ht (N, H, K, V) float32."""
     H, K, V = k.shape[2], k.shape[3], v.shape[3]
-    h = k.new_empty(plan.n_chunks, H, K, V, dtype=_state_dtype(k)) if store_h else None
+    h = k.new_empty(plan.n_chunks, H, K, V, dtype=state_dtype(k)) if store_h else None
     ht = k.new_empty(plan.n_docs, H, K, V, dtype=torch.float32)
     _state_kernel[(triton.cdiv(K, bk), triton.cdiv(V, BV_STATE), plan.n_docs * H)](
         k, v, gc, h, h0, ht, plan.offsets, plan.chunk_offsets, H=H, K=K, V=V, BT=BT, BK=bk,
@@ -460,7 +457,7 @@ def _state_bwd(q, do, gc, h0, dht, plan, scale, bk=BK, store_h=True, want_dh0=No
     dh0 (N, H, K, V) float32 or None."""
     H, K, V = q.shape[2], q.shape[3], do.shape[3]
     want_dh0 = h0 is not None if want_dh0 is None else want_dh0
-    dh = q.new_empty(plan.n_chunks, H, K, V, dtype=_state_dtype(q)) if store_h else None
+    dh = q.new_empty(plan.n_chunks, H, K, V, dtype=state_dtype(q)) if store_h else None
     dh0 = q.new_empty(plan.n_docs, H, K, V, dtype=torch.float32) if want_dh0 else None
     _state_bwd_kernel[(triton.cdiv(K, bk), triton.cdiv(V, BV_STATE), plan.n_docs * H)](
         q, do, gc, dh, dht, dh0, plan.offsets, plan.chunk_offsets, scale, H=H, K=K, V=V, BT=BT,
@@ -471,7 +468,7 @@ def _state_bwd(q, do, gc, h0, dht, plan, scale, bk=BK, store_h=True, want_dh0=No
 
 def _intra(q, k, gc, plan, scale):
     H, K = q.shape[2], q.shape[3]
-    A = q.new_empty(plan.n_chunks, H, BT, BT, dtype=_state_dtype(q))
+    A = q.new_empty(plan.n_chunks, H, BT, BT, dtype=state_dtype(q))
     args = (q, k, gc, A, plan.offsets, plan.chunk_index, scale)
     _intra_kernel[(plan.n_chunks, H)](*args, H=H, K=K, BT=BT, BK=BK, BC=BC,
                                       PREC=dot_precision(q.dtype), **CHUNK_LAUNCH)
@@ -493,7 +490,7 @@ def _dA(do, v, plan, scale):
     H = do.shape[2]
     # in the inputs' dtype for 16-bit inputs: _dqk_kernel's products round it to that
     # dtype anyway, and it halves the bytes of the (BT, BT) block it reloads per key tile
-    dA = do.new_empty(plan.n_chunks, H, BT, BT, dtype=_state_dtype(do))
+    dA = do.new_empty(plan.n_chunks, H, BT, BT, dtype=state_dtype(do))
     _dA_kernel[(plan.n_chunks, H)](do, v, dA, plan.offsets, plan.chunk_index, scale, H=H,
                                    V=v.shape[3], BT=BT, BV=BV, PREC=dot_precision(do.dtype),
                                    **CHUNK_LAUNCH)
@@ -580,8 +577,8 @@ def _(q, k, v, g, h0, scale, offsets):
     N, H, K, V = len(offsets) - 1, q.shape[2], q.shape[3], v.shape[3]
     NT = sum(triton.cdiv(e - s, BT) for s, e in zip(offsets, offsets[1:]))
     return (torch.empty_like(v), q.new_empty(N, H, K, V, dtype=torch.float32),
-            torch.empty_like(g), q.new_empty(NT, H, BT, BT, dtype=_state_dtype(q)),
-            q.new_empty(NT, H, K, V, dtype=_state_dtype(q)))
+            torch.empty_like(g), q.new_empty(NT, H, BT, BT, dtype=state_dtype(q)),
+            q.new_empty(NT, H, K, V, dtype=state_dtype(q)))
 
 
 @torch.library.custom_op("seqpar::gla_bwd", mutates_args=())

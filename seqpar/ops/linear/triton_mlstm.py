@@ -43,14 +43,19 @@ from .triton_common import (
     BV,
     BV_STATE,
     as_packed,
+    chunk_gates,
     chunk_plan,
+    dg_kernel,
+    doc_bounds,
+    doc_span,
     dot_precision,
+    dqk_tiles,
+    gate_cumsum,
     load_tile,
     mma,
     packed_offsets,
     store_tile,
 )
-from .triton_diag import _cumsum, _dg_kernel, _doc_bounds, _doc_span, _dqk_tiles, _gates
 
 # triton_diag's launch setting, run on H100. At 4 warps the bf16 kernels spill registers
 # on sm_90 (_dqk_kernel ~3.6 KB, as triton_diag's ~3 KB); at 8 they do not:
@@ -102,7 +107,7 @@ def _state_walk(x, y, gc, wc, wn, h, hn, s0, n0, s_out, n_out, offs, coff, scale
     final pair is written (the state-only passes of sequence parallelism).
     """
     n, i_h = i_nh // H, i_nh % H
-    bos, T_doc, boc = _doc_span(offs, coff, n)
+    bos, T_doc, boc = doc_span(offs, coff, n)
     NC = tl.cdiv(T_doc, BT).to(tl.int32)
     o_k = i_k * BK + tl.arange(0, BK)
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
@@ -120,7 +125,7 @@ def _state_walk(x, y, gc, wc, wn, h, hn, s0, n0, s_out, n_out, offs, coff, scale
         b_x = load_tile(x + (bos * H + i_h) * K, i_k * BK, c * BT, 1, H * K, K, T_doc, BK,
                         BT).to(tl.float32)
         b_y = load_tile(y + (bos * H + i_h) * V, c * BT, i_v * BV, H * V, 1, T_doc, V, BT, BV)
-        b_g, g_last = _gates(gc, bos, c, T_doc, i_h, H, BT)
+        b_g, g_last = chunk_gates(gc, bos, c, T_doc, i_h, H, BT)
         t = c * BT + tl.arange(0, BT)
         r_wc = tl.load(wc + (bos + t) * H + i_h, mask=t < T_doc, other=0.)
         if REVERSE:
@@ -196,7 +201,7 @@ def _pair_kernel(a, b, y, h, hn, gc, ig, rm, out, out32, u, offs, cidx, scale,
     state.
     """
     i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    c, bos, T_doc = doc_bounds(offs, cidx, i_t)
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
     b_M = tl.zeros([BT, BT], dtype=tl.float32)
     b_an = tl.zeros([BT], dtype=tl.float32)
@@ -213,7 +218,7 @@ def _pair_kernel(a, b, y, h, hn, gc, ig, rm, out, out32, u, offs, cidx, scale,
             b_an += tl.sum(b_a.to(tl.float32) * b_hn[None, :], axis=1)
     t = c * BT + tl.arange(0, BT)
     m = t < T_doc
-    b_g, g_last = _gates(gc, bos, c, T_doc, i_h, H, BT)
+    b_g, g_last = chunk_gates(gc, bos, c, T_doc, i_h, H, BT)
     b_ig = tl.load(ig + (bos + t) * H + i_h, mask=m, other=0.)
     if BACKWARD:
         keep = t[:, None] <= t[None, :]
@@ -250,7 +255,7 @@ def _dqk_kernel(q, k, v, do, h, hn, dh, dhn, gc, ig, rm, cu, dq, dk, r_part, b_p
     ``di`` (``k_j.dk'_j``, times sigmoid'(i) later). (h, hn): pair entering the
     chunk; (dh, dhn): gradient of the pair leaving it; rm = 1/m, cu = c per row."""
     i_k, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    c, bos, T_doc = doc_bounds(offs, cidx, i_t)
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
     b_dA = tl.zeros([BT, BT], dtype=tl.float32)   # [i, j] = do_i . v_j
@@ -258,8 +263,8 @@ def _dqk_kernel(q, k, v, do, h, hn, dh, dhn, gc, ig, rm, cu, dq, dk, r_part, b_p
     b_hdh = tl.zeros([BK], dtype=tl.float32)
     base_s = (i_t * H + i_h).to(tl.int64) * K * V
     for i_v in range(tl.cdiv(V, BV)):
-        b_do, b_v, b_doT, b_vT, b_hT, b_dhT = _dqk_tiles(do, v, h, dh, bos, c, T_doc, i_h, i_v, i_k,
-                                                          base_s, H, K, V, BT, BK, BV)
+        b_do, b_v, b_doT, b_vT, b_hT, b_dhT = dqk_tiles(do, v, h, dh, bos, c, T_doc, i_h, i_v, i_k,
+                                                        base_s, H, K, V, BT, BK, BV)
         b_dA += mma(b_do, b_vT, PREC)
         b_dAt += mma(b_v, b_doT, PREC)
         b_dq += _dot32(b_do, b_hT, PREC, False)
@@ -274,7 +279,7 @@ def _dqk_kernel(q, k, v, do, h, hn, dh, dhn, gc, ig, rm, cu, dq, dk, r_part, b_p
     b_ig = tl.load(ig + (bos + t) * H + i_h, mask=m, other=0.)
     b_rm = tl.load(rm + (bos + t) * H + i_h, mask=m, other=0.)
     b_cu = tl.load(cu + (bos + t) * H + i_h, mask=m, other=0.)
-    b_g, g_last = _gates(gc, bos, c, T_doc, i_h, H, BT)
+    b_g, g_last = chunk_gates(gc, bos, c, T_doc, i_h, H, BT)
     # state terms: dq_i through (C_c, n_c); dk'_j through (dC, dn) of the leaving pair
     b_dq = (b_dq * b_rm[:, None] + b_cu[:, None] * b_hn[None, :]) * (scale * tl.exp2(b_g))[:, None]
     b_dk = (b_dk + b_dhn[None, :]) * tl.exp2(g_last - b_g)[:, None]
@@ -354,7 +359,7 @@ def _state_grid(plan, H, K, V, passes=1):
 
 def _gate_inputs(i, f, plan, H):
     """sigmoid(i) and the cumulative log2 forget gate, float32 (1, TT, H)."""
-    return torch.sigmoid(i), _cumsum(F.logsigmoid(f), plan, H)
+    return torch.sigmoid(i), gate_cumsum(F.logsigmoid(f), plan, H)
 
 
 def mlstm_forward(q, k, v, i, f, C0, n0, scale: float, offsets: list[int]):
@@ -411,8 +416,8 @@ def mlstm_backward(q, k, v, i, f, C0, n0, o32, u, do, dCT, dnT, scale: float,
                                         scale, TT, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
                                         PREC=prec, **_dqk_meta(q.dtype))
     dg = torch.empty_like(f)
-    _dg_kernel[(plan.n_chunks, H)](r_part, b_part, dg, plan.offsets, plan.chunk_index, TT,
-                                   H=H, BT=BT, NK=NK)
+    dg_kernel[(plan.n_chunks, H)](r_part, b_part, dg, plan.offsets, plan.chunk_index, TT,
+                                  H=H, BT=BT, NK=NK)
     di = i_part.sum(0)[None]
     return dq, dk, dv, di, dg * torch.sigmoid(-f), dC0, dn0
 
@@ -440,7 +445,7 @@ def mlstm_initial_grads(q, f, o32, u, do, dCT, dnT, scale: float, offsets: list[
     _, TT, H, K = q.shape
     V = do.shape[-1]
     plan = chunk_plan(offsets, q.device)
-    gc = _cumsum(F.logsigmoid(f), plan, H)
+    gc = gate_cumsum(F.logsigmoid(f), plan, H)
     rm, cu = torch.empty_like(u), torch.empty_like(u)
     _norm_grad_kernel[(triton.cdiv(TT, BT), H)](do, o32, u, rm, cu, TT, H=H, V=V, BT=BT, BV=BV,
                                                num_warps=NUM_WARPS)
