@@ -20,8 +20,8 @@ import torch
 
 SM90_SHARED = 232448  # bytes of shared memory one block may use on H100 / H200
 
-# Spill allowance in the bf16 configuration, in bytes of spill stores. Where a setting that
-# spills into L1 is the faster one on an H100, the allowance says so: the delta rules'
+# Spill allowance in the bf16 configuration, in bytes of spill stores. Where the setting
+# chosen by timing on an H100 spills into L1, the allowance says so: the delta rules'
 # sequential state passes and WY backward at 4 warps. PRINT_ONLY kernels are reported, not
 # judged (the shared bf16 dqk_kernel spills at its chosen setting).
 NO_SPILLS, WY_BWD_SPILLS, STATE_SPILLS, PRINT_ONLY = 0, 256, 1024, None

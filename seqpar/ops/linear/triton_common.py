@@ -64,10 +64,9 @@ def _chunk_plan(offsets: tuple[int, ...], device: torch.device) -> ChunkPlan:
                      len(offsets) - 1, len(index))
 
 
-# Tile sizes: one fixed set, the one run and checked on H100 with triton 3.6 (K, V of 64
-# to 129, masked). Smaller dims are masked inside these tiles rather than given smaller
-# tiles: a (64, 16) output tile gave wrong results there (tests/test_triton.py on the GPU
-# at V = 16).
+# Tile sizes: one fixed set for every K and V (64 to 129 masked, checked on an H100).
+# Smaller dims are masked inside these tiles rather than given smaller tiles, because a
+# (64, 16) output tile produces wrong results on an H100 with triton 3.6.
 BK = 64  # key tile
 BV = 64  # value tile of the chunk kernels
 BV_STATE = 32  # value tile of the sequential state pass: twice the programs in flight
@@ -100,9 +99,9 @@ def mma(a, b, PREC: tl.constexpr):
 # (tl.make_block_ptr), which Triton 3.9 removed. A transposed tile is the same call with
 # the offsets, strides, extents and tile sizes swapped. The helpers build a tile's
 # addresses and mask in the order and form of a block pointer's boundary check, lower
-# bounds included (r0 and c0 are never negative here): the launch settings were tuned on
-# that code, and compiled for sm_90 other forms allocate registers differently (up to
-# 3 KB more spills in the float32 mLSTM kernels).
+# bounds included (r0 and c0 are never negative here), because the kernels' launch
+# settings assume the register allocation ptxas gives this form on sm_90: other forms of
+# the same addresses spill more registers, the float32 mLSTM kernels most.
 
 @triton.jit
 def load_tile(base, r0, c0, stride_r, stride_c, n_rows, n_cols, BR: tl.constexpr,

@@ -477,8 +477,9 @@ def _state_meta(dtype: torch.dtype, idle_sms: bool) -> dict:
     stages prefetch the next chunks' tiles while this chunk's products run: 3 where the
     grid leaves SMs idle and each program's latency is the time, 2 where programs queue
     for SMs. Float32 inputs run unpipelined: their (BT, 128) tiles at 2-3 stages need more
-    shared memory than sm_90 has. 4 warps: the faster setting on an H100, though 8 spill
-    fewer registers (tools/tune_delta.py times the alternatives)."""
+    shared memory than sm_90 has. Warps and stages are chosen by timing on an H100
+    (tools/tune_delta.py times the alternatives), not by register spills: 4 warps,
+    although 8 spill fewer registers on sm_90."""
     stages = 1 if dtype == torch.float32 else 3 if idle_sms else 2
     return dict(BT=BT, BV=BV_STATE, num_warps=NUM_WARPS, num_stages=stages)
 
@@ -491,11 +492,12 @@ def _state_grid(V: int, n_docs: int, H: int, dtype: torch.dtype, device: torch.d
     return (triton.cdiv(V, meta["BV"]), n_docs * H), meta
 
 
-# Launch settings chosen by timing each alternative on an H100 (tools/tune_delta.py):
-# the WY backward at 4 warps (it spills on sm_90 but runs faster than at 8) and one stage
-# (a second gains little and has faulted at K = 64); the inverse, one 64 x 64 matrix per
-# program with a serial forward substitution, at 1 warp; _dv_local_kernel at 8 warps,
-# where it spills nothing at K = 64.
+# Launch settings of the WY kernels, chosen by timing on an H100 (tools/tune_delta.py
+# times the alternatives): the WY backward at 4 warps, although it spills registers on
+# sm_90 there and not at 8, and one pipeline stage, as two gain little and are not known
+# to be safe at K = 64; the inverse at 1 warp, as each program inverts one 64 x 64 matrix
+# by a serial forward substitution; _dv_local_kernel at 8 warps, at which it spills
+# nothing at K = 64.
 WY_BWD_META = dict(BK=BV_STATE, BV=BV_STATE, num_warps=4, num_stages=1)
 DV_LOCAL_META = dict(BK=BK, BV=BV, num_warps=8)
 INVERSE_META = dict(num_warps=1)

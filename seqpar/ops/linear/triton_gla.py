@@ -77,12 +77,10 @@ from .triton_common import (
 )
 
 NUM_WARPS = 4  # the sequential state pass
-# Launch settings of the (BT, BT)-tile kernels, from compiling them for sm_90
-# (bench/device/check_triton_gla.py --compile-only): they hold several (BT, BT) and
-# (BT, BK) float32 tiles at once, and with 4 warps spilled 1-4 KB of registers; with 8
-# warps and software pipelining (3 stages) still up to 330 bytes, and the float32 ones
-# needed up to 230 of the 227 KB of shared memory; with 8 warps, 1 stage: no spills in
-# bf16, 16-96 KB.
+# Launch settings of the (BT, BT)-tile kernels: they hold several (BT, BT) and (BT, BK)
+# float32 tiles at once, so they need 8 warps not to spill registers on sm_90, and one
+# pipeline stage, as more stages spill again and take the float32 kernels past sm_90's
+# shared memory (tests/sm90.py compiles them for sm_90 and checks both).
 CHUNK_LAUNCH = dict(num_warps=8, num_stages=1)
 BC = 16  # sub-chunk of the intra-chunk decomposition: the smallest tensor-core tile
 DIAG_WARPS = 4  # _diag_kernel, _dqk_diag_kernel: (BC, BK) tiles
@@ -242,7 +240,7 @@ def _intra_kernel(q, k, gc, A, offs, cidx, scale,
         g_q = _gate_tile(gc, bos, T_doc, last, i_h, c, i_k * BK, H, K, BT, BK, False)
         b_kT = _tile(k, bos, T_doc, i_h, c * BT, i_k * BK, H, K, BT, BK, True)
         g_kT = _gate_tile(gc, bos, T_doc, last, i_h, c, i_k * BK, H, K, BT, BK, True)
-        # not unrolled (tl.static_range): unrolled, more tiles stayed live and spilled on sm_90
+        # not unrolled (tl.static_range): unrolling keeps more tiles live, which spill on sm_90
         for p in range(BC, BT, BC):
             g_p = tl.load(gc + ((bos + tl.minimum(c * BT + p, last)) * H + i_h) * K + kk,
                           mask=kk < K, other=0.)

@@ -13,7 +13,7 @@ Precision. ``o`` is invariant to the scale of ``q`` where ``|u| > 1``, so the gr
 the engine sees, ``dh_i = do_i / m_i`` and ``du_i = c_i = -(do_i.o_i) sign(u_i) / m_i``,
 makes ``dq``, ``dk``, ``di``, ``df`` small differences of large terms: e.g. the
 intra-chunk ``dA_ij = (do_i.v_j) / m_i + c_i``. Rounding such an intermediate to 16 bits
-before a product left ~10% gradient errors. So the kernels keep these rules:
+before a product gives gradient errors of the order of 10%. So the kernels keep these rules:
 
 * products of two inputs (q, k, v, do: exact 16-bit values) run on tensor cores in the
   input dtype with float32 accumulation (exact products);
@@ -57,17 +57,18 @@ from .triton_common import (
     store_tile,
 )
 
-# triton_diag's launch setting, run on H100. At 4 warps the bf16 kernels spill registers
-# on sm_90 (_dqk_kernel ~3.6 KB, as triton_diag's ~3 KB); at 8 they do not:
-# bench/device/check_triton.py --mlstm-warps times both.
+# The diagonal engine's launch setting, the one checked on an H100. At 4 warps the bf16
+# kernels spill registers on sm_90 (_dqk_kernel most, as the diagonal engine's dq/dk
+# kernel does) and at 8 they do not; tests/sm90.py prints the spills, and only a device
+# timing can choose between the two.
 NUM_WARPS = 4
 
 
 def _dqk_meta(dtype: torch.dtype) -> dict:
     """Launch settings of :func:`_dqk_kernel`. Float32 inputs run 2 pipeline stages: at
-    Triton's default 3 its (BT, 128) float32 tiles need 229376 bytes of shared memory with
-    triton 3.6 and 3.9 (sm_90 has 232448) and 245760 with 3.8, which cannot launch there;
-    at 2, 131072-147456 (compiled for sm_90 on CPU, tests/sm90.py)."""
+    Triton's default 3 its (BT, 128) float32 tiles need more shared memory than sm_90 has
+    with some supported Triton versions (3.8), at 2 they fit with every one
+    (tests/sm90.py compiles the kernel for sm_90 with these settings and checks)."""
     return dict(num_warps=NUM_WARPS, num_stages=2 if dtype == torch.float32 else 3)
 
 
