@@ -70,6 +70,37 @@ def _round_bf16_to_nearest() -> None:
     interpreter.InterpreterBuilder.cast_impl = cast_impl
 
 
+def _bool_masks() -> None:
+    """Make the interpreter's masked loads and stores take masks built from a broadcast
+    scalar comparison (``(row < T) & (cols < D)`` with a scalar row, as GLA's diagonal
+    kernels and the delta rules' state-only pass write them). The interpreter tags a
+    comparison's result with its operands' type, so broadcasting a scalar one yields an
+    int32 array; Triton 3.9's interpreter rejects such a mask ("mask has unsupported
+    dtype"), 3.6's accepted it. Compiled kernels are unaffected."""
+    try:
+        import numpy as np
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+
+    builder = interpreter.InterpreterBuilder
+    load, store = builder.create_masked_load, builder.create_masked_store
+
+    def as_bool(mask):
+        if mask.data.dtype == np.bool_:
+            return mask
+        return interpreter.TensorHandle(mask.data.astype(np.bool_), mask.dtype)
+
+    def create_masked_load(self, ptrs, mask, *args, **kwargs):
+        return load(self, ptrs, as_bool(mask), *args, **kwargs)
+
+    def create_masked_store(self, ptrs, value, mask, *args, **kwargs):
+        return store(self, ptrs, value, as_bool(mask), *args, **kwargs)
+
+    builder.create_masked_load = create_masked_load
+    builder.create_masked_store = create_masked_store
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if item.get_closest_marker("dist") is not None:
@@ -79,6 +110,7 @@ def pytest_collection_modifyitems(items):
 _interpret_triton_without_cuda()
 if os.environ.get("TRITON_INTERPRET") == "1":
     _round_bf16_to_nearest()
+    _bool_masks()
 
 from seqpar import ops  # noqa: E402  (after the set-up; it imports no kernel module)
 

@@ -4,7 +4,7 @@ directly through the chunk plan of :mod:`.triton_common` (rows past a document's
 load as zeros, which are inert: beta = 0 writes nothing, k = 0 reads nothing).
 
 Per chunk (``BT`` tokens, never straddling a document) with cumulative log2 gate ``G``
-(``triton_diag._cumsum``; ``e^x`` below is ``2^x`` of log2-scaled exponents), scale s:
+(:func:`.triton_common.gate_cumsum`; ``e^x`` below is ``2^x`` of log2-scaled exponents), scale s:
 
 * ``_wy_a_kernel``: ``A_ij = beta_i (k_i.k_j) e^(G_i - G_j)`` for ``j < i``;
   :func:`unit_lower_inverse` gives ``N = (I + A)^{-1}``;
@@ -12,7 +12,7 @@ Per chunk (``BT`` tokens, never straddling a document) with cumulative log2 gate
 * ``_fwd_kernel`` (sequential over chunks; one program per document, head and V tile;
   the state enters as ``S_c``): ``v'_c = U_c - W_c S_c``,
   ``S_{c+1} = e^G_C S_c + (k e^(G_C - G))^T v'_c``; stores ``S_c`` and ``v'``;
-* ``triton_diag._pair_kernel`` on ``(q, k, v')``: ``o = P v' + s q e^G S_c`` with
+* :func:`.triton_common.pair_kernel` on ``(q, k, v')``: ``o = P v' + s q e^G S_c`` with
   ``P = s (q k^T) e^(G_i - G_j)``, ``j <= i`` (the diagonal family's output kernel, as
   the delta rule's output is linear attention over ``v'``).
 
@@ -21,14 +21,14 @@ Backward, with ``dS`` the gradient of the state leaving a chunk:
 * ``_dv_local_kernel`` (parallel): ``P^T do``, the state-free part of ``dv'``;
 * ``_bwd_kernel`` (reverse, sequential): ``dv' = P^T do + k e^(G_C - G) dS``,
   ``dS <- e^G_C dS + s (q e^G)^T do - W^T dv'``;
-* ``triton_diag._dqk_kernel`` on ``(q, k, v', do, S_c, dS)``: dq complete, the parts
+* :func:`.triton_common.dqk_kernel` on ``(q, k, v', do, S_c, dS)``: dq complete, the parts
   of dk and of the gate gradient that come through ``P``, ``q e^G``, ``k e^(G_C - G)``
   and ``e^G_C``, and ``dW = -dv' S_c^T`` (the state tiles are loaded there anyway);
 * ``_wy_bwd_kernel``: the rest through ``W``, ``U`` and ``A``. With ``dY = N^T dv'``
   (the gradient of ``beta v``) and ``dX = N^T dW`` (of ``beta k e^G``), the gradient
   of A is ``dA = -(dX W^T + dY U^T) = -dY v'^T`` (strictly lower), which needs
   neither W nor U;
-* ``triton_diag._dg_kernel``: ``dg_t`` from the per-row terms, each a product of decayed
+* :func:`.triton_common.dg_kernel`: ``dg_t`` from the per-row terms, each a product of decayed
   quantities (every exponent <= 0, nothing undecayed cancels).
 
 This is flash-linear-attention's split of the backward (dW beside dq and dk, the WY
@@ -62,19 +62,19 @@ from .triton_common import (
     BV,
     BV_STATE,
     as_packed,
+    chunk_gates,
     chunk_plan,
+    dg_kernel,
+    doc_bounds,
+    doc_span,
     dot_precision,
+    dqk_kernel,
+    gate_cumsum,
+    load_tile,
     mma,
     packed_offsets,
-)
-from .triton_diag import (
-    _cumsum,
-    _dg_kernel,
-    _doc_bounds,
-    _doc_span,
-    _dqk_kernel,
-    _gates,
-    _pair_kernel,
+    pair_kernel,
+    store_tile,
 )
 
 NUM_WARPS = 4
@@ -91,17 +91,15 @@ def _wy_a_kernel(k, beta, gc, a, offs, cidx, H: tl.constexpr, K: tl.constexpr,
                  BT: tl.constexpr, BK: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr):
     """A of one chunk and head (strictly lower, float32) into a (NT, H, BT, BT)."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
-    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
-    p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (T_doc, K), (H * K, 1), (c * BT, 0), (BT, BK), (1, 0))
-    p_kT = tl.make_block_ptr(k + (bos * H + i_h) * K, (K, T_doc), (1, H * K), (0, c * BT), (BK, BT), (0, 1))
-    b_a = mma(tl.load(p_k, boundary_check=(0, 1), padding_option="zero"),
-              tl.load(p_kT, boundary_check=(0, 1), padding_option="zero"), PREC)
+    c, bos, T_doc = doc_bounds(offs, cidx, i_t)
+    b_a = mma(load_tile(k + (bos * H + i_h) * K, c * BT, 0, H * K, 1, T_doc, K, BT, BK),
+              load_tile(k + (bos * H + i_h) * K, 0, c * BT, 1, H * K, K, T_doc, BK, BT), PREC)
     o = tl.arange(0, BT)
     t = c * BT + o
     b_beta = tl.load(beta + (bos + t) * H + i_h, mask=t < T_doc, other=0.).to(tl.float32)
     lower = o[:, None] > o[None, :]
     if USE_G:
-        b_g, _ = _gates(gc, bos, c, T_doc, i_h, H, BT)
+        b_g, _ = chunk_gates(gc, bos, c, T_doc, i_h, H, BT)
         b_a *= tl.exp2(tl.where(lower, b_g[:, None] - b_g[None, :], 0.))
     b_a = tl.where(lower, b_a * b_beta[:, None], 0.)
     tl.store(a + (i_t * H + i_h).to(tl.int64) * BT * BT + o[:, None] * BT + o[None, :], b_a)
@@ -113,11 +111,10 @@ def _wy_apply(b_n, x, out, b_row, bos, c, T_doc, i_h, i_c, H: tl.constexpr, D: t
     """``out = N (b_row x)`` for one chunk of x (packed, D wide) into out (NT, H, BT, D),
     D tile by D tile; b_n is N in x's dtype."""
     for i_d in range(tl.cdiv(D, BD)):
-        p_x = tl.make_block_ptr(x + (bos * H + i_h) * D, (T_doc, D), (H * D, 1), (c * BT, i_d * BD), (BT, BD), (1, 0))
-        b_x = tl.load(p_x, boundary_check=(0, 1), padding_option="zero")
+        b_x = load_tile(x + (bos * H + i_h) * D, c * BT, i_d * BD, H * D, 1, T_doc, D, BT, BD)
         b_x = (b_x.to(tl.float32) * b_row[:, None]).to(b_x.dtype)
-        p_o = tl.make_block_ptr(out + i_c * BT * D, (BT, D), (D, 1), (0, i_d * BD), (BT, BD), (1, 0))
-        tl.store(p_o, mma(b_n, b_x, PREC).to(p_o.dtype.element_ty), boundary_check=(0, 1))
+        store_tile(out + i_c * BT * D, mma(b_n, b_x, PREC).to(out.dtype.element_ty), 0, i_d * BD,
+                   D, 1, BT, D, BT, BD)
 
 
 @triton.jit
@@ -128,7 +125,7 @@ def _wy_wu_kernel(k, v, beta, gc, ai, an, w, u, offs, cidx, H: tl.constexpr, K: 
     u (NT, H, BT, V) for one chunk and head, N from ai (NT, H, BT, BT) float32; with
     STORE_N, N in the inputs' dtype into an (same shape) for the backward."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
-    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    c, bos, T_doc = doc_bounds(offs, cidx, i_t)
     i_c = (i_t * H + i_h).to(tl.int64)
     o = tl.arange(0, BT)
     t = c * BT + o
@@ -138,7 +135,7 @@ def _wy_wu_kernel(k, v, beta, gc, ai, an, w, u, offs, cidx, H: tl.constexpr, K: 
     b_beta = tl.load(beta + (bos + t) * H + i_h, mask=t < T_doc, other=0.).to(tl.float32)
     _wy_apply(b_n, v, u, b_beta, bos, c, T_doc, i_h, i_c, H, V, BT, BD, PREC)
     if USE_G:
-        b_g, _ = _gates(gc, bos, c, T_doc, i_h, H, BT)
+        b_g, _ = chunk_gates(gc, bos, c, T_doc, i_h, H, BT)
         b_beta *= tl.exp2(b_g)
     _wy_apply(b_n, k, w, b_beta, bos, c, T_doc, i_h, i_c, H, K, BT, BD, PREC)
 
@@ -153,32 +150,26 @@ def _fwd_kernel(k, w, u, gc, h0, h, vn, ht, offs, coff,
     ht."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     n, i_h = i_nh // H, i_nh % H
-    bos, T_doc, boc = _doc_span(offs, coff, n)
+    bos, T_doc, boc = doc_span(offs, coff, n)
     b_s = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
-        p_s = tl.make_block_ptr(h0 + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
-        b_s += tl.load(p_s, boundary_check=(0, 1), padding_option="zero")
+        b_s += load_tile(h0 + i_nh.to(tl.int64) * K * V, 0, i_v * BV, V, 1, K, V, BK, BV)
     for c in range(tl.cdiv(T_doc, BT).to(tl.int32)):
         i_c = (boc + c) * H + i_h
-        p_h = tl.make_block_ptr(h + i_c * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
-        tl.store(p_h, b_s.to(p_h.dtype.element_ty), boundary_check=(0, 1))
-        p_w = tl.make_block_ptr(w + i_c * BT * K, (BT, K), (K, 1), (0, 0), (BT, BK), (1, 0))
-        p_u = tl.make_block_ptr(u + i_c * BT * V, (BT, V), (V, 1), (0, i_v * BV), (BT, BV), (1, 0))
-        p_kT = tl.make_block_ptr(k + (bos * H + i_h) * K, (K, T_doc), (1, H * K), (0, c * BT), (BK, BT), (0, 1))
-        p_vn = tl.make_block_ptr(vn + (bos * H + i_h) * V, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
-        b_w = tl.load(p_w, boundary_check=(0, 1), padding_option="zero")
-        b_v = tl.load(p_u, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+        store_tile(h + i_c * K * V, b_s.to(h.dtype.element_ty), 0, i_v * BV, V, 1, K, V, BK, BV)
+        b_w = load_tile(w + i_c * BT * K, 0, 0, K, 1, BT, K, BT, BK)
+        b_v = load_tile(u + i_c * BT * V, 0, i_v * BV, V, 1, BT, V, BT, BV).to(tl.float32)
         b_v -= mma(b_w, b_s.to(b_w.dtype), PREC)
-        tl.store(p_vn, b_v.to(p_vn.dtype.element_ty), boundary_check=(0, 1))
-        b_kT = tl.load(p_kT, boundary_check=(0, 1), padding_option="zero")
+        store_tile(vn + (bos * H + i_h) * V, b_v.to(vn.dtype.element_ty), c * BT, i_v * BV, H * V,
+                   1, T_doc, V, BT, BV)
+        b_kT = load_tile(k + (bos * H + i_h) * K, 0, c * BT, 1, H * K, K, T_doc, BK, BT)
         # decays scale the small (BT, BV) operand, not the (BK, BT) one: fewer registers
         if USE_G:
-            b_g, g_last = _gates(gc, bos, c, T_doc, i_h, H, BT)
+            b_g, g_last = chunk_gates(gc, bos, c, T_doc, i_h, H, BT)
             b_s *= tl.exp2(g_last)
             b_v *= tl.exp2(g_last - b_g)[:, None]
         b_s += mma(b_kT, b_v.to(b_kT.dtype), PREC)
-    p_t = tl.make_block_ptr(ht + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
-    tl.store(p_t, b_s, boundary_check=(0, 1))
+    store_tile(ht + i_nh.to(tl.int64) * K * V, b_s, 0, i_v * BV, V, 1, K, V, BK, BV)
 
 
 @triton.jit
@@ -194,7 +185,7 @@ def _chain_kernel(k, w, u, gc, h0, ht, mt, offs, coff,
     document maps any entering state S to ``mt S + ht``."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     n, i_h = i_nh // H, i_nh % H
-    bos, T_doc, boc = _doc_span(offs, coff, n)
+    bos, T_doc, boc = doc_span(offs, coff, n)
     NV: tl.constexpr = (V + BV - 1) // BV
     trans = i_v >= NV
     keep = i_v < NV
@@ -209,15 +200,13 @@ def _chain_kernel(k, w, u, gc, h0, ht, mt, offs, coff,
                        mask=m_s & keep, other=0.)
     for c in range(tl.cdiv(T_doc, BT).to(tl.int32)):
         i_c = (boc + c) * H + i_h
-        p_w = tl.make_block_ptr(w + i_c * BT * K, (BT, K), (K, 1), (0, 0), (BT, BK), (1, 0))
-        p_kT = tl.make_block_ptr(k + (bos * H + i_h) * K, (K, T_doc), (1, H * K), (0, c * BT), (BK, BT), (0, 1))
-        b_w = tl.load(p_w, boundary_check=(0, 1), padding_option="zero")
+        b_w = load_tile(w + i_c * BT * K, 0, 0, K, 1, BT, K, BT, BK)
         b_v = tl.load(u + i_c.to(tl.int64) * BT * V + rows[:, None] * V + cols[None, :],
                       mask=(cols[None, :] < V) & keep, other=0.).to(tl.float32)
         b_v -= mma(b_w, b_s.to(b_w.dtype), PREC)
-        b_kT = tl.load(p_kT, boundary_check=(0, 1), padding_option="zero")
+        b_kT = load_tile(k + (bos * H + i_h) * K, 0, c * BT, 1, H * K, K, T_doc, BK, BT)
         if USE_G:
-            b_g, g_last = _gates(gc, bos, c, T_doc, i_h, H, BT)
+            b_g, g_last = chunk_gates(gc, bos, c, T_doc, i_h, H, BT)
             b_s *= tl.exp2(g_last)
             b_v *= tl.exp2(g_last - b_g)[:, None]
         b_s += mma(b_kT, b_v.to(b_kT.dtype), PREC)
@@ -235,24 +224,23 @@ def _dv_local_kernel(q, k, do, gc, dvl, offs, cidx, scale, H: tl.constexpr, K: t
     needs no state, off the sequential pass. P is formed once and applied V tile by V
     tile (per V tile it repeated its K-long products V / BV times)."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
-    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    c, bos, T_doc = doc_bounds(offs, cidx, i_t)
     b_pT = tl.zeros([BT, BT], dtype=tl.float32)  # [j, i] = k_j.q_i
     for i_k in range(tl.cdiv(K, BK)):
-        p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
-        p_qT = tl.make_block_ptr(q + (bos * H + i_h) * K, (K, T_doc), (1, H * K), (i_k * BK, c * BT), (BK, BT), (0, 1))
-        b_pT += mma(tl.load(p_k, boundary_check=(0, 1), padding_option="zero"),
-                    tl.load(p_qT, boundary_check=(0, 1), padding_option="zero"), PREC)
+        b_pT += mma(load_tile(k + (bos * H + i_h) * K, c * BT, i_k * BK, H * K, 1, T_doc, K, BT,
+                              BK),
+                    load_tile(q + (bos * H + i_h) * K, i_k * BK, c * BT, 1, H * K, K, T_doc, BK,
+                              BT), PREC)
     o = tl.arange(0, BT)
     anti = o[:, None] <= o[None, :]
     if USE_G:
-        b_g, _ = _gates(gc, bos, c, T_doc, i_h, H, BT)
+        b_g, _ = chunk_gates(gc, bos, c, T_doc, i_h, H, BT)
         b_pT *= tl.exp2(tl.where(anti, b_g[None, :] - b_g[:, None], 0.))
     b_pT = tl.where(anti, b_pT * scale, 0.).to(do.dtype.element_ty)
     for i_v in range(tl.cdiv(V, BV)):
-        p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
-        p_o = tl.make_block_ptr(dvl + (bos * H + i_h) * V, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
-        b_do = tl.load(p_do, boundary_check=(0, 1), padding_option="zero")
-        tl.store(p_o, mma(b_pT, b_do, PREC).to(p_o.dtype.element_ty), boundary_check=(0, 1))
+        b_do = load_tile(do + (bos * H + i_h) * V, c * BT, i_v * BV, H * V, 1, T_doc, V, BT, BV)
+        store_tile(dvl + (bos * H + i_h) * V, mma(b_pT, b_do, PREC).to(dvl.dtype.element_ty),
+                   c * BT, i_v * BV, H * V, 1, T_doc, V, BT, BV)
 
 
 @triton.jit
@@ -267,43 +255,36 @@ def _bwd_kernel(q, k, w, gc, do, dht, dvl, dvn, dsl, dh0, offs, coff, scale,
     state-only pass of sequence parallelism)."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     n, i_h = i_nh // H, i_nh % H
-    bos, T_doc, boc = _doc_span(offs, coff, n)
+    bos, T_doc, boc = doc_span(offs, coff, n)
     NC = tl.cdiv(T_doc, BT).to(tl.int32)
     b_ds = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DHT:
-        p_s = tl.make_block_ptr(dht + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
-        b_ds += tl.load(p_s, boundary_check=(0, 1), padding_option="zero")
+        b_ds += load_tile(dht + i_nh.to(tl.int64) * K * V, 0, i_v * BV, V, 1, K, V, BK, BV)
     for i in range(NC):
         c = NC - 1 - i
         i_c = (boc + c) * H + i_h
         if STORE:
-            p_l = tl.make_block_ptr(dsl + i_c * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
-            tl.store(p_l, b_ds.to(p_l.dtype.element_ty), boundary_check=(0, 1))
-        p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (T_doc, K), (H * K, 1), (c * BT, 0), (BT, BK), (1, 0))
-        p_dvl = tl.make_block_ptr(dvl + (bos * H + i_h) * V, (T_doc, V), (H * V, 1), (c * BT, i_v * BV),
-                                  (BT, BV), (1, 0))
-        p_qT = tl.make_block_ptr(q + (bos * H + i_h) * K, (K, T_doc), (1, H * K), (0, c * BT), (BK, BT), (0, 1))
-        p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
-        p_wT = tl.make_block_ptr(w + i_c * BT * K, (K, BT), (1, K), (0, 0), (BK, BT), (0, 1))
-        b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero")
+            store_tile(dsl + i_c * K * V, b_ds.to(dsl.dtype.element_ty), 0, i_v * BV, V, 1, K, V,
+                       BK, BV)
+        b_k = load_tile(k + (bos * H + i_h) * K, c * BT, 0, H * K, 1, T_doc, K, BT, BK)
         b_kds = mma(b_k, b_ds.to(b_k.dtype), PREC)
-        b_do = tl.load(p_do, boundary_check=(0, 1), padding_option="zero").to(tl.float32) * scale
+        b_do = load_tile(do + (bos * H + i_h) * V, c * BT, i_v * BV, H * V, 1, T_doc, V, BT,
+                         BV).to(tl.float32) * scale
         # decays scale the small (BT, BV) operands and results, not the (BT, BK) ones
         if USE_G:
-            b_g, g_last = _gates(gc, bos, c, T_doc, i_h, H, BT)
+            b_g, g_last = chunk_gates(gc, bos, c, T_doc, i_h, H, BT)
             b_kds *= tl.exp2(g_last - b_g)[:, None]
             b_ds *= tl.exp2(g_last)
             b_do *= tl.exp2(b_g)[:, None]
-        b_dv = (tl.load(p_dvl, boundary_check=(0, 1), padding_option="zero") + b_kds).to(p_dvl.dtype.element_ty)
+        b_dv = (load_tile(dvl + (bos * H + i_h) * V, c * BT, i_v * BV, H * V, 1, T_doc, V, BT, BV)
+                + b_kds).to(dvl.dtype.element_ty)
         if STORE:
-            p_dvn = tl.make_block_ptr(dvn + (bos * H + i_h) * V, (T_doc, V), (H * V, 1),
-                                      (c * BT, i_v * BV), (BT, BV), (1, 0))
-            tl.store(p_dvn, b_dv, boundary_check=(0, 1))
-        b_qT = tl.load(p_qT, boundary_check=(0, 1), padding_option="zero")
-        b_wT = tl.load(p_wT, boundary_check=(0, 1), padding_option="zero")
+            store_tile(dvn + (bos * H + i_h) * V, b_dv, c * BT, i_v * BV, H * V, 1, T_doc, V, BT,
+                       BV)
+        b_qT = load_tile(q + (bos * H + i_h) * K, 0, c * BT, 1, H * K, K, T_doc, BK, BT)
+        b_wT = load_tile(w + i_c * BT * K, 0, 0, 1, K, K, BT, BK, BT)
         b_ds += mma(b_qT, b_do.to(b_qT.dtype), PREC) - mma(b_wT, b_dv, PREC)
-    p_0 = tl.make_block_ptr(dh0 + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
-    tl.store(p_0, b_ds, boundary_check=(0, 1))
+    store_tile(dh0 + i_nh.to(tl.int64) * K * V, b_ds, 0, i_v * BV, V, 1, K, V, BK, BV)
 
 
 @triton.jit
@@ -312,13 +293,13 @@ def _wy_bwd_kernel(k, v, beta, gc, an, vn, dvn, dw, dk_part, dk, dv, dbeta, r_ou
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                    USE_G: tl.constexpr, PREC: tl.constexpr):
     """Gradients through W, U and A of one chunk and head from ``dU = dv'`` (dvn),
-    ``dW = -dv' S^T`` (dw, from ``_dqk_kernel``) and N (an, the inputs' dtype): dv,
+    ``dW = -dv' S^T`` (dw, from ``dqk_kernel``) and N (an, the inputs' dtype): dv,
     dbeta, dk (dk_part plus the terms through ``beta k e^G`` and A) and this kernel's
     share of the gate terms (r into r_out; b_out gets zeros). ``dY = N^T dv'`` and ``dX = N^T dW`` are the gradients
     of ``beta v`` and ``beta k e^G``; ``M = dA e^(G_i - G_j)`` enters dk as
     ``(M + M^T) (beta k)`` with beta on M's rows."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
-    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    c, bos, T_doc = doc_bounds(offs, cidx, i_t)
     i_c = (i_t * H + i_h).to(tl.int64)
     o = tl.arange(0, BT)
     t = c * BT + o
@@ -331,24 +312,21 @@ def _wy_bwd_kernel(k, v, beta, gc, an, vn, dvn, dw, dk_part, dk, dv, dbeta, r_ou
     base_v = (bos * H + i_h) * V
     base_k = (bos * H + i_h) * K
     for i_v in range(tl.cdiv(V, BV)):
-        p_dvn = tl.make_block_ptr(dvn + base_v, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
-        p_vnT = tl.make_block_ptr(vn + base_v, (V, T_doc), (1, H * V), (i_v * BV, c * BT), (BV, BT), (0, 1))
-        p_v = tl.make_block_ptr(v + base_v, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
-        p_dv = tl.make_block_ptr(dv + base_v, (T_doc, V), (H * V, 1), (c * BT, i_v * BV), (BT, BV), (1, 0))
-        b_dy = mma(b_nT, tl.load(p_dvn, boundary_check=(0, 1), padding_option="zero"), PREC)
-        b_v = tl.load(p_v, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+        b_dy = mma(b_nT, load_tile(dvn + base_v, c * BT, i_v * BV, H * V, 1, T_doc, V, BT, BV),
+                   PREC)
+        b_v = load_tile(v + base_v, c * BT, i_v * BV, H * V, 1, T_doc, V, BT, BV).to(tl.float32)
         b_db += tl.sum(b_dy * b_v, axis=1)
-        tl.store(p_dv, (b_dy * b_beta[:, None]).to(p_dv.dtype.element_ty), boundary_check=(0, 1))
-        b_dA -= mma(b_dy.to(DT), tl.load(p_vnT, boundary_check=(0, 1), padding_option="zero"), PREC)
+        store_tile(dv + base_v, (b_dy * b_beta[:, None]).to(dv.dtype.element_ty), c * BT, i_v * BV,
+                   H * V, 1, T_doc, V, BT, BV)
+        b_dA -= mma(b_dy.to(DT),
+                    load_tile(vn + base_v, i_v * BV, c * BT, 1, H * V, V, T_doc, BV, BT), PREC)
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
-        p_k = tl.make_block_ptr(k + base_k, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
-        p_kT = tl.make_block_ptr(k + base_k, (K, T_doc), (1, H * K), (i_k * BK, c * BT), (BK, BT), (0, 1))
-        b_kk += mma(tl.load(p_k, boundary_check=(0, 1), padding_option="zero"),
-                    tl.load(p_kT, boundary_check=(0, 1), padding_option="zero"), PREC)
+        b_kk += mma(load_tile(k + base_k, c * BT, i_k * BK, H * K, 1, T_doc, K, BT, BK),
+                    load_tile(k + base_k, i_k * BK, c * BT, 1, H * K, K, T_doc, BK, BT), PREC)
     lower = o[:, None] > o[None, :]
     if USE_G:
-        b_g, _ = _gates(gc, bos, c, T_doc, i_h, H, BT)
+        b_g, _ = chunk_gates(gc, bos, c, T_doc, i_h, H, BT)
         b_e = tl.exp2(b_g)
         b_m = tl.where(lower, b_dA * tl.exp2(tl.where(lower, b_g[:, None] - b_g[None, :], 0.)), 0.)
     else:
@@ -362,18 +340,17 @@ def _wy_bwd_kernel(k, v, beta, gc, an, vn, dvn, dw, dk_part, dk, dv, dbeta, r_ou
     b_m *= b_beta[:, None]
     b_ms = (b_m + tl.trans(b_m)).to(DT)
     for i_k in range(tl.cdiv(K, BK)):
-        p_dw = tl.make_block_ptr(dw + base_k, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
-        p_k = tl.make_block_ptr(k + base_k, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
-        p_dkp = tl.make_block_ptr(dk_part + base_k, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
-        p_dk = tl.make_block_ptr(dk + base_k, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
-        b_dx = mma(b_nT, tl.load(p_dw, boundary_check=(0, 1), padding_option="zero"), PREC)
-        b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero")
+        b_dx = mma(b_nT, load_tile(dw + base_k, c * BT, i_k * BK, H * K, 1, T_doc, K, BT, BK),
+                   PREC)
+        b_k = load_tile(k + base_k, c * BT, i_k * BK, H * K, 1, T_doc, K, BT, BK)
         b_xk = tl.sum(b_dx * b_k.to(tl.float32), axis=1) * b_e  # dX_i . k_i e^G_i
         b_db += b_xk
         b_r += b_beta * b_xk
-        b_dk = tl.load(p_dkp, boundary_check=(0, 1), padding_option="zero") + (b_beta * b_e)[:, None] * b_dx
+        b_dk = (load_tile(dk_part + base_k, c * BT, i_k * BK, H * K, 1, T_doc, K, BT, BK)
+                + (b_beta * b_e)[:, None] * b_dx)
         b_dk += mma(b_ms, b_k, PREC)
-        tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), boundary_check=(0, 1))
+        store_tile(dk + base_k, b_dk.to(dk.dtype.element_ty), c * BT, i_k * BK, H * K, 1, T_doc, K,
+                   BT, BK)
     tl.store(dbeta + (bos + t) * H + i_h, b_db.to(dbeta.dtype.element_ty), mask=m)
     if USE_G:
         tl.store(r_out + (bos + t) * H + i_h, b_r, mask=m)
@@ -480,7 +457,7 @@ torch.library.register_autograd("seqpar::unit_lower_inverse", _inverse_backward,
 
 
 def _dqk_meta(dtype: torch.dtype, use_g: bool) -> dict:
-    """Launch settings of triton_diag's dq/dk kernel here: 8 warps with the gate terms
+    """Launch settings of :func:`.triton_common.dqk_kernel` here: 8 warps with the gate terms
     (at 4 they spill kilobytes of registers on sm_90), 4 without; float32 inputs at 2
     stages, as 3 would need more shared memory than sm_90 has."""
     return dict(num_warps=8 if use_g else 4, num_stages=2 if dtype == torch.float32 else 3)
@@ -501,8 +478,9 @@ def _state_meta(dtype: torch.dtype, idle_sms: bool) -> dict:
     stages prefetch the next chunks' tiles while this chunk's products run: 3 where the
     grid leaves SMs idle and each program's latency is the time, 2 where programs queue
     for SMs. Float32 inputs run unpipelined: their (BT, 128) tiles at 2-3 stages need more
-    shared memory than sm_90 has. 4 warps: the faster setting on an H100, though 8 spill
-    fewer registers (tools/tune_delta.py times the alternatives)."""
+    shared memory than sm_90 has. Warps and stages are chosen by timing on an H100
+    (tools/tune_delta.py times the alternatives), not by register spills: 4 warps,
+    although 8 spill fewer registers on sm_90."""
     stages = 1 if dtype == torch.float32 else 3 if idle_sms else 2
     return dict(BT=BT, BV=BV_STATE, num_warps=NUM_WARPS, num_stages=stages)
 
@@ -515,11 +493,12 @@ def _state_grid(V: int, n_docs: int, H: int, dtype: torch.dtype, device: torch.d
     return (triton.cdiv(V, meta["BV"]), n_docs * H), meta
 
 
-# Launch settings chosen by timing each alternative on an H100 (tools/tune_delta.py):
-# the WY backward at 4 warps (it spills on sm_90 but runs faster than at 8) and one stage
-# (a second gains little and has faulted at K = 64); the inverse, one 64 x 64 matrix per
-# program with a serial forward substitution, at 1 warp; _dv_local_kernel at 8 warps,
-# where it spills nothing at K = 64.
+# Launch settings of the WY kernels, chosen by timing on an H100 (tools/tune_delta.py
+# times the alternatives): the WY backward at 4 warps, although it spills registers on
+# sm_90 there and not at 8, and one pipeline stage, as two gain little and are not known
+# to be safe at K = 64; the inverse at 1 warp, as each program inverts one 64 x 64 matrix
+# by a serial forward substitution; _dv_local_kernel at 8 warps, at which it spills
+# nothing at K = 64.
 WY_BWD_META = dict(BK=BV_STATE, BV=BV_STATE, num_warps=4, num_stages=1)
 DV_LOCAL_META = dict(BK=BK, BV=BV, num_warps=8)
 INVERSE_META = dict(num_warps=1)
@@ -537,7 +516,7 @@ class DeltaPrep:
         self.offsets = offsets
         self.plan = plan = chunk_plan(offsets, k.device)
         NT, use_g, bk, prec = plan.n_chunks, g is not None, _k_tile(K), dot_precision(v.dtype)
-        self.gc = _cumsum(g, plan, H) if use_g else None
+        self.gc = gate_cumsum(g, plan, H) if use_g else None
         a = torch.empty(NT, H, BT, BT, device=k.device, dtype=torch.float32)
         _wy_a_kernel[(NT, H)](k, beta, self.gc, a, plan.offsets, plan.chunk_index, H=H, K=K,
                               BT=BT, BK=bk, USE_G=use_g, PREC=prec, num_warps=NUM_WARPS)
@@ -593,11 +572,11 @@ def delta_finish(q, k, v, prep: DeltaPrep, h0, scale: float):
         k, prep.w, prep.u, prep.gc, h0, h, vn, ht, plan.offsets, plan.chunk_offsets, H=H, K=K,
         V=V, BK=_k_tile(K), USE_G=use_g, HAS_H0=h0 is not None, PREC=prec, **meta)
     o = torch.empty_like(v)
-    _pair_kernel[(triton.cdiv(V, BV), plan.n_chunks, H)](q, k, vn, h, prep.gc, o, plan.offsets,
-                                                         plan.chunk_index,
-                                                         scale, H=H, K=K, V=V, BT=BT, BK=BK,
-                                                         BV=BV, USE_G=use_g, BACKWARD=False,
-                                                         PREC=prec, num_warps=NUM_WARPS)
+    pair_kernel[(triton.cdiv(V, BV), plan.n_chunks, H)](q, k, vn, h, prep.gc, o, plan.offsets,
+                                                        plan.chunk_index,
+                                                        scale, H=H, K=K, V=V, BT=BT, BK=BK,
+                                                        BV=BV, USE_G=use_g, BACKWARD=False,
+                                                        PREC=prec, num_warps=NUM_WARPS)
     return o, ht, h, vn
 
 
@@ -648,7 +627,7 @@ def delta_backward(q, k, v, g, beta, ai, w, h, vn, do, dht, scale: float, offset
     plan = chunk_plan(offsets, q.device)
     NT, use_g, bk, prec = plan.n_chunks, g is not None, _k_tile(K), dot_precision(v.dtype)
     if use_g and gc is None:
-        gc = _cumsum(g, plan, H)
+        gc = gate_cumsum(g, plan, H)
     f32 = dict(device=q.device, dtype=torch.float32)
     if dvl is None:
         dvl = _dv_local(q, k, do, gc, plan, scale)
@@ -660,14 +639,14 @@ def delta_backward(q, k, v, g, beta, ai, w, h, vn, do, dht, scale: float, offset
         K=K, V=V, BK=bk, USE_G=use_g, HAS_DHT=dht is not None, STORE=True, PREC=prec, **meta)
     NK = triton.cdiv(K, BK)
     dq, dk_part, dw = torch.empty_like(q), torch.empty_like(k), torch.empty_like(k)
-    # gate terms: one slot per K tile of _dqk_kernel, the last for _wy_bwd_kernel
+    # gate terms: one slot per K tile of dqk_kernel, the last for _wy_bwd_kernel
     r_part = b_part = None
     if use_g:
         r_part, b_part = torch.empty(NK + 1, TT, H, **f32), torch.empty(NK + 1, TT, H, **f32)
-    _dqk_kernel[(NK, NT, H)](q, k, vn, do, h, dsl, gc, dq, dk_part, r_part, b_part, dvn, dw,
-                             plan.offsets, plan.chunk_index, scale, TT, H=H, K=K, V=V, BT=BT,
-                             BK=BK, BV=BV, USE_G=use_g, DW=True, PREC=prec,
-                             **_dqk_meta(q.dtype, use_g))
+    dqk_kernel[(NK, NT, H)](q, k, vn, do, h, dsl, gc, dq, dk_part, r_part, b_part, dvn, dw,
+                            plan.offsets, plan.chunk_index, scale, TT, H=H, K=K, V=V, BT=BT,
+                            BK=BK, BV=BV, USE_G=use_g, DW=True, PREC=prec,
+                            **_dqk_meta(q.dtype, use_g))
     dk, dv, dbeta = torch.empty_like(k), torch.empty_like(v), torch.empty_like(beta)
     _wy_bwd_kernel[(NT, H)](k, v, beta, gc, ai, vn, dvn, dw, dk_part, dk, dv, dbeta,
                             r_part[NK] if use_g else None, b_part[NK] if use_g else None,
@@ -676,8 +655,8 @@ def delta_backward(q, k, v, g, beta, ai, w, h, vn, do, dht, scale: float, offset
     dg = None
     if use_g:
         dg = torch.empty_like(g)
-        _dg_kernel[(NT, H)](r_part, b_part, dg, plan.offsets, plan.chunk_index, TT, H=H, BT=BT,
-                            NK=NK + 1)
+        dg_kernel[(NT, H)](r_part, b_part, dg, plan.offsets, plan.chunk_index, TT, H=H, BT=BT,
+                           NK=NK + 1)
     return dq, dk, dv, dg, dbeta, dh0
 
 

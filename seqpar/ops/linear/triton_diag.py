@@ -34,55 +34,22 @@ from .triton_common import (
     BV,
     BV_STATE,
     as_packed,
+    chunk_gates,
     chunk_plan,
+    dg_kernel,
+    doc_span,
     dot_precision,
+    dqk_kernel,
+    gate_cumsum,
+    load_tile,
     mma,
     packed_offsets,
+    pair_kernel,
+    state_dtype,
+    store_tile,
 )
 
-LOG2E = tl.constexpr(1.4426950408889634)
 NUM_WARPS = 4
-
-
-@triton.jit
-def _doc_bounds(offs, cidx, i_t):
-    n = tl.load(cidx + 2 * i_t)
-    c = tl.load(cidx + 2 * i_t + 1)
-    bos = tl.load(offs + n).to(tl.int64)
-    eos = tl.load(offs + n + 1).to(tl.int64)
-    return c, bos, eos - bos
-
-
-@triton.jit
-def _doc_span(offs, coff, n):
-    """Start token, token count and first chunk of document n."""
-    bos = tl.load(offs + n).to(tl.int64)
-    T_doc = tl.load(offs + n + 1).to(tl.int64) - bos
-    return bos, T_doc, tl.load(coff + n).to(tl.int64)
-
-
-@triton.jit
-def _gates(gc, bos, c, T_doc, i_h, H: tl.constexpr, BT: tl.constexpr):
-    """Cumulative log2 gates of one chunk and the last one.
-
-    Rows past the document end repeat the last gate: their inputs are zero, but a
-    difference ``G_pad - G_j`` with a real ``j`` must stay <= 0 so that 0 * 2^(...)
-    never meets an overflowed exponent."""
-    t = c * BT + tl.arange(0, BT)
-    last = tl.minimum(c * BT + BT, T_doc) - 1
-    g_last = tl.load(gc + (bos + last) * H + i_h)
-    b_g = tl.load(gc + (bos + t) * H + i_h, mask=t < T_doc, other=0.)
-    return tl.where(t < T_doc, b_g, g_last), g_last
-
-
-@triton.jit
-def _cumsum_kernel(g, gc, offs, cidx, H: tl.constexpr, BT: tl.constexpr):
-    i_t, i_h = tl.program_id(0), tl.program_id(1)
-    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
-    t = c * BT + tl.arange(0, BT)
-    m = t < T_doc
-    b_g = tl.load(g + (bos + t) * H + i_h, mask=m, other=0.)
-    tl.store(gc + (bos + t) * H + i_h, tl.cumsum(b_g * LOG2E, axis=0), mask=m)
 
 
 @triton.jit
@@ -101,26 +68,20 @@ def _state_kernel(x, y, gc, h, s0, s_out, offs, coff, scale,
     """
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, i_h = i_nh // H, i_nh % H
-    bos, T_doc, boc = _doc_span(offs, coff, n)
+    bos, T_doc, boc = doc_span(offs, coff, n)
     NC = tl.cdiv(T_doc, BT).to(tl.int32)
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_S0:
-        p_s = tl.make_block_ptr(s0 + i_nh * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
-        b_h += tl.load(p_s, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+        b_h += load_tile(s0 + i_nh * K * V, i_k * BK, i_v * BV, V, 1, K, V, BK, BV).to(tl.float32)
     for i in range(NC):
         c = NC - 1 - i if REVERSE else i
         if STORE_H:
-            p_h = tl.make_block_ptr(h + ((boc + c) * H + i_h) * K * V, (K, V), (V, 1),
-                                    (i_k * BK, i_v * BV), (BK, BV), (1, 0))
-            tl.store(p_h, b_h.to(p_h.dtype.element_ty), boundary_check=(0, 1))
-        p_x = tl.make_block_ptr(x + (bos * H + i_h) * K, (K, T_doc), (1, H * K),
-                                (i_k * BK, c * BT), (BK, BT), (0, 1))
-        p_y = tl.make_block_ptr(y + (bos * H + i_h) * V, (T_doc, V), (H * V, 1),
-                                (c * BT, i_v * BV), (BT, BV), (1, 0))
-        b_x = tl.load(p_x, boundary_check=(0, 1), padding_option="zero")
-        b_y = tl.load(p_y, boundary_check=(0, 1), padding_option="zero")
+            store_tile(h + ((boc + c) * H + i_h) * K * V, b_h.to(h.dtype.element_ty), i_k * BK,
+                       i_v * BV, V, 1, K, V, BK, BV)
+        b_x = load_tile(x + (bos * H + i_h) * K, i_k * BK, c * BT, 1, H * K, K, T_doc, BK, BT)
+        b_y = load_tile(y + (bos * H + i_h) * V, c * BT, i_v * BV, H * V, 1, T_doc, V, BT, BV)
         if USE_G:
-            b_g, g_last = _gates(gc, bos, c, T_doc, i_h, H, BT)
+            b_g, g_last = chunk_gates(gc, bos, c, T_doc, i_h, H, BT)
             b_h *= tl.exp2(g_last)
             # forward: k_j 2^(G_C - G_j); backward: q_i 2^G_i
             w = b_g if REVERSE else g_last - b_g
@@ -130,200 +91,13 @@ def _state_kernel(x, y, gc, h, s0, s_out, offs, coff, scale,
         else:
             b_h += mma(b_x, b_y, PREC)
     if STORE_OUT:
-        p_o = tl.make_block_ptr(s_out + i_nh * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
-        tl.store(p_o, b_h, boundary_check=(0, 1))
-
-
-@triton.jit
-def _pair_kernel(a, b, y, h, gc, out, offs, cidx, scale,
-                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                 BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
-                 BACKWARD: tl.constexpr, PREC: tl.constexpr):
-    """Chunk outputs along V: forward ``o`` (a=q, b=k, y=v, h: entering states) or
-    backward ``dv`` (a=k, b=q, y=do, h: gradients of leaving states). With
-    ``M = a b^T`` masked to the causal (forward) or anti-causal (backward) triangle and
-    decayed, ``out = scale M y + w * (a h)`` with ``w`` the per-row decay into or out of
-    the state."""
-    i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
-    b_o = tl.zeros([BT, BV], dtype=tl.float32)
-    b_M = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        p_a = tl.make_block_ptr(a + (bos * H + i_h) * K, (T_doc, K), (H * K, 1),
-                                (c * BT, i_k * BK), (BT, BK), (1, 0))
-        p_b = tl.make_block_ptr(b + (bos * H + i_h) * K, (K, T_doc), (1, H * K),
-                                (i_k * BK, c * BT), (BK, BT), (0, 1))
-        p_h = tl.make_block_ptr(h + (i_t * H + i_h).to(tl.int64) * K * V, (K, V), (V, 1),
-                                (i_k * BK, i_v * BV), (BK, BV), (1, 0))
-        b_a = tl.load(p_a, boundary_check=(0, 1), padding_option="zero")
-        b_b = tl.load(p_b, boundary_check=(0, 1), padding_option="zero")
-        b_h = tl.load(p_h, boundary_check=(0, 1), padding_option="zero")
-        b_o += mma(b_a, b_h.to(b_a.dtype), PREC)
-        b_M += mma(b_a, b_b, PREC)
-    t = c * BT + tl.arange(0, BT)
-    if BACKWARD:
-        keep = t[:, None] <= t[None, :]
-    else:
-        keep = t[:, None] >= t[None, :]
-    if USE_G:
-        b_g, g_last = _gates(gc, bos, c, T_doc, i_h, H, BT)
-        if BACKWARD:
-            b_o *= tl.exp2(g_last - b_g)[:, None]
-            d = b_g[None, :] - b_g[:, None]
-        else:
-            b_o *= tl.exp2(b_g)[:, None]
-            d = b_g[:, None] - b_g[None, :]
-        b_M = tl.where(keep, b_M * tl.exp2(tl.where(keep, d, 0.)), 0.)
-    else:
-        b_M = tl.where(keep, b_M, 0.)
-    p_y = tl.make_block_ptr(y + (bos * H + i_h) * V, (T_doc, V), (H * V, 1),
-                            (c * BT, i_v * BV), (BT, BV), (1, 0))
-    b_y = tl.load(p_y, boundary_check=(0, 1), padding_option="zero")
-    if BACKWARD:
-        b_o += scale * mma(b_M.to(b_y.dtype), b_y, PREC)
-    else:
-        b_o = scale * (b_o + mma(b_M.to(b_y.dtype), b_y, PREC))
-    p_out = tl.make_block_ptr(out + (bos * H + i_h) * V, (T_doc, V), (H * V, 1),
-                              (c * BT, i_v * BV), (BT, BV), (1, 0))
-    tl.store(p_out, b_o.to(p_out.dtype.element_ty), boundary_check=(0, 1))
-
-
-@triton.jit
-def _dqk_tiles(do, v, h, dh, bos, c, T_doc, i_h, i_v, i_k, base_s, H: tl.constexpr,
-               K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-               BV: tl.constexpr):
-    """The V-tile loads of a dq/dk kernel: do and v of the chunk (BT, BV) and their
-    transposes (BV, BT), and the transposed state tiles h^T, dh^T (BV, BK) at base_s."""
-    p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (T_doc, V), (H * V, 1),
-                             (c * BT, i_v * BV), (BT, BV), (1, 0))
-    p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (T_doc, V), (H * V, 1),
-                            (c * BT, i_v * BV), (BT, BV), (1, 0))
-    p_doT = tl.make_block_ptr(do + (bos * H + i_h) * V, (V, T_doc), (1, H * V),
-                              (i_v * BV, c * BT), (BV, BT), (0, 1))
-    p_vT = tl.make_block_ptr(v + (bos * H + i_h) * V, (V, T_doc), (1, H * V),
-                             (i_v * BV, c * BT), (BV, BT), (0, 1))
-    p_hT = tl.make_block_ptr(h + base_s, (V, K), (1, V), (i_v * BV, i_k * BK), (BV, BK), (0, 1))
-    p_dhT = tl.make_block_ptr(dh + base_s, (V, K), (1, V), (i_v * BV, i_k * BK), (BV, BK), (0, 1))
-    return (tl.load(p_do, boundary_check=(0, 1), padding_option="zero"),
-            tl.load(p_v, boundary_check=(0, 1), padding_option="zero"),
-            tl.load(p_doT, boundary_check=(0, 1), padding_option="zero"),
-            tl.load(p_vT, boundary_check=(0, 1), padding_option="zero"),
-            tl.load(p_hT, boundary_check=(0, 1), padding_option="zero"),
-            tl.load(p_dhT, boundary_check=(0, 1), padding_option="zero"))
-
-
-@triton.jit
-def _dqk_kernel(q, k, v, do, h, dh, gc, dq, dk, r_part, b_part, dvn, dw, offs, cidx, scale,
-                TT, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, DW: tl.constexpr,
-                PREC: tl.constexpr):
-    """dq, dk of one chunk and K tile, and (with a gate) this tile's share of the gate
-    gradient terms ``r`` (reverse-cumsummed later) and ``b`` (forward-cumsummed).
-    With DW (the delta rule, v = v'): also ``dW = -dv' h^T`` into dw (packed like k,
-    its dtype) from dvn (packed like v), while the state tiles are in registers."""
-    i_k, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
-    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
-    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
-    if DW:
-        b_dw = tl.zeros([BT, BK], dtype=tl.float32)
-    b_dA = tl.zeros([BT, BT], dtype=tl.float32)   # [i, j] = do_i . v_j
-    b_dAt = tl.zeros([BT, BT], dtype=tl.float32)  # its transpose, by its own product
-    b_hdh = tl.zeros([BK], dtype=tl.float32)
-    base_s = (i_t * H + i_h).to(tl.int64) * K * V
-    for i_v in range(tl.cdiv(V, BV)):
-        b_do, b_v, b_doT, b_vT, b_hT, b_dhT = _dqk_tiles(do, v, h, dh, bos, c, T_doc, i_h, i_v, i_k,
-                                                          base_s, H, K, V, BT, BK, BV)
-        b_dA += mma(b_do, b_vT, PREC)
-        b_dAt += mma(b_v, b_doT, PREC)
-        b_dq += mma(b_do, b_hT.to(b_do.dtype), PREC)
-        b_dk += mma(b_v, b_dhT.to(b_v.dtype), PREC)
-        if DW:
-            p_dvn = tl.make_block_ptr(dvn + (bos * H + i_h) * V, (T_doc, V), (H * V, 1),
-                                      (c * BT, i_v * BV), (BT, BV), (1, 0))
-            b_dw -= mma(tl.load(p_dvn, boundary_check=(0, 1), padding_option="zero"),
-                        b_hT.to(b_v.dtype), PREC)
-        if USE_G:
-            b_hdh += tl.sum(b_hT.to(tl.float32) * b_dhT.to(tl.float32), axis=0)
-    p_q = tl.make_block_ptr(q + (bos * H + i_h) * K, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
-    p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
-    b_q = tl.load(p_q, boundary_check=(0, 1), padding_option="zero")
-    b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero")
-    t = c * BT + tl.arange(0, BT)
-    causal = t[:, None] >= t[None, :]
-    anti = t[:, None] <= t[None, :]
-    b_dq *= scale
-    if USE_G:
-        b_g, g_last = _gates(gc, bos, c, T_doc, i_h, H, BT)
-        b_dq *= tl.exp2(b_g)[:, None]
-        b_dk *= tl.exp2(g_last - b_g)[:, None]
-        b_dS = tl.where(causal, b_dA * tl.exp2(tl.where(causal, b_g[:, None] - b_g[None, :], 0.)), 0.) * scale
-        b_dSt = tl.where(anti, b_dAt * tl.exp2(tl.where(anti, b_g[None, :] - b_g[:, None], 0.)), 0.) * scale
-        p_qT = tl.make_block_ptr(q + (bos * H + i_h) * K, (K, T_doc), (1, H * K), (i_k * BK, c * BT), (BK, BT), (0, 1))
-        p_kT = tl.make_block_ptr(k + (bos * H + i_h) * K, (K, T_doc), (1, H * K), (i_k * BK, c * BT), (BK, BT), (0, 1))
-        b_qT = tl.load(p_qT, boundary_check=(0, 1), padding_option="zero")
-        b_kT = tl.load(p_kT, boundary_check=(0, 1), padding_option="zero")
-        # P = dS * (q k^T) strictly below the diagonal, and its transpose
-        b_P = tl.where(t[:, None] > t[None, :], b_dS * mma(b_q, b_kT, PREC), 0.)
-        b_Pt = tl.where(t[:, None] < t[None, :], b_dSt * mma(b_k, b_qT, PREC), 0.)
-        b_r = tl.sum(b_dq * b_q.to(tl.float32), axis=1) + tl.sum(b_P, axis=1) - tl.sum(b_Pt, axis=1)
-        last = tl.minimum(c * BT + BT, T_doc) - 1
-        c_term = tl.sum(b_hdh * tl.exp2(g_last), axis=0)
-        b_r += tl.where(t == last, c_term, 0.)
-        b_b = tl.sum(b_dk * b_k.to(tl.float32), axis=1)
-        m = t < T_doc
-        o_part = i_k * TT * H + (bos + t) * H + i_h
-        tl.store(r_part + o_part, b_r, mask=m)
-        tl.store(b_part + o_part, b_b, mask=m)
-    else:
-        b_dS = tl.where(causal, b_dA, 0.) * scale
-        b_dSt = tl.where(anti, b_dAt, 0.) * scale
-    b_dq += mma(b_dS.to(b_k.dtype), b_k, PREC)
-    b_dk += mma(b_dSt.to(b_q.dtype), b_q, PREC)
-    p_dq = tl.make_block_ptr(dq + (bos * H + i_h) * K, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
-    p_dk = tl.make_block_ptr(dk + (bos * H + i_h) * K, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
-    tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), boundary_check=(0, 1))
-    tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), boundary_check=(0, 1))
-    if DW:
-        p_dw = tl.make_block_ptr(dw + (bos * H + i_h) * K, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
-        tl.store(p_dw, b_dw.to(p_dw.dtype.element_ty), boundary_check=(0, 1))
-
-
-@triton.jit
-def _dg_kernel(r_part, b_part, dg, offs, cidx, TT, H: tl.constexpr, BT: tl.constexpr,
-               NK: tl.constexpr):
-    """dg_t = sum_{i>=t} r_i + sum_{j<t} b_j within the chunk, summing the K tiles."""
-    i_t, i_h = tl.program_id(0), tl.program_id(1)
-    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
-    t = c * BT + tl.arange(0, BT)
-    m = t < T_doc
-    mb = m & (t > c * BT)
-    b_r = tl.zeros([BT], dtype=tl.float32)
-    b_b = tl.zeros([BT], dtype=tl.float32)
-    for i_k in tl.static_range(NK):
-        b_r += tl.load(r_part + i_k * TT * H + (bos + t) * H + i_h, mask=m, other=0.)
-        # shifted by one token so the inclusive cumsum is exclusive without subtracting
-        b_b += tl.load(b_part + i_k * TT * H + (bos + t - 1) * H + i_h, mask=mb, other=0.)
-    b_dg = tl.cumsum(b_r, axis=0, reverse=True) + tl.cumsum(b_b, axis=0)
-    tl.store(dg + (bos + t) * H + i_h, b_dg, mask=m)
-
-
-def _state_dtype(x: torch.Tensor) -> torch.dtype:
-    # Per-chunk states feed tensor-core products in the input dtype anyway; 16-bit
-    # storage halves their traffic. The carried state stays float32 in registers.
-    return torch.float32 if x.dtype == torch.float32 else x.dtype
-
-
-def _cumsum(g, plan, H):
-    gc = torch.empty_like(g)
-    _cumsum_kernel[(plan.n_chunks, H)](g, gc, plan.offsets, plan.chunk_index, H=H, BT=BT)
-    return gc
+        store_tile(s_out + i_nh * K * V, b_h, i_k * BK, i_v * BV, V, 1, K, V, BK, BV)
 
 
 def _state_pass(x, y, gc, s0, plan, scale, reverse, store_out, K, V, store_h=True):
     H = x.shape[2]
     BV = BV_STATE
-    h = x.new_empty(plan.n_chunks, H, K, V, dtype=_state_dtype(x)) if store_h else None
+    h = x.new_empty(plan.n_chunks, H, K, V, dtype=state_dtype(x)) if store_h else None
     s_out = x.new_empty(plan.n_docs, H, K, V, dtype=torch.float32) if store_out else None
     grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), plan.n_docs * H)
     _state_kernel[grid](x, y, gc, h, s0, s_out, plan.offsets, plan.chunk_offsets, scale,
@@ -337,9 +111,9 @@ def _pair(a, b, y, h, gc, plan, scale, backward, K, V):
     H = a.shape[2]
     out = torch.empty_like(y)
     grid = (triton.cdiv(V, BV), plan.n_chunks, H)
-    _pair_kernel[grid](a, b, y, h, gc, out, plan.offsets, plan.chunk_index, scale,
-                       H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
-                       BACKWARD=backward, PREC=dot_precision(a.dtype), num_warps=NUM_WARPS)
+    pair_kernel[grid](a, b, y, h, gc, out, plan.offsets, plan.chunk_index, scale,
+                      H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
+                      BACKWARD=backward, PREC=dot_precision(a.dtype), num_warps=NUM_WARPS)
     return out
 
 
@@ -349,7 +123,7 @@ def diag_forward(q, k, v, g, h0, scale: float, offsets: list[int]):
     (N, H, K, V) float32."""
     K, V = q.shape[-1], v.shape[-1]
     plan = chunk_plan(offsets, q.device)
-    gc = None if g is None else _cumsum(g, plan, q.shape[2])
+    gc = None if g is None else gate_cumsum(g, plan, q.shape[2])
     h, ht = _state_pass(k, v, gc, h0, plan, scale, False, True, K, V)
     o = _pair(q, k, v, h, gc, plan, scale, False, K, V)
     return o, ht
@@ -361,7 +135,7 @@ def diag_backward(q, k, v, g, h0, do, dht, scale: float, offsets: list[int]):
     _, TT, H, K = q.shape
     V = v.shape[-1]
     plan = chunk_plan(offsets, q.device)
-    gc = None if g is None else _cumsum(g, plan, H)
+    gc = None if g is None else gate_cumsum(g, plan, H)
     h, _ = _state_pass(k, v, gc, h0, plan, scale, False, False, K, V)
     dh, dh0 = _state_pass(q, do, gc, dht, plan, scale, True, h0 is not None, K, V)
     dv = _pair(k, q, do, dh, gc, plan, scale, True, K, V)
@@ -371,15 +145,15 @@ def diag_backward(q, k, v, g, h0, do, dht, scale: float, offsets: list[int]):
     if g is not None:
         r_part = q.new_empty(NK, TT, H, dtype=torch.float32)
         b_part = torch.empty_like(r_part)
-    _dqk_kernel[(NK, plan.n_chunks, H)](q, k, v, do, h, dh, gc, dq, dk, r_part, b_part, None,
-                                        None, plan.offsets, plan.chunk_index, scale, TT, H=H,
-                                        K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=g is not None,
-                                        DW=False, PREC=dot_precision(q.dtype),
-                                        num_warps=NUM_WARPS)
+    dqk_kernel[(NK, plan.n_chunks, H)](q, k, v, do, h, dh, gc, dq, dk, r_part, b_part, None,
+                                       None, plan.offsets, plan.chunk_index, scale, TT, H=H,
+                                       K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=g is not None,
+                                       DW=False, PREC=dot_precision(q.dtype),
+                                       num_warps=NUM_WARPS)
     if g is not None:
         dg = torch.empty_like(g)
-        _dg_kernel[(plan.n_chunks, H)](r_part, b_part, dg, plan.offsets, plan.chunk_index,
-                                       TT, H=H, BT=BT, NK=NK)
+        dg_kernel[(plan.n_chunks, H)](r_part, b_part, dg, plan.offsets, plan.chunk_index,
+                                      TT, H=H, BT=BT, NK=NK)
     return dq, dk, dv, dg, dh0
 
 
@@ -389,7 +163,7 @@ def diag_final_states(k, v, g, h0, offsets: list[int]):
     (N, H, K, V) or zeros; no per-chunk states, no outputs."""
     K, V = k.shape[-1], v.shape[-1]
     plan = chunk_plan(offsets, k.device)
-    gc = None if g is None else _cumsum(g, plan, k.shape[2])
+    gc = None if g is None else gate_cumsum(g, plan, k.shape[2])
     return _state_pass(k, v, gc, h0, plan, 1.0, False, True, K, V, store_h=False)[1]
 
 
@@ -399,7 +173,7 @@ def diag_initial_grads(q, do, g, dht, scale: float, offsets: list[int]):
     states' gradient dht (N, H, K, V) or None."""
     K, V = q.shape[-1], do.shape[-1]
     plan = chunk_plan(offsets, q.device)
-    gc = None if g is None else _cumsum(g, plan, q.shape[2])
+    gc = None if g is None else gate_cumsum(g, plan, q.shape[2])
     return _state_pass(q, do, gc, dht, plan, scale, True, True, K, V, store_h=False)[1]
 
 

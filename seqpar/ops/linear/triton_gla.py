@@ -61,28 +61,32 @@ from .triton_common import (
     BT,
     BV,
     BV_STATE,
+    LOG2E,
     as_packed,
     chunk_plan,
+    doc_bounds,
+    doc_span,
     dot_precision,
+    load_block,
+    load_tile,
     mma,
     packed_offsets,
+    state_dtype,
+    store_block,
+    store_tile,
 )
-from .triton_diag import _doc_bounds, _doc_span
 
-LOG2E = tl.constexpr(1.4426950408889634)
 NUM_WARPS = 4  # the sequential state pass
-# Launch settings of the (BT, BT)-tile kernels, from compiling them for sm_90
-# (bench/device/check_triton_gla.py --compile-only): they hold several (BT, BT) and
-# (BT, BK) float32 tiles at once, and with 4 warps spilled 1-4 KB of registers; with 8
-# warps and software pipelining (3 stages) still up to 330 bytes, and the float32 ones
-# needed up to 230 of the 227 KB of shared memory; with 8 warps, 1 stage: no spills in
-# bf16, 16-96 KB.
+# Launch settings of the (BT, BT)-tile kernels: they hold several (BT, BT) and (BT, BK)
+# float32 tiles at once, so they need 8 warps not to spill registers on sm_90, and one
+# pipeline stage, as more stages spill again and take the float32 kernels past sm_90's
+# shared memory (tests/sm90.py compiles them for sm_90 and checks both).
 CHUNK_LAUNCH = dict(num_warps=8, num_stages=1)
 BC = 16  # sub-chunk of the intra-chunk decomposition: the smallest tensor-core tile
 DIAG_WARPS = 4  # _diag_kernel, _dqk_diag_kernel: (BC, BK) tiles
 # Key tile of the (dq, dk, dg) kernel (the default of _dqk's bk): 64, although it spills a
-# few hundred bytes on sm_90 in bf16, because 32 reloads do, v and dA twice as often and
-# ran slower on an H100.
+# few hundred bytes of registers on sm_90 in bf16, because 32-wide tiles reload do, v and
+# dA twice as often.
 BK_DQK = 64
 
 
@@ -99,23 +103,18 @@ def _tile(x, bos, T_doc, i_h, t0, d0, H: tl.constexpr, D: tl.constexpr, BR: tl.c
           BD: tl.constexpr, TRANS: tl.constexpr):
     """Rows ``t0 + [0, BR)`` and columns ``d0 + [0, BD)`` of head ``i_h`` of a packed
     (1, TT, H, D) tensor's document at ``bos``, zero outside; (BR, BD), or (BD, BR) with
-    TRANS. A block pointer: no per-element addresses in registers."""
+    TRANS."""
     if TRANS:
-        p = tl.make_block_ptr(x + (bos * H + i_h) * D, (D, T_doc), (1, H * D), (d0, t0),
-                              (BD, BR), (0, 1))
-    else:
-        p = tl.make_block_ptr(x + (bos * H + i_h) * D, (T_doc, D), (H * D, 1), (t0, d0),
-                              (BR, BD), (1, 0))
-    return tl.load(p, boundary_check=(0, 1), padding_option="zero")
+        return load_tile(x + (bos * H + i_h) * D, d0, t0, 1, H * D, D, T_doc, BD, BR)
+    return load_tile(x + (bos * H + i_h) * D, t0, d0, H * D, 1, T_doc, D, BR, BD)
 
 
 @triton.jit
 def _store(x, b_x, bos, T_doc, i_h, t0, d0, H: tl.constexpr, D: tl.constexpr,
            BR: tl.constexpr, BD: tl.constexpr):
     """Store a (BR, BD) tile at the place :func:`_tile` loads it from (TRANS=False)."""
-    p = tl.make_block_ptr(x + (bos * H + i_h) * D, (T_doc, D), (H * D, 1), (t0, d0), (BR, BD),
-                          (1, 0))
-    tl.store(p, b_x.to(p.dtype.element_ty), boundary_check=(0, 1))
+    store_tile(x + (bos * H + i_h) * D, b_x.to(x.dtype.element_ty), t0, d0, H * D, 1, T_doc, D,
+               BR, BD)
 
 
 @triton.jit
@@ -146,7 +145,7 @@ def _cumsum_kernel(g, gc, offs, cidx, H: tl.constexpr, K: tl.constexpr, BT: tl.c
                    BK: tl.constexpr):
     """Cumulative log2 gates of one chunk and key tile, from the chunk start."""
     i_k, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    c, bos, T_doc = doc_bounds(offs, cidx, i_t)
     t = c * BT + tl.arange(0, BT)
     kk = i_k * BK + tl.arange(0, BK)
     b_g = _load(g, bos, t[:, None], T_doc, i_h, kk[None, :], H, K)
@@ -169,7 +168,7 @@ def _state_scan(x, y, gc, h, s0, s_out, offs, coff, scale, i_k, i_v, i_nh,
     s_out receives the final state (or dh0). Without STORE_H only s_out is written.
     """
     n, i_h = i_nh // H, i_nh % H
-    bos, T_doc, boc = _doc_span(offs, coff, n)
+    bos, T_doc, boc = doc_span(offs, coff, n)
     NC = tl.cdiv(T_doc, BT).to(tl.int32)
     kk = i_k * BK + tl.arange(0, BK)
     vv = i_v * BV + tl.arange(0, BV)
@@ -231,7 +230,7 @@ def _intra_kernel(q, k, gc, A, offs, cidx, scale,
     (BT, BT) row-major block of A (zero above the diagonal blocks), in A's dtype; the
     products through the sub-chunk reference points (module docstring)."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
-    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    c, bos, T_doc = doc_bounds(offs, cidx, i_t)
     r = tl.arange(0, BT)
     last = tl.minimum(c * BT + BT, T_doc) - 1
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
@@ -241,7 +240,7 @@ def _intra_kernel(q, k, gc, A, offs, cidx, scale,
         g_q = _gate_tile(gc, bos, T_doc, last, i_h, c, i_k * BK, H, K, BT, BK, False)
         b_kT = _tile(k, bos, T_doc, i_h, c * BT, i_k * BK, H, K, BT, BK, True)
         g_kT = _gate_tile(gc, bos, T_doc, last, i_h, c, i_k * BK, H, K, BT, BK, True)
-        # not unrolled (tl.static_range): unrolled, more tiles stayed live and spilled on sm_90
+        # not unrolled (tl.static_range): unrolling keeps more tiles live, which spill on sm_90
         for p in range(BC, BT, BC):
             g_p = tl.load(gc + ((bos + tl.minimum(c * BT + p, last)) * H + i_h) * K + kk,
                           mask=kk < K, other=0.)
@@ -264,7 +263,7 @@ def _diag_kernel(q, k, gc, A, offs, cidx, scale,
     per step. Small tiles and one program per sub-chunk: many programs per SM hide the
     latency of the sequential steps."""
     i_s, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    c, bos, T_doc = doc_bounds(offs, cidx, i_t)
     last = tl.minimum(c * BT + BT, T_doc) - 1
     t0 = c * BT + i_s * BC
     r = tl.arange(0, BC)
@@ -295,7 +294,7 @@ def _out_kernel(a, y, h, gc, A, out, offs, cidx, scale,
     the leaving states, which carry the scale), ``dv = (scale A)^T do +
     (k 2^(G_C - G)) dh``."""
     i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    c, bos, T_doc = doc_bounds(offs, cidx, i_t)
     last = tl.minimum(c * BT + BT, T_doc) - 1
     base_s = (i_t * H + i_h).to(tl.int64) * K * V
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
@@ -306,18 +305,17 @@ def _out_kernel(a, y, h, gc, A, out, offs, cidx, scale,
         if BACKWARD:
             g_last = tl.load(gc + ((bos + last) * H + i_h) * K + kk, mask=kk < K, other=0.)
             g_a = g_last[None, :] - g_a
-        p_h = tl.make_block_ptr(h + base_s, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
-        b_h = tl.load(p_h, boundary_check=(0, 1), padding_option="zero")
+        b_h = load_tile(h + base_s, i_k * BK, i_v * BV, V, 1, K, V, BK, BV)
         b_o += mma((b_a * tl.exp2(g_a)).to(b_a.dtype), b_h.to(b_a.dtype), PREC)
     if not BACKWARD:
         b_o *= scale
     base_A = (i_t * H + i_h).to(tl.int64) * BT * BT
-    if BACKWARD:  # A^T through swapped strides
-        p_A = tl.make_block_ptr(A + base_A, (BT, BT), (1, BT), (0, 0), (BT, BT), (0, 1))
-    else:
-        p_A = tl.make_block_ptr(A + base_A, (BT, BT), (BT, 1), (0, 0), (BT, BT), (1, 0))
     b_y = _tile(y, bos, T_doc, i_h, c * BT, i_v * BV, H, V, BT, BV, False)
-    b_o += mma(tl.load(p_A).to(b_y.dtype), b_y, PREC)
+    if BACKWARD:  # A^T through swapped strides
+        b_A = load_block(A + base_A, 1, BT, BT, BT)
+    else:
+        b_A = load_block(A + base_A, BT, 1, BT, BT)
+    b_o += mma(b_A.to(b_y.dtype), b_y, PREC)
     _store(out, b_o, bos, T_doc, i_h, c * BT, i_v * BV, H, V, BT, BV)
 
 
@@ -328,15 +326,14 @@ def _dA_kernel(do, v, dA, offs, cidx, scale, H: tl.constexpr, V: tl.constexpr,
     dtype, every entry (the masks are applied where it is used, in :func:`_dqk_kernel`
     and :func:`_dqk_diag_kernel`)."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
-    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    c, bos, T_doc = doc_bounds(offs, cidx, i_t)
     b_dA = tl.zeros([BT, BT], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         b_do = _tile(do, bos, T_doc, i_h, c * BT, i_v * BV, H, V, BT, BV, False)
         b_vT = _tile(v, bos, T_doc, i_h, c * BT, i_v * BV, H, V, BT, BV, True)
         b_dA += mma(b_do, b_vT, PREC)
-    p_dA = tl.make_block_ptr(dA + (i_t * H + i_h).to(tl.int64) * BT * BT, (BT, BT), (BT, 1),
-                             (0, 0), (BT, BT), (1, 0))
-    tl.store(p_dA, (scale * b_dA).to(dA.dtype.element_ty))
+    store_block(dA + (i_t * H + i_h).to(tl.int64) * BT * BT,
+                (scale * b_dA).to(dA.dtype.element_ty), BT, 1, BT, BT)
 
 
 @triton.jit
@@ -348,7 +345,7 @@ def _dqk_diag_kernel(q, k, gc, dA, dq_d, dk_d, offs, cidx,
     2^(G_i - G_j) k_j`` and ``dk_j += sum_{i>=j} dA_ij 2^(G_i - G_j) q_i`` within the
     sub-chunk, one partner token per step (as :func:`_diag_kernel`)."""
     i_s, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    c, bos, T_doc = doc_bounds(offs, cidx, i_t)
     last = tl.minimum(c * BT + BT, T_doc) - 1
     t0 = c * BT + i_s * BC
     r = tl.arange(0, BC)
@@ -383,7 +380,7 @@ def _dqk_kernel(q, k, v, do, h, dh, gc, dA, dq_d, dk_d, dq, dk, dg, offs, cidx, 
     (:func:`_dA_kernel`) and the diagonal blocks' shares of dq and dk
     (:func:`_dqk_diag_kernel`)."""
     i_k, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    c, bos, T_doc = doc_bounds(offs, cidx, i_t)
     r = tl.arange(0, BT)
     last = tl.minimum(c * BT + BT, T_doc) - 1
     kk = i_k * BK + tl.arange(0, BK)
@@ -394,10 +391,8 @@ def _dqk_kernel(q, k, v, do, h, dh, gc, dA, dq_d, dk_d, dq, dk, dg, offs, cidx, 
     for i_v in range(tl.cdiv(V, BV)):
         b_do = _tile(do, bos, T_doc, i_h, c * BT, i_v * BV, H, V, BT, BV, False)
         b_v = _tile(v, bos, T_doc, i_h, c * BT, i_v * BV, H, V, BT, BV, False)
-        p_hT = tl.make_block_ptr(h + base_s, (V, K), (1, V), (i_v * BV, i_k * BK), (BV, BK), (0, 1))
-        p_dhT = tl.make_block_ptr(dh + base_s, (V, K), (1, V), (i_v * BV, i_k * BK), (BV, BK), (0, 1))
-        b_hT = tl.load(p_hT, boundary_check=(0, 1), padding_option="zero")
-        b_dhT = tl.load(p_dhT, boundary_check=(0, 1), padding_option="zero")
+        b_hT = load_tile(h + base_s, i_v * BV, i_k * BK, 1, V, V, K, BV, BK)
+        b_dhT = load_tile(dh + base_s, i_v * BV, i_k * BK, 1, V, V, K, BV, BK)
         b_dq += mma(b_do, b_hT.to(b_do.dtype), PREC)
         b_dk += mma(b_v, b_dhT.to(b_v.dtype), PREC)
         b_hdh += tl.sum(b_hT.to(tl.float32) * b_dhT.to(tl.float32), axis=0)
@@ -409,10 +404,8 @@ def _dqk_kernel(q, k, v, do, h, dh, gc, dA, dq_d, dk_d, dq, dk, dg, offs, cidx, 
     b_dk *= tl.exp2(g_last[None, :] - b_g)
     # the gate-gradient terms through the leaving state (module docstring)
     b_dg_c = tl.sum(b_dk * b_k.to(tl.float32), axis=0) + b_hdh * tl.exp2(g_last)
-    p_dA = tl.make_block_ptr(dA + (i_t * H + i_h).to(tl.int64) * BT * BT, (BT, BT), (BT, 1),
-                             (0, 0), (BT, BT), (1, 0))
     # one load; the transpose is a register/shared-memory relayout, not a second read
-    b_dA = tl.load(p_dA).to(b_k.dtype)
+    b_dA = load_block(dA + (i_t * H + i_h).to(tl.int64) * BT * BT, BT, 1, BT, BT).to(b_k.dtype)
     b_dAt = tl.trans(b_dA)
     for p in range(BC, BT, BC):
         g_p = tl.load(gc + ((bos + tl.minimum(c * BT + p, last)) * H + i_h) * K + kk,
@@ -434,11 +427,6 @@ def _dqk_kernel(q, k, v, do, h, dh, gc, dA, dq_d, dk_d, dq, dk, dg, offs, cidx, 
     _store(dg, b_dg + b_dg_c[None, :], bos, T_doc, i_h, c * BT, i_k * BK, H, K, BT, BK)
 
 
-def _state_dtype(x: torch.Tensor) -> torch.dtype:
-    # as triton_diag: 16-bit storage of per-chunk states for 16-bit inputs
-    return torch.float32 if x.dtype == torch.float32 else x.dtype
-
-
 def _cumsum(g, plan):
     H, K = g.shape[2:]
     gc = torch.empty_like(g)
@@ -452,7 +440,7 @@ def _state_pass(k, v, gc, h0, plan, bk=BK, store_h=True):
     more sequential programs in flight, each reloading v): entering states h (NT, H, K, V)
     in the states' dtype, final states ht (N, H, K, V) float32."""
     H, K, V = k.shape[2], k.shape[3], v.shape[3]
-    h = k.new_empty(plan.n_chunks, H, K, V, dtype=_state_dtype(k)) if store_h else None
+    h = k.new_empty(plan.n_chunks, H, K, V, dtype=state_dtype(k)) if store_h else None
     ht = k.new_empty(plan.n_docs, H, K, V, dtype=torch.float32)
     _state_kernel[(triton.cdiv(K, bk), triton.cdiv(V, BV_STATE), plan.n_docs * H)](
         k, v, gc, h, h0, ht, plan.offsets, plan.chunk_offsets, H=H, K=K, V=V, BT=BT, BK=bk,
@@ -467,7 +455,7 @@ def _state_bwd(q, do, gc, h0, dht, plan, scale, bk=BK, store_h=True, want_dh0=No
     dh0 (N, H, K, V) float32 or None."""
     H, K, V = q.shape[2], q.shape[3], do.shape[3]
     want_dh0 = h0 is not None if want_dh0 is None else want_dh0
-    dh = q.new_empty(plan.n_chunks, H, K, V, dtype=_state_dtype(q)) if store_h else None
+    dh = q.new_empty(plan.n_chunks, H, K, V, dtype=state_dtype(q)) if store_h else None
     dh0 = q.new_empty(plan.n_docs, H, K, V, dtype=torch.float32) if want_dh0 else None
     _state_bwd_kernel[(triton.cdiv(K, bk), triton.cdiv(V, BV_STATE), plan.n_docs * H)](
         q, do, gc, dh, dht, dh0, plan.offsets, plan.chunk_offsets, scale, H=H, K=K, V=V, BT=BT,
@@ -478,7 +466,7 @@ def _state_bwd(q, do, gc, h0, dht, plan, scale, bk=BK, store_h=True, want_dh0=No
 
 def _intra(q, k, gc, plan, scale):
     H, K = q.shape[2], q.shape[3]
-    A = q.new_empty(plan.n_chunks, H, BT, BT, dtype=_state_dtype(q))
+    A = q.new_empty(plan.n_chunks, H, BT, BT, dtype=state_dtype(q))
     args = (q, k, gc, A, plan.offsets, plan.chunk_index, scale)
     _intra_kernel[(plan.n_chunks, H)](*args, H=H, K=K, BT=BT, BK=BK, BC=BC,
                                       PREC=dot_precision(q.dtype), **CHUNK_LAUNCH)
@@ -500,7 +488,7 @@ def _dA(do, v, plan, scale):
     H = do.shape[2]
     # in the inputs' dtype for 16-bit inputs: _dqk_kernel's products round it to that
     # dtype anyway, and it halves the bytes of the (BT, BT) block it reloads per key tile
-    dA = do.new_empty(plan.n_chunks, H, BT, BT, dtype=_state_dtype(do))
+    dA = do.new_empty(plan.n_chunks, H, BT, BT, dtype=state_dtype(do))
     _dA_kernel[(plan.n_chunks, H)](do, v, dA, plan.offsets, plan.chunk_index, scale, H=H,
                                    V=v.shape[3], BT=BT, BV=BV, PREC=dot_precision(do.dtype),
                                    **CHUNK_LAUNCH)
@@ -587,8 +575,8 @@ def _(q, k, v, g, h0, scale, offsets):
     N, H, K, V = len(offsets) - 1, q.shape[2], q.shape[3], v.shape[3]
     NT = sum(triton.cdiv(e - s, BT) for s, e in zip(offsets, offsets[1:]))
     return (torch.empty_like(v), q.new_empty(N, H, K, V, dtype=torch.float32),
-            torch.empty_like(g), q.new_empty(NT, H, BT, BT, dtype=_state_dtype(q)),
-            q.new_empty(NT, H, K, V, dtype=_state_dtype(q)))
+            torch.empty_like(g), q.new_empty(NT, H, BT, BT, dtype=state_dtype(q)),
+            q.new_empty(NT, H, K, V, dtype=state_dtype(q)))
 
 
 @torch.library.custom_op("seqpar::gla_bwd", mutates_args=())

@@ -13,7 +13,7 @@ Precision. ``o`` is invariant to the scale of ``q`` where ``|u| > 1``, so the gr
 the engine sees, ``dh_i = do_i / m_i`` and ``du_i = c_i = -(do_i.o_i) sign(u_i) / m_i``,
 makes ``dq``, ``dk``, ``di``, ``df`` small differences of large terms: e.g. the
 intra-chunk ``dA_ij = (do_i.v_j) / m_i + c_i``. Rounding such an intermediate to 16 bits
-before a product left ~10% gradient errors. So the kernels keep these rules:
+before a product gives gradient errors of the order of 10%. So the kernels keep these rules:
 
 * products of two inputs (q, k, v, do: exact 16-bit values) run on tensor cores in the
   input dtype with float32 accumulation (exact products);
@@ -43,17 +43,33 @@ from .triton_common import (
     BV,
     BV_STATE,
     as_packed,
+    chunk_gates,
     chunk_plan,
+    dg_kernel,
+    doc_bounds,
+    doc_span,
     dot_precision,
+    dqk_tiles,
+    gate_cumsum,
+    load_tile,
     mma,
     packed_offsets,
+    store_tile,
 )
-from .triton_diag import _cumsum, _dg_kernel, _doc_bounds, _doc_span, _dqk_tiles, _gates
 
-# triton_diag's launch setting, run on H100. At 4 warps the bf16 kernels spill registers
-# on sm_90 (_dqk_kernel ~3.6 KB, as triton_diag's ~3 KB); at 8 they do not:
-# bench/device/check_triton.py --mlstm-warps times both.
+# The diagonal engine's launch setting, the one checked on an H100. At 4 warps the bf16
+# kernels spill registers on sm_90 (_dqk_kernel most, as the diagonal engine's dq/dk
+# kernel does) and at 8 they do not; tests/sm90.py prints the spills, and only a device
+# timing can choose between the two.
 NUM_WARPS = 4
+
+
+def _dqk_meta(dtype: torch.dtype) -> dict:
+    """Launch settings of :func:`_dqk_kernel`. Float32 inputs run 2 pipeline stages: at
+    Triton's default 3 its (BT, 128) float32 tiles need more shared memory than sm_90 has
+    with some supported Triton versions (3.8), at 2 they fit with every one
+    (tests/sm90.py compiles the kernel for sm_90 with these settings and checks)."""
+    return dict(num_warps=NUM_WARPS, num_stages=2 if dtype == torch.float32 else 3)
 
 
 @triton.jit
@@ -92,30 +108,25 @@ def _state_walk(x, y, gc, wc, wn, h, hn, s0, n0, s_out, n_out, offs, coff, scale
     final pair is written (the state-only passes of sequence parallelism).
     """
     n, i_h = i_nh // H, i_nh % H
-    bos, T_doc, boc = _doc_span(offs, coff, n)
+    bos, T_doc, boc = doc_span(offs, coff, n)
     NC = tl.cdiv(T_doc, BT).to(tl.int32)
     o_k = i_k * BK + tl.arange(0, BK)
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     b_n = tl.zeros([BK], dtype=tl.float32)
     if HAS_S0:
-        p_s = tl.make_block_ptr(s0 + i_nh * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
-        b_h += tl.load(p_s, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+        b_h += load_tile(s0 + i_nh * K * V, i_k * BK, i_v * BV, V, 1, K, V, BK, BV).to(tl.float32)
         b_n += tl.load(n0 + i_nh * K + o_k, mask=o_k < K, other=0.).to(tl.float32)
     for i in range(NC):
         c = NC - 1 - i if REVERSE else i
         if STORE_H:
-            p_h = tl.make_block_ptr(h + ((boc + c) * H + i_h) * K * V, (K, V), (V, 1),
-                                    (i_k * BK, i_v * BV), (BK, BV), (1, 0))
-            tl.store(p_h, b_h, boundary_check=(0, 1))
+            store_tile(h + ((boc + c) * H + i_h) * K * V, b_h, i_k * BK, i_v * BV, V, 1, K, V, BK,
+                       BV)
             if i_v == 0:
                 tl.store(hn + ((boc + c) * H + i_h) * K + o_k, b_n, mask=o_k < K)
-        p_x = tl.make_block_ptr(x + (bos * H + i_h) * K, (K, T_doc), (1, H * K),
-                                (i_k * BK, c * BT), (BK, BT), (0, 1))
-        p_y = tl.make_block_ptr(y + (bos * H + i_h) * V, (T_doc, V), (H * V, 1),
-                                (c * BT, i_v * BV), (BT, BV), (1, 0))
-        b_x = tl.load(p_x, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
-        b_y = tl.load(p_y, boundary_check=(0, 1), padding_option="zero")
-        b_g, g_last = _gates(gc, bos, c, T_doc, i_h, H, BT)
+        b_x = load_tile(x + (bos * H + i_h) * K, i_k * BK, c * BT, 1, H * K, K, T_doc, BK,
+                        BT).to(tl.float32)
+        b_y = load_tile(y + (bos * H + i_h) * V, c * BT, i_v * BV, H * V, 1, T_doc, V, BT, BV)
+        b_g, g_last = chunk_gates(gc, bos, c, T_doc, i_h, H, BT)
         t = c * BT + tl.arange(0, BT)
         r_wc = tl.load(wc + (bos + t) * H + i_h, mask=t < T_doc, other=0.)
         if REVERSE:
@@ -129,8 +140,7 @@ def _state_walk(x, y, gc, wc, wn, h, hn, s0, n0, s_out, n_out, offs, coff, scale
         b_h = b_h * decay + _dot32(b_x * r_wc[None, :], b_y, PREC, True)
         b_n = b_n * decay + tl.sum(b_x * r_wn[None, :], axis=1)
     if STORE_OUT:
-        p_o = tl.make_block_ptr(s_out + i_nh * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
-        tl.store(p_o, b_h, boundary_check=(0, 1))
+        store_tile(s_out + i_nh * K * V, b_h, i_k * BK, i_v * BV, V, 1, K, V, BK, BV)
         if i_v == 0:
             tl.store(n_out + i_nh * K + o_k, b_n, mask=o_k < K)
 
@@ -192,20 +202,15 @@ def _pair_kernel(a, b, y, h, hn, gc, ig, rm, out, out32, u, offs, cidx, scale,
     state.
     """
     i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    c, bos, T_doc = doc_bounds(offs, cidx, i_t)
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
     b_M = tl.zeros([BT, BT], dtype=tl.float32)
     b_an = tl.zeros([BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
-        p_a = tl.make_block_ptr(a + (bos * H + i_h) * K, (T_doc, K), (H * K, 1),
-                                (c * BT, i_k * BK), (BT, BK), (1, 0))
-        p_b = tl.make_block_ptr(b + (bos * H + i_h) * K, (K, T_doc), (1, H * K),
-                                (i_k * BK, c * BT), (BK, BT), (0, 1))
-        p_h = tl.make_block_ptr(h + (i_t * H + i_h).to(tl.int64) * K * V, (K, V), (V, 1),
-                                (i_k * BK, i_v * BV), (BK, BV), (1, 0))
-        b_a = tl.load(p_a, boundary_check=(0, 1), padding_option="zero")
-        b_b = tl.load(p_b, boundary_check=(0, 1), padding_option="zero")
-        b_h = tl.load(p_h, boundary_check=(0, 1), padding_option="zero")
+        b_a = load_tile(a + (bos * H + i_h) * K, c * BT, i_k * BK, H * K, 1, T_doc, K, BT, BK)
+        b_b = load_tile(b + (bos * H + i_h) * K, i_k * BK, c * BT, 1, H * K, K, T_doc, BK, BT)
+        b_h = load_tile(h + (i_t * H + i_h).to(tl.int64) * K * V, i_k * BK, i_v * BV, V, 1, K, V,
+                        BK, BV)
         b_o += _dot32(b_a, b_h, PREC, False)
         b_M += mma(b_a, b_b, PREC)
         if not BACKWARD:
@@ -214,7 +219,7 @@ def _pair_kernel(a, b, y, h, hn, gc, ig, rm, out, out32, u, offs, cidx, scale,
             b_an += tl.sum(b_a.to(tl.float32) * b_hn[None, :], axis=1)
     t = c * BT + tl.arange(0, BT)
     m = t < T_doc
-    b_g, g_last = _gates(gc, bos, c, T_doc, i_h, H, BT)
+    b_g, g_last = chunk_gates(gc, bos, c, T_doc, i_h, H, BT)
     b_ig = tl.load(ig + (bos + t) * H + i_h, mask=m, other=0.)
     if BACKWARD:
         keep = t[:, None] <= t[None, :]
@@ -228,9 +233,7 @@ def _pair_kernel(a, b, y, h, hn, gc, ig, rm, out, out32, u, offs, cidx, scale,
         b_o *= tl.exp2(b_g)[:, None]
         b_M *= b_ig[None, :]
     b_M = tl.where(keep, b_M * tl.exp2(tl.where(keep, d, 0.)), 0.)
-    p_y = tl.make_block_ptr(y + (bos * H + i_h) * V, (T_doc, V), (H * V, 1),
-                            (c * BT, i_v * BV), (BT, BV), (1, 0))
-    b_y = tl.load(p_y, boundary_check=(0, 1), padding_option="zero")
+    b_y = load_tile(y + (bos * H + i_h) * V, c * BT, i_v * BV, H * V, 1, T_doc, V, BT, BV)
     if BACKWARD:
         b_o += scale * _dot32(b_M, b_y, PREC, True)
     else:
@@ -239,12 +242,9 @@ def _pair_kernel(a, b, y, h, hn, gc, ig, rm, out, out32, u, offs, cidx, scale,
         b_o /= tl.maximum(tl.abs(b_u), 1.)[:, None]
         if i_v == 0:
             tl.store(u + (bos + t) * H + i_h, b_u, mask=m)
-        p_o32 = tl.make_block_ptr(out32 + (bos * H + i_h) * V, (T_doc, V), (H * V, 1),
-                                  (c * BT, i_v * BV), (BT, BV), (1, 0))
-        tl.store(p_o32, b_o, boundary_check=(0, 1))
-    p_out = tl.make_block_ptr(out + (bos * H + i_h) * V, (T_doc, V), (H * V, 1),
-                              (c * BT, i_v * BV), (BT, BV), (1, 0))
-    tl.store(p_out, b_o.to(p_out.dtype.element_ty), boundary_check=(0, 1))
+        store_tile(out32 + (bos * H + i_h) * V, b_o, c * BT, i_v * BV, H * V, 1, T_doc, V, BT, BV)
+    store_tile(out + (bos * H + i_h) * V, b_o.to(out.dtype.element_ty), c * BT, i_v * BV, H * V, 1,
+               T_doc, V, BT, BV)
 
 
 @triton.jit
@@ -256,7 +256,7 @@ def _dqk_kernel(q, k, v, do, h, hn, dh, dhn, gc, ig, rm, cu, dq, dk, r_part, b_p
     ``di`` (``k_j.dk'_j``, times sigmoid'(i) later). (h, hn): pair entering the
     chunk; (dh, dhn): gradient of the pair leaving it; rm = 1/m, cu = c per row."""
     i_k, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    c, bos, T_doc = _doc_bounds(offs, cidx, i_t)
+    c, bos, T_doc = doc_bounds(offs, cidx, i_t)
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
     b_dA = tl.zeros([BT, BT], dtype=tl.float32)   # [i, j] = do_i . v_j
@@ -264,8 +264,8 @@ def _dqk_kernel(q, k, v, do, h, hn, dh, dhn, gc, ig, rm, cu, dq, dk, r_part, b_p
     b_hdh = tl.zeros([BK], dtype=tl.float32)
     base_s = (i_t * H + i_h).to(tl.int64) * K * V
     for i_v in range(tl.cdiv(V, BV)):
-        b_do, b_v, b_doT, b_vT, b_hT, b_dhT = _dqk_tiles(do, v, h, dh, bos, c, T_doc, i_h, i_v, i_k,
-                                                          base_s, H, K, V, BT, BK, BV)
+        b_do, b_v, b_doT, b_vT, b_hT, b_dhT = dqk_tiles(do, v, h, dh, bos, c, T_doc, i_h, i_v, i_k,
+                                                        base_s, H, K, V, BT, BK, BV)
         b_dA += mma(b_do, b_vT, PREC)
         b_dAt += mma(b_v, b_doT, PREC)
         b_dq += _dot32(b_do, b_hT, PREC, False)
@@ -280,7 +280,7 @@ def _dqk_kernel(q, k, v, do, h, hn, dh, dhn, gc, ig, rm, cu, dq, dk, r_part, b_p
     b_ig = tl.load(ig + (bos + t) * H + i_h, mask=m, other=0.)
     b_rm = tl.load(rm + (bos + t) * H + i_h, mask=m, other=0.)
     b_cu = tl.load(cu + (bos + t) * H + i_h, mask=m, other=0.)
-    b_g, g_last = _gates(gc, bos, c, T_doc, i_h, H, BT)
+    b_g, g_last = chunk_gates(gc, bos, c, T_doc, i_h, H, BT)
     # state terms: dq_i through (C_c, n_c); dk'_j through (dC, dn) of the leaving pair
     b_dq = (b_dq * b_rm[:, None] + b_cu[:, None] * b_hn[None, :]) * (scale * tl.exp2(b_g))[:, None]
     b_dk = (b_dk + b_dhn[None, :]) * tl.exp2(g_last - b_g)[:, None]
@@ -292,14 +292,10 @@ def _dqk_kernel(q, k, v, do, h, hn, dh, dhn, gc, ig, rm, cu, dq, dk, r_part, b_p
     b_dS = tl.where(causal, b_dS * tl.exp2(tl.where(causal, b_g[:, None] - b_g[None, :], 0.)), 0.) * scale
     b_dSt = b_dAt * b_rm[None, :] + b_cu[None, :]
     b_dSt = tl.where(anti, b_dSt * tl.exp2(tl.where(anti, b_g[None, :] - b_g[:, None], 0.)), 0.) * scale
-    p_q = tl.make_block_ptr(q + (bos * H + i_h) * K, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
-    p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
-    p_qT = tl.make_block_ptr(q + (bos * H + i_h) * K, (K, T_doc), (1, H * K), (i_k * BK, c * BT), (BK, BT), (0, 1))
-    p_kT = tl.make_block_ptr(k + (bos * H + i_h) * K, (K, T_doc), (1, H * K), (i_k * BK, c * BT), (BK, BT), (0, 1))
-    b_q = tl.load(p_q, boundary_check=(0, 1), padding_option="zero")
-    b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero")
-    b_qT = tl.load(p_qT, boundary_check=(0, 1), padding_option="zero")
-    b_kT = tl.load(p_kT, boundary_check=(0, 1), padding_option="zero")
+    b_q = load_tile(q + (bos * H + i_h) * K, c * BT, i_k * BK, H * K, 1, T_doc, K, BT, BK)
+    b_k = load_tile(k + (bos * H + i_h) * K, c * BT, i_k * BK, H * K, 1, T_doc, K, BT, BK)
+    b_qT = load_tile(q + (bos * H + i_h) * K, i_k * BK, c * BT, 1, H * K, K, T_doc, BK, BT)
+    b_kT = load_tile(k + (bos * H + i_h) * K, i_k * BK, c * BT, 1, H * K, K, T_doc, BK, BT)
     # P = dS * (q_i.k'_j) strictly below the diagonal, and its transpose
     b_dS *= b_ig[None, :]
     b_dSt *= b_ig[:, None]
@@ -317,10 +313,10 @@ def _dqk_kernel(q, k, v, do, h, hn, dh, dhn, gc, ig, rm, cu, dq, dk, r_part, b_p
     tl.store(r_part + o_part, b_r, mask=m)
     tl.store(b_part + o_part, b_b, mask=m)
     tl.store(i_part + o_part, b_di, mask=m)
-    p_dq = tl.make_block_ptr(dq + (bos * H + i_h) * K, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
-    p_dk = tl.make_block_ptr(dk + (bos * H + i_h) * K, (T_doc, K), (H * K, 1), (c * BT, i_k * BK), (BT, BK), (1, 0))
-    tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), boundary_check=(0, 1))
-    tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), boundary_check=(0, 1))
+    store_tile(dq + (bos * H + i_h) * K, b_dq.to(dq.dtype.element_ty), c * BT, i_k * BK, H * K, 1,
+               T_doc, K, BT, BK)
+    store_tile(dk + (bos * H + i_h) * K, b_dk.to(dk.dtype.element_ty), c * BT, i_k * BK, H * K, 1,
+               T_doc, K, BT, BK)
 
 
 @triton.jit
@@ -364,7 +360,7 @@ def _state_grid(plan, H, K, V, passes=1):
 
 def _gate_inputs(i, f, plan, H):
     """sigmoid(i) and the cumulative log2 forget gate, float32 (1, TT, H)."""
-    return torch.sigmoid(i), _cumsum(F.logsigmoid(f), plan, H)
+    return torch.sigmoid(i), gate_cumsum(F.logsigmoid(f), plan, H)
 
 
 def mlstm_forward(q, k, v, i, f, C0, n0, scale: float, offsets: list[int]):
@@ -419,10 +415,10 @@ def mlstm_backward(q, k, v, i, f, C0, n0, o32, u, do, dCT, dnT, scale: float,
     _dqk_kernel[(NK, plan.n_chunks, H)](q, k, v, do, h, hn, dh, dhn, gc, ig, rm, cu, dq, dk,
                                         r_part, b_part, i_part, plan.offsets, plan.chunk_index,
                                         scale, TT, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-                                        PREC=prec, num_warps=NUM_WARPS)
+                                        PREC=prec, **_dqk_meta(q.dtype))
     dg = torch.empty_like(f)
-    _dg_kernel[(plan.n_chunks, H)](r_part, b_part, dg, plan.offsets, plan.chunk_index, TT,
-                                   H=H, BT=BT, NK=NK)
+    dg_kernel[(plan.n_chunks, H)](r_part, b_part, dg, plan.offsets, plan.chunk_index, TT,
+                                  H=H, BT=BT, NK=NK)
     di = i_part.sum(0)[None]
     return dq, dk, dv, di, dg * torch.sigmoid(-f), dC0, dn0
 
@@ -450,7 +446,7 @@ def mlstm_initial_grads(q, f, o32, u, do, dCT, dnT, scale: float, offsets: list[
     _, TT, H, K = q.shape
     V = do.shape[-1]
     plan = chunk_plan(offsets, q.device)
-    gc = _cumsum(F.logsigmoid(f), plan, H)
+    gc = gate_cumsum(F.logsigmoid(f), plan, H)
     rm, cu = torch.empty_like(u), torch.empty_like(u)
     _norm_grad_kernel[(triton.cdiv(TT, BT), H)](do, o32, u, rm, cu, TT, H=H, V=V, BT=BT, BV=BV,
                                                num_warps=NUM_WARPS)
