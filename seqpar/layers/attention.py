@@ -14,6 +14,7 @@ from torch import nn
 
 from .. import ops
 from .._checks import check_positive_int, fail
+from ..ops.short_conv import document_index
 from ..ops.validate import check_tensor
 from ._common import Mixer, call_eager, check_hidden
 
@@ -30,12 +31,9 @@ def default_positions(T: int, device: torch.device, cu_seqlens=None, sp=None) ->
         from ..parallel import position_ids
 
         return position_ids(sp, T * sp.world, cu_seqlens, device=device)
-    pos = torch.arange(T, device=device)
     if cu_seqlens is None:
-        return pos
-    starts = cu_seqlens.to(device=device, dtype=torch.long)
-    doc = torch.searchsorted(starts[1:], pos, right=True)
-    return pos - starts[doc]
+        return torch.arange(T, device=device)
+    return document_index(cu_seqlens.to(device), T)[1]
 
 
 def check_positions(position_ids, B: int, T: int, device) -> torch.Tensor:

@@ -20,6 +20,9 @@ from ..ops.validate import check_tensor
 from .config import ModelConfig
 from .loss import linear_cross_entropy
 
+# Dynamo's default recompile limit: the compiled variants one function may have.
+_RECOMPILE_LIMIT = 8
+
 
 class Block(nn.Module):
     """``x + mixer(norm(x))``, then ``x + mlp(norm(x))``."""
@@ -233,8 +236,17 @@ class HybridLM(nn.Module):
         graphs (``seqpar.layers.call_eager``); what lies around them fuses. Module hooks
         (activation checkpointing, FSDP) stay outside the compiled forward, so either
         may be applied before or after. Parameter names do not change.
+
+        Every block runs the same code (``Block.forward``, and ``LinearMixer.forward``
+        for all linear mixers), and Dynamo keeps one cache of compiled variants per code
+        object, which gives up and runs eagerly past ``torch._dynamo.config.
+        recompile_limit`` entries. So the limit is raised to its value times the number
+        of mixer types: each type gets the budget that one compiled function has.
         """
         use_graph_breaks()
+        types = len({type(block.mixer) for block in self.blocks})
+        limit = torch._dynamo.config.recompile_limit
+        torch._dynamo.config.recompile_limit = max(limit, _RECOMPILE_LIMIT * types)
         for block in self.blocks:
             block.forward = torch.compile(block.forward, **options)
 

@@ -82,10 +82,17 @@ def num_sequences(cu_seqlens, B: int, T: int, device) -> int:
 
 def document_index(cu_seqlens: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each token's document and its position in it: two int64 (T,) tensors on the
-    device of ``cu_seqlens`` (no host read)."""
+    device of ``cu_seqlens`` (no host read).
+
+    A token's document is the number of offsets at or before it, less one (the first
+    offset is 0). The search runs over the whole offsets tensor, never a slice of it:
+    inductor's CUDA lowering of ``searchsorted`` (torch 2.11) reads the strides of the
+    sorted sequence, and a slice of a tensor computed in the same graph (``cu[1:]`` of
+    ``cu_seqlens.long()``) has none there (``NotImplementedError: SliceView``).
+    """
     cu = cu_seqlens.long()
     t = torch.arange(T, device=cu.device)
-    doc = torch.searchsorted(cu[1:], t, right=True)
+    doc = torch.searchsorted(cu, t, right=True) - 1
     return doc, t - cu[doc]
 
 

@@ -79,7 +79,8 @@ class TrainConfig:
         lr, min_lr_ratio, warmup, weight_decay, betas, grad_clip: AdamW with linear
             warmup to ``lr`` then cosine decay to ``min_lr_ratio * lr``.
         activation_checkpointing: recompute each block in backward.
-        compile: ``torch.compile`` each block (regional compilation); None: off.
+        compile: ``torch.compile`` each block (regional compilation); None: on CUDA,
+            off on CPU.
         dtype: 'auto' (bf16 autocast on GPU, float32 on CPU), 'bf16' or 'fp32'.
         seed: model init and data order.
         eval_docs: documents held out for the evaluation loss.
@@ -327,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "torchrun sets to 1; else one per 256 of model width, at most the cores "
                         "of this process over the processes on this machine)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile each block (default: off; experimental on CUDA)")
+                   help="torch.compile each block (default: on for CUDA, off on CPU; --no-compile "
+                        "turns it off)")
     g = p.add_argument_group("optimization")
     g.add_argument("--steps", type=int, default=None,
                    help="total optimizer steps, which the schedule spans (default: preset)")

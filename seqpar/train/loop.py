@@ -69,7 +69,7 @@ class Trainer:
     exactly the single-device loss of the global batch, whatever the number of ignored
     targets on each rank.
 
-    Speed: every block is compiled with ``cfg.compile`` (off by default); the optimizer is
+    Speed: every block is compiled (``cfg.compile``; None: on CUDA only); the optimizer is
     AdamW's fused kernel on CUDA; in bf16, FSDP2 keeps float32 master weights and
     gathers bfloat16 copies (``MixedPrecisionPolicy``), and on one device autocast casts
     them per matmul; the loss never forms whole float32 logits
@@ -86,9 +86,9 @@ class Trainer:
         self.flops_per_token = model.flops_per_token(cfg.seq_len)
         self.num_params = model.num_params()
         use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and env.device.type == "cuda")
-        # Off unless asked for: on torch 2.11 (H200) inductor failed on a compiled block
-        # ("NotImplementedError: SliceView"), and a default must run.
-        self.compiled = bool(cfg.compile)
+        # On CUDA unless turned off; on CPU only when asked (inductor builds C++ code for
+        # every mixer type before the first step).
+        self.compiled = cfg.compile if cfg.compile is not None else env.device.type == "cuda"
         if cfg.activation_checkpointing:
             for block in model.blocks:
                 activation_checkpoint(block)
