@@ -27,7 +27,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -156,6 +156,10 @@ def negative_rate(shape, gen, decay):
     return -torch.exp(u * math.log(16.0))
 
 
+# Draws whose values depend on the regime: the decays and what acts as one.
+DECAYS = (log_decay, key_log_decay, constant_log_decay, forget_preact, time_step)
+
+
 # ---------------------------------------------------------------- specs
 
 def _source(generator, device) -> tuple[torch.Generator, torch.device]:
@@ -201,6 +205,8 @@ class OpSpec:
         outputs: names of what ``fn`` returns (one name: a bare tensor).
         regimes: the ``decay=`` values :meth:`make_inputs` accepts.
         variant_of: the op ``fn`` is, for variants (benchmarks skip them).
+        bf16_grad_tol: gradients (by input name) whose relative error with bf16 inputs
+            may exceed the precision contract's 2e-2, and their bound (the entry says why).
     """
     name: str
     fn: Callable
@@ -213,6 +219,7 @@ class OpSpec:
     outputs: tuple[str, ...] = ("o", "final_state")
     regimes: tuple[str, ...] = ("mild", "strong")
     variant_of: str | None = None
+    bf16_grad_tol: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -220,6 +227,12 @@ class OpSpec:
         if (self.family == "linear") != isinstance(self.engine, LinearEngine):
             fail("engine", "a LinearEngine for the linear family, None for the others",
                  f"{self.engine!r} for family {self.family!r}")
+
+    @property
+    def decays(self) -> bool:
+        """Whether an input is a decay (or forget gate, or time step) whose 'strong'
+        regime draws other values than 'mild'."""
+        return any(i.draw in DECAYS for i in self.inputs)
 
     @property
     def engine_name(self) -> str:
@@ -436,7 +449,11 @@ def _specs() -> list[OpSpec]:
                (Input("x", ("B", "T", "H", "V")), Input("dt", ("B", "T", "H"), time_step, "float32"),
                 Input("A", ("H",), negative_rate, "float32"), Input("B", ("B", "T", "G", "K")),
                 Input("C", ("B", "T", "G", "K")), Input("D", ("H",), normal, "float32")),
-               STATE),
+               STATE,
+               # The op rounds dt into the 16-bit keys (k = dt B) while the gate keeps it in
+               # float32, so with bf16 inputs the gradients of dt and A, sums over the key
+               # channels or over every token, reach 4e-2.
+               bf16_grad_tol={"dt": 6e-2, "A": 6e-2}),
         OpSpec("softmax_attn", softmax_attn, None, softmax_attn_reference, None, "attn",
                (Q, Input("k", ("B", "T", "Hkv", "K")), Input("v", ("B", "T", "Hkv", "V"))),
                outputs=("o", "lse")),
