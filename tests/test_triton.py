@@ -65,6 +65,11 @@ def specs_of(*modules: str) -> list:
     return [s for s in LINEAR if kernel_module(s) in modules]
 
 
+def spec_id(spec) -> str:
+    """A test id: the op's catalogue name."""
+    return spec.name
+
+
 def sample(spec, B, T, H, K, V, cuts, strong, initial, dtype, seed, **sizes):
     """The catalogue's inputs of one case: ``cuts`` are packed document boundaries
     inside (0, T) (B == 1), ``strong`` a key of :data:`REGIME`."""
@@ -124,12 +129,8 @@ def assert_triton_matches(spec, tol=None, **case) -> dict[str, float]:
 OPS = specs_of("diag", "mlstm")
 
 
-def _id(spec):
-    return spec.name
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("spec", OPS, ids=_id)
+@pytest.mark.parametrize("spec", OPS, ids=spec_id)
 @settings(max_examples=4)
 @given(case=triton_cases())
 @example(case=FIXED_CASES[0])
@@ -140,7 +141,7 @@ def test_triton_matches_reference(spec, case):
     assert_triton_matches(spec, **case)
 
 
-@pytest.mark.parametrize("spec", OPS, ids=_id)
+@pytest.mark.parametrize("spec", OPS, ids=spec_id)
 def test_triton_matches_reference_quick(spec):
     assert_triton_matches(spec, **QUICK_CASE)
 
@@ -159,7 +160,7 @@ NORMALIZER = [
 ]
 
 
-@pytest.mark.parametrize("spec", [s for s in OPS if "normalizer" in s.regimes], ids=_id)
+@pytest.mark.parametrize("spec", [s for s in OPS if "normalizer" in s.regimes], ids=spec_id)
 @pytest.mark.parametrize("case", NORMALIZER)
 def test_triton_strong_normalizer(spec, case):
     assert_triton_matches(spec, **case)
