@@ -410,7 +410,7 @@ class Sample:
         s = self.initial_state
         s = None if s is None else (tuple(map(leaf, s)) if isinstance(s, tuple) else leaf(s))
         cu = self.cu_seqlens
-        cu = None if cu is None or device is None else cu.to(device)
+        cu = cu.to(device) if cu is not None and device is not None else cu
         return Sample({n: leaf(x) for n, x in self.inputs.items()}, s, cu, self.stateful)
 
 
