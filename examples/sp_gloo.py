@@ -1,13 +1,14 @@
-"""Sequence parallelism on CPU with gloo: every mixer, sharded over the ranks, against
-the same op on the full sequence in one process.
+"""Sequence parallelism on CPU with gloo: every op of the catalogue (seqpar.ops.catalog),
+sharded over the ranks, against the same op on the full sequence in one process.
 
     torchrun --nproc-per-node 2 examples/sp_gloo.py
     torchrun --nproc-per-node 4 examples/sp_gloo.py --layout zigzag --linear-strategy allgather
 
-Each rank builds the same full batch (same seed), keeps its shard, runs the ops with
-``sp=``, and checks its outputs and input gradients against its slice of the
-single-process result. Prints one line per op on rank 0: the largest relative L2 error
-over ranks and the bytes rank 0 sent.
+Each rank draws the same full batch (the catalogue's inputs, same seed), keeps its shard
+of the inputs laid out (B, T, ...) (weights and per-head parameters are shared), runs the
+op with ``sp=``, and checks its output and the gradients of its shards against its slice
+of the single-process result. Prints one line per op on rank 0: the largest relative L2
+error over ranks and the bytes rank 0 sent.
 """
 from __future__ import annotations
 
@@ -15,9 +16,8 @@ import argparse
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from seqpar import ops
+from seqpar.ops import catalog
 from seqpar.parallel import SequenceParallel, shard
 
 
@@ -27,21 +27,27 @@ def rel(a, b):
     return e.item()
 
 
-def check(name, sp, fn, inputs):
-    """Run ``fn`` on the full inputs and, with ``sp``, on this rank's shards; compare
-    outputs and the gradients of ``sum(output * weight)``."""
-    full = [x.clone().requires_grad_() for x in inputs]
-    out_ref = fn(*full, sp=None)
+def check(spec, sp, inputs):
+    """Run ``spec``'s op on the full inputs and, with ``sp``, on this rank's shards;
+    compare its first output and the gradients of the sharded inputs under
+    ``sum(output * weight)``."""
+    timed = spec.timed
+
+    def run(xs, sp):
+        return spec.outputs_of(spec.fn(**xs, sp=sp))[0]
+
+    full = {n: x.clone().requires_grad_() if n in timed else x for n, x in inputs.items()}
+    out_ref = run(full, None)
     w = torch.randn(out_ref.shape, generator=torch.Generator().manual_seed(1))
     (out_ref * w).sum().backward()
-    mine = [shard(x, sp).requires_grad_() for x in inputs]
+    mine = {n: shard(x, sp).requires_grad_() if n in timed else x for n, x in inputs.items()}
     sp.reset_bytes()
-    out = fn(*mine, sp=sp)
+    out = run(mine, sp)
     (out * shard(w, sp)).sum().backward()
     err = max([rel(out, shard(out_ref.detach(), sp))]
-              + [rel(m.grad, shard(f.grad, sp)) for m, f in zip(mine, full)])
+              + [rel(mine[n].grad, shard(full[n].grad, sp)) for n in timed])
     if sp.rank == 0:
-        print(f"{name:18s} max rel. error {err:.1e}   rank 0 sent {sp.bytes_sent:8d} bytes")
+        print(f"{spec.name:18s} max rel. error {err:.1e}   rank 0 sent {sp.bytes_sent:8d} bytes")
 
 
 def main():
@@ -59,20 +65,9 @@ def main():
         print(sp)
     gen = torch.Generator().manual_seed(0)
     B, T, H, K, V = 2, args.seq_len, 4, 16, 16
-    q, k = torch.randn(B, T, H, K, generator=gen), F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)
-    v = torch.randn(B, T, H, V, generator=gen)
-    g = F.logsigmoid(torch.randn(B, T, H, generator=gen) + 4)
-    beta = torch.sigmoid(torch.randn(B, T, H, generator=gen))
-    x = torch.randn(B, T, H * K, generator=gen)
-
-    check("gated_delta_rule", sp, lambda q, k, v, g, beta, sp: ops.gated_delta_rule(q, k, v, g, beta, sp=sp)[0],
-          [q, k, v, g, beta])
-    check("simple_gla", sp, lambda q, k, v, g, sp: ops.simple_gla(q, k, v, g, sp=sp)[0], [q, k, v, g])
-    check("softmax_attn", sp, lambda q, k, v, sp: ops.softmax_attn(q, k, v, sp=sp)[0], [q, k, v])
-    weight = torch.randn(H * K, 4, generator=gen)
-    check("short_conv", sp, lambda x, sp: ops.short_conv(x, weight, sp=sp)[0], [x])
-    kernel = torch.randn(H * K, T // 2, generator=gen) / T
-    check("long_conv", sp, lambda x, sp: ops.long_conv(x, kernel, sp=sp), [x])
+    for name in catalog.names(variants=False):
+        spec = catalog.get(name)
+        check(spec, sp, spec.make_inputs(B, T, H, K, V, generator=gen, L=T // 2))
     dist.destroy_process_group()
 
 

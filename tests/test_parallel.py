@@ -1,6 +1,7 @@
 """Sequence parallelism on 2- and 4-rank gloo groups on CPU.
 
-Every mixer x strategy x layout, with B > 1, initial and final states and packed
+Every op of :mod:`seqpar.ops.catalog` (inputs and states from there; every linear op,
+so a new one joins) x strategy x layout, with B > 1, initial and final states and packed
 documents crossing shard boundaries: on every rank, SP outputs, final states and the
 gradients of every input equal the single-process op run on the full sequence in the
 same worker, within relative L2 1e-5 in float32. Gradients of replicated inputs
@@ -29,44 +30,19 @@ import torch.nn.functional as F
 
 from conftest import rel_err
 from seqpar import ops
+from seqpar.ops import catalog
+from seqpar.ops.catalog import state_parts
 from seqpar.parallel import SequenceParallel, shard, unshard
 
 pytestmark = pytest.mark.dist
 
 TOL = 1e-5
 LAYOUTS = ("contiguous", "zigzag")
-LINEAR_OPS = ("linear_attn", "simple_gla", "gla", "delta_rule", "gated_delta_rule", "mlstm")
+# The linear family's ops (variants such as retention run their op's engine the same way).
+LINEAR = [catalog.get(n) for n in catalog.names("linear", variants=False)]
 
 
 # ---------------------------------------------------------------- inputs and references
-
-def _linear_inputs(op, gen, B, T, H, K, V, N):
-    """Leaves (q, k, v, *gates) and the initial state of op, float32."""
-    q = torch.randn(B, T, H, K, generator=gen)
-    k = torch.randn(B, T, H, K, generator=gen)
-    v = torch.randn(B, T, H, V, generator=gen)
-    gates = []
-    if op in ("delta_rule", "gated_delta_rule"):
-        k = F.normalize(k, dim=-1)
-    if op in ("simple_gla", "gated_delta_rule"):
-        gates.append(F.logsigmoid(torch.randn(B, T, H, generator=gen) + 3))
-    if op == "gla":
-        gates.append(F.logsigmoid(torch.randn(B, T, H, K, generator=gen) + 3))
-    if op in ("delta_rule", "gated_delta_rule"):
-        gates.append(torch.sigmoid(torch.randn(B, T, H, generator=gen)))
-    if op == "mlstm":
-        gates += [torch.randn(B, T, H, generator=gen), torch.randn(B, T, H, generator=gen) + 3]
-    state = torch.randn(N, H, K, V, generator=gen)
-    if op == "mlstm":
-        state = (state, torch.randn(N, H, K, generator=gen).abs())
-    return [q, k, v, *gates], state
-
-
-def _flat(s):
-    if s is None:
-        return []
-    return list(s) if isinstance(s, tuple) else [s]
-
 
 def _leaf(x):
     return x.detach().clone().requires_grad_()
@@ -108,57 +84,63 @@ def _prefix_ends(sp, T):
     return [(r + 1) * c if sp.layout == "contiguous" else (n - r) * c for r in range(sp.world)]
 
 
-def linear_case(sp, op, packed, seed, T=24, chunk_size=4, backend="torch"):
-    """SP vs single-process run of one linear op; returns the error table."""
+def linear_case(sp, spec, packed, seed, T=24, chunk_size=4, backend="torch", *, dims=None,
+                offsets=None, decay="mild", device="cpu"):
+    """SP vs single-process run of one linear op of the catalogue; returns the error
+    table. Inputs laid out (B, T, ...) are sharded; the others (Mamba-2's A, D) and the
+    initial state are replicated, their gradients summed over ranks.
+
+    dims: (H, K, V) (default (2, 4, 6); (2, 16, 24) for Triton, whose tiles take head
+    dims from 16). offsets: the packed documents (default :func:`_packed_offsets`
+    scaled to T). decay: the catalogue regime; 'mild' by default, as under strong decays
+    gradients that sum over every token with cancellation (Mamba-2's dA) differ between
+    sharded and whole runs by more than this file's 1e-5. device: where the inputs are
+    (drawn on the CPU, the same everywhere)."""
     gen = torch.Generator().manual_seed(seed)
-    B, H, K, V = (1, 2, 4, 6) if packed else (2, 2, 4, 6)
-    if backend == "triton":  # the kernels' tiles take head dims from 16
-        H, K, V = 2, 16, 24
-    cu = _packed_offsets(sp) if packed else None
-    if packed and T != 24:
-        cu = (cu.double() * (T / 24)).round().to(torch.int32)
-    N = len(cu) - 1 if packed else B
-    xs, state = _linear_inputs(op, gen, B, T, H, K, V, N)
-    fn = getattr(ops, op)
-    w = torch.randn(B, T, H, V, generator=gen)
-    w2 = [torch.randn(s.shape, generator=gen) for s in _flat(state)]
+    H, K, V = dims or ((2, 16, 24) if backend == "triton" else (2, 4, 6))
+    B = 1 if packed else 2
+    cu = None
+    if packed:
+        cu = offsets if offsets is not None else (
+            (_packed_offsets(sp).double() * (T / 24)).round().to(torch.int32))
+    s = spec.sample(B, T, H, K, V, generator=gen, cu_seqlens=cu, device=device,
+                    decay=decay)
+    w = torch.randn(B, T, H, V, generator=gen).to(device)
+    w2 = [torch.randn(p.shape, generator=gen).to(device) for p in state_parts(s.initial_state)]
+    kw = dict(output_final_state=True, chunk_size=chunk_size, backend=backend)
 
     # Reference: full sequence, one process. Unpacked, each rank's final state is the
     # state after its last token: a prefix run.
-    ref_x, ref_s = [_leaf(x) for x in xs], tuple(_leaf(s) for s in _flat(state))
-    ref_state = ref_s if op == "mlstm" else ref_s[0]
-    o_ref, S_ref = fn(*ref_x, initial_state=ref_state, output_final_state=True, cu_seqlens=cu,
-                      chunk_size=chunk_size, backend=backend)
+    ref = s.leaves()
+    o_ref, S_ref = spec.fn(**ref.inputs, **ref.kwargs, **kw)
     loss = (o_ref * w).sum()
-    ends = _prefix_ends(sp, T)
     if packed:
-        loss = loss + _weighted(_flat(S_ref), w2)
+        loss = loss + _weighted(state_parts(S_ref), w2)
         S_mine = S_ref
     else:
-        S_all = [fn(*(x[:, :e] for x in ref_x), initial_state=ref_state, output_final_state=True,
-                    chunk_size=chunk_size, backend=backend)[1] for e in ends]
-        loss = loss + sum(_weighted(_flat(S), w2) for S in S_all)
+        S_all = [spec.fn(**{n: x[:, :e] if n in spec.timed else x for n, x in ref.inputs.items()},
+                         initial_state=ref.initial_state, **kw)[1] for e in _prefix_ends(sp, T)]
+        loss = loss + sum(_weighted(state_parts(S), w2) for S in S_all)
         S_mine = S_all[sp.rank]
-    grads_ref = torch.autograd.grad(loss, ref_x + list(ref_s))
+    grads_ref = torch.autograd.grad(loss, ref.tensors)
 
     # SP: this rank's shard.
-    sp_x = [_leaf(shard(x, sp)) for x in xs]
-    sp_s = tuple(_leaf(s) for s in _flat(state))
-    o, S = fn(*sp_x, initial_state=sp_s if op == "mlstm" else sp_s[0], output_final_state=True,
-              cu_seqlens=cu, chunk_size=chunk_size, backend=backend, sp=sp)
-    loss = (o * shard(w, sp)).sum() + _weighted(_flat(S), w2)
-    grads = _grads(loss, sp_x + list(sp_s))
+    mine = s.leaves()
+    sp_x = {n: _leaf(shard(x, sp)) if n in spec.timed else x for n, x in mine.inputs.items()}
+    o, S = spec.fn(**sp_x, **mine.kwargs, **kw, sp=sp)
+    loss = (o * shard(w, sp)).sum() + _weighted(state_parts(S), w2)
+    grads = _grads(loss, [*sp_x.values(), *state_parts(mine.initial_state)])
 
     chk = Checker(sp)
     chk.add("o", o, shard(o_ref.detach(), sp))
-    for i, (a, b) in enumerate(zip(_flat(S), _flat(S_mine))):
+    for i, (a, b) in enumerate(zip(state_parts(S), state_parts(S_mine))):
         # Packed: each rank holds the documents that end on it, zeros for the others.
         (chk.add_summed if packed else chk.add)(f"S[{i}]", a.detach(), b.detach())
-    nx = len(xs)
-    for i in range(nx):
-        chk.add(f"d{i}", grads[i], shard(grads_ref[i], sp))
-    for i in range(len(sp_s)):
-        chk.add_summed(f"dS0[{i}]", grads[nx + i], grads_ref[nx + i])
+    for name, g, g_ref in zip(s.names, grads, grads_ref):
+        if name in spec.timed:
+            chk.add(f"d{name}", g, shard(g_ref, sp))
+        else:
+            chk.add_summed(f"d{name}", g, g_ref)
     return chk.errs
 
 
@@ -203,54 +185,59 @@ def compare(sp, fn, inputs, sharded, weights, seq_dims, replicated=()):
     return chk.errs
 
 
+def _sharded(spec, s):
+    """For each of ``s.tensors``: whether it is split along T (laid out (B, T, ...))."""
+    return [n in spec.timed for n in s.names]
+
+
 def attn_case(sp, packed, causal, seed, T=24):
     gen = torch.Generator().manual_seed(seed)
+    spec = catalog.get("softmax_attn")
     B, H, Hkv, D = (1, 8, 4, 8) if packed else (2, 8, 4, 8)
-    q, k = torch.randn(B, T, H, D, generator=gen), torch.randn(B, T, Hkv, D, generator=gen)
-    v = torch.randn(B, T, Hkv, D, generator=gen)
-    cu = _packed_offsets(sp) if packed else None
+    s = spec.sample(B, T, H, D, D, generator=gen, Hkv=Hkv,
+                    cu_seqlens=_packed_offsets(sp) if packed else None)
     w = [torch.randn(B, T, H, D, generator=gen), torch.randn(B, H, T, generator=gen)]
 
     def fn(q, k, v, sp):
-        return ops.softmax_attn(q, k, v, causal=causal, cu_seqlens=cu, sp=sp)
+        return spec.fn(q, k, v, causal=causal, **s.kwargs, sp=sp)
 
-    return compare(sp, fn, [q, k, v], [True] * 3, w, [1, 2])
+    return compare(sp, fn, s.tensors, _sharded(spec, s), w, [1, 2])
 
 
 def short_conv_case(sp, packed, seed, T=24, w=4):
     gen = torch.Generator().manual_seed(seed)
+    spec = catalog.get("short_conv")
     B, C = (1, 6) if packed else (2, 6)
-    cu = _packed_offsets(sp) if packed else None
-    N = len(cu) - 1 if packed else B
-    x = torch.randn(B, T, C, generator=gen)
-    weight, bias = torch.randn(C, w, generator=gen), torch.randn(C, generator=gen)
-    init = torch.randn(N, C, w - 1, generator=gen)
+    s = spec.sample(B, T, 1, C, 1, generator=gen, C=C, W=w,
+                    cu_seqlens=_packed_offsets(sp) if packed else None)
     end = _prefix_ends(sp, T)[sp.rank]
 
     def fn(x, weight, bias, init, sp):
-        y, S = ops.short_conv(x, weight, bias, "silu", init, True, cu, sp=sp)
+        y, S = spec.fn(x, weight, bias, initial_state=init, output_final_state=True,
+                       cu_seqlens=s.cu_seqlens, sp=sp)
         if sp is None and not packed:
             # This rank's final state is the state after its last token: a prefix run
             # (it depends on this rank's tokens only, so its gradient is local too).
-            S = ops.short_conv(x[:, :end], weight, bias, "silu", init, True)[1]
+            S = spec.fn(x[:, :end], weight, bias, initial_state=init, output_final_state=True)[1]
         return y, S
 
-    wts = [torch.randn(B, T, C, generator=gen), torch.randn(N, C, w - 1, generator=gen)]
-    return compare(sp, fn, [x, weight, bias, init], [True, False, False, False], wts, [1, None],
+    wts = [torch.randn(B, T, C, generator=gen), torch.randn(s.initial_state.shape, generator=gen)]
+    return compare(sp, fn, s.tensors, _sharded(spec, s), wts, [1, None],
                    replicated=(1,) if packed else ())
 
 
 def long_conv_case(sp, packed, seed, T=24, L=17):
     gen = torch.Generator().manual_seed(seed)
+    spec = catalog.get("long_conv")
     B, C = (1 if packed else 2), 8
-    x, kernel = torch.randn(B, T, C, generator=gen), torch.randn(C, L, generator=gen)
     # documents crossing every shard boundary at P = 2 and 4, and a one-token document
-    cu = torch.tensor([0, 5, 6, 19, T], dtype=torch.int32) if packed else None
+    s = spec.sample(B, T, 1, C, 1, generator=gen, C=C, L=L,
+                    cu_seqlens=(0, 5, 6, 19, T) if packed else None)
 
     def fn(x, kernel, sp):
-        return (ops.long_conv(x, kernel, cu_seqlens=cu, sp=sp),)
+        return (spec.fn(x, kernel, **s.kwargs, sp=sp),)
 
-    return compare(sp, fn, [x, kernel], [True, False], [torch.randn(B, T, C, generator=gen)], [1])
+    return compare(sp, fn, s.tensors, _sharded(spec, s), [torch.randn(B, T, C, generator=gen)], [1])
 
 
 def hybrid_case(sp, seed, T=24):
@@ -258,19 +245,18 @@ def hybrid_case(sp, seed, T=24):
     layer stack uses them: backward runs each op's exchange in reverse on every rank."""
     gen = torch.Generator().manual_seed(seed)
     B, H, K = 2, 4, 4
-    x = torch.randn(B, T, H * K, generator=gen)
-    weight = torch.randn(H * K, 3, generator=gen)
-    g = F.logsigmoid(torch.randn(B, T, H, K, generator=gen) + 3)
+    conv = catalog.get("short_conv").make_inputs(B, T, H, K, K, W=3, generator=gen)
+    g = catalog.get("gla").make_inputs(B, T, H, K, K, generator=gen)["g"]
 
-    def fn(x, weight, g, sp):
+    def fn(x, weight, bias, g, sp):
         # contiguous(): ops.softmax_attn (single device) returns wrong results for keys
         # with the strides of this view (a transposed conv output); reported, not ours.
-        h = ops.short_conv(x, weight, sp=sp)[0].view(B, -1, H, K).contiguous()
+        h = ops.short_conv(x, weight, bias, sp=sp)[0].view(B, -1, H, K).contiguous()
         o = ops.gla(h, h, h, g, chunk_size=4, sp=sp)[0]
         # Normalized queries and keys (as with QK-norm) keep the softmax well conditioned.
         return (ops.softmax_attn(F.normalize(o, dim=-1), F.normalize(h, dim=-1), o, sp=sp)[0],)
 
-    return compare(sp, fn, [x, weight, g], [True, False, True],
+    return compare(sp, fn, [*conv.values(), g], [True, False, False, True],
                    [torch.randn(B, T, H, K, generator=gen)], [1])
 
 
@@ -287,13 +273,13 @@ def traffic_case(sp, seed):
     P, out = sp.world, {}
     B, H, K, V = 2, 2, 4, 6
     for op in ("gla", "gated_delta_rule"):
+        spec = catalog.get(op)
         got = []
         for T in (8 * P, 24 * P):
-            xs, _ = _linear_inputs(op, gen, B, T, H, K, V, B)
-            xs = [_leaf(shard(x, sp)) for x in xs]
+            xs = {n: _leaf(shard(x, sp)) for n, x in spec.make_inputs(B, T, H, K, V, generator=gen).items()}
 
             def run():
-                o, S = getattr(ops, op)(*xs, output_final_state=True, sp=sp)  # noqa: B023
+                o, S = spec.fn(**xs, output_final_state=True, sp=sp)  # noqa: B023
                 (o.sum() + S.sum()).backward()
             got.append(_bytes_of(sp, run))
         # Closed forms: a (B, H, K, V) float32 state per chunk boundary whose far side is
@@ -312,10 +298,9 @@ def traffic_case(sp, seed):
             out[f"{op} {key} bytes T-independent"] = abs(a - b) / max(a, 1)
             out[f"{op} {key} bytes closed form"] = abs(a - want[key]) / max(want[key], 1)
     T, Hq, Hkv, D = 8 * P, 4, 2, 8
-    q = _leaf(shard(torch.randn(B, T, Hq, D, generator=gen), sp))
-    k = _leaf(shard(torch.randn(B, T, Hkv, D, generator=gen), sp))
-    v = _leaf(shard(torch.randn(B, T, Hkv, D, generator=gen), sp))
-    got = _bytes_of(sp, lambda: ops.softmax_attn(q, k, v, sp=sp)[0].sum().backward())
+    attn = catalog.get("softmax_attn")
+    q, k, v = (_leaf(shard(x, sp)) for x in attn.make_inputs(B, T, Hq, D, D, Hkv=Hkv, generator=gen).values())
+    got = _bytes_of(sp, lambda: attn.fn(q, k, v, sp=sp)[0].sum().backward())
     kv = (k.numel() + v.numel()) * 4
     fwd = (P - 1) * kv
     bwd = (P - 1) * kv + (P * kv if sp.attn_strategy == "ring" else 0)
@@ -404,20 +389,20 @@ def _cases(world, triton=False):
         # The Triton kernels (interpreted on CPU) under SP: 512 tokens, 128 per chunk, cut
         # into state-only segments of 64 (engine.SEGMENT, set by the worker).
         for layout in LAYOUTS:
-            for op in LINEAR_OPS:
+            for spec in LINEAR:
                 for packed in (False, True):
-                    name = f"triton/{op}/scan/{layout}/{'packed' if packed else 'batch'}"
+                    name = f"triton/{spec.name}/scan/{layout}/{'packed' if packed else 'batch'}"
                     out.append((name, dict(layout=layout, strategy="scan"),
-                                lambda sp, op=op, packed=packed: linear_case(
-                                    sp, op, packed, seed=world, T=512, backend="triton")))
+                                lambda sp, spec=spec, packed=packed: linear_case(
+                                    sp, spec, packed, seed=world, T=512, backend="triton")))
         return out
     for layout in LAYOUTS:
         for strategy in ("scan", "allgather"):
-            for op in LINEAR_OPS:
+            for spec in LINEAR:
                 for packed in (False, True):
-                    name = f"linear/{op}/{strategy}/{layout}/{'packed' if packed else 'batch'}"
+                    name = f"linear/{spec.name}/{strategy}/{layout}/{'packed' if packed else 'batch'}"
                     out.append((name, dict(layout=layout, strategy=strategy),
-                                lambda sp, op=op, packed=packed: linear_case(sp, op, packed, seed=world)))
+                                lambda sp, spec=spec, packed=packed: linear_case(sp, spec, packed, seed=world)))
         for strategy in ("ring", "allgather", "alltoall"):
             for packed, causal in ((False, True), (True, True), (False, False)):
                 name = f"attn/{strategy}/{layout}/{'packed' if packed else 'batch'}/causal={causal}"

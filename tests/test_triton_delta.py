@@ -1,8 +1,10 @@
 """The delta family's Triton path (``backend='triton'``: the WY state pass as Triton
 kernels, seqpar/ops/linear/triton_delta.py) against the float64 token-loop references.
 
-The kernels run compiled on a machine with CUDA and under Triton's CPU interpreter
-elsewhere (set up in conftest.py, which also builds the inputs and error tables).
+The catalogue's ops on the delta engine (:func:`test_triton.specs_of`; inputs, unit keys
+and beta in (0, 1) from the catalogue). The kernels run compiled on a machine with CUDA
+and under Triton's CPU interpreter elsewhere (set up in conftest.py); the error tables
+are test_triton.py's.
 
 What is checked: outputs, final states and the gradients of q, k, v, g, beta and the
 initial state within the precision contract (float32 1e-4, bf16 inputs 2e-2, against
@@ -21,6 +23,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import example, given, settings
+from test_triton import assert_triton_matches, sample, spec_id, specs_of
 
 from conftest import (
     DEVICE,
@@ -28,15 +31,13 @@ from conftest import (
     QUICK_CASE,
     assert_compiled_equals_eager,
     assert_sm90_compiles,
-    assert_triton_matches,
-    delta_inputs,
     rel_err,
     triton_cases,
 )
-from seqpar import ops
+from seqpar.ops import catalog
 from seqpar.ops.linear import delta as delta_engine
 
-OPS = ("delta_rule", "gated_delta_rule")
+OPS = specs_of("delta")
 
 EXTRA = [  # bf16 with strong decays, packed, a one-token document; V = 33 spans two V tiles
     dict(B=1, T=140, H=1, K=16, V=33, cuts=(70, 71), strong=True, initial=True,
@@ -48,7 +49,7 @@ EXTRA = [  # bf16 with strong decays, packed, a one-token document; V = 33 spans
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("spec", OPS, ids=spec_id)
 @settings(max_examples=3)
 @given(case=triton_cases())
 @example(case=FIXED_CASES[0])
@@ -56,43 +57,45 @@ EXTRA = [  # bf16 with strong decays, packed, a one-token document; V = 33 spans
 @example(case=FIXED_CASES[2])
 @example(case=EXTRA[0])
 @example(case=EXTRA[1])
-def test_triton_delta_matches_reference(op, case):
-    assert_triton_matches(op, **case)
+def test_triton_delta_matches_reference(spec, case):
+    assert_triton_matches(spec, **case)
 
 
-@pytest.mark.parametrize("op", OPS)
-def test_triton_delta_matches_reference_quick(op):
-    assert_triton_matches(op, **QUICK_CASE)
+@pytest.mark.parametrize("spec", OPS, ids=spec_id)
+def test_triton_delta_matches_reference_quick(spec):
+    assert_triton_matches(spec, **QUICK_CASE)
 
 
 @pytest.mark.slow
 def test_compile_fullgraph_traces_custom_op():
     """The state pass is one custom op to torch.compile: fullgraph tracing succeeds and
     the compiled forward and backward equal eager."""
-    xs, state = delta_inputs("gated_delta_rule", 2, 70, 2, 16, 24, 2, False, True, torch.float32, 7)
-    assert_compiled_equals_eager("gated_delta_rule", xs, state)
+    s = sample(catalog.get("gated_delta_rule"), 2, 70, 2, 16, 24, (), False, True, torch.float32, 7)
+    assert_compiled_equals_eager("gated_delta_rule", list(s.inputs.values()), s.initial_state)
 
 
-def test_auto_dispatch_reaches_delta_kernels(monkeypatch):
+@pytest.mark.parametrize("spec", OPS, ids=spec_id)
+def test_auto_dispatch_reaches_delta_kernels(spec, monkeypatch):
     """'auto' runs these kernels wherever it resolves to Triton (CUDA), and the PyTorch
     path where it resolves to 'torch' (CPU)."""
     import seqpar.ops.linear.triton_delta as td
 
     calls = []
     monkeypatch.setattr(td, "triton_delta", lambda *a, **kw: calls.append(1) or (None, None))
-    xs, _ = delta_inputs("delta_rule", 1, 5, 1, 16, 16, 1, False, False, torch.float32, 0)
+    xs = spec.make_inputs(1, 5, 1, 16, 16)
     monkeypatch.setattr(delta_engine, "pick_backend", lambda backend, x: "torch")
-    ops.delta_rule(*xs, backend="auto")
+    spec.fn(**xs, backend="auto")
     assert calls == []
     monkeypatch.setattr(delta_engine, "pick_backend", lambda backend, x: "triton")
-    ops.delta_rule(*xs, backend="auto")
+    spec.fn(**xs, backend="auto")
     assert calls == [1]
 
 
-def test_head_dim_limit():
-    xs, _ = delta_inputs("delta_rule", 1, 3, 1, 160, 16, 1, False, False, torch.float32, 0)
+@pytest.mark.parametrize("spec", OPS, ids=spec_id)
+def test_head_dim_limit(spec):
+    xs = spec.make_inputs(1, 3, 1, 160, 16, device=DEVICE)
     with pytest.raises(ValueError, match=r"k: expected head dim <= 128.*got 160"):
-        ops.delta_rule(*[x.to(DEVICE) for x in xs], backend="triton")
+        spec.fn(**xs, backend="triton")
 
 
 def test_unit_lower_inverse(monkeypatch):
@@ -125,8 +128,9 @@ def test_wy_kernels_match_wy_terms():
     from seqpar.ops.linear.chunk_delta import wy_terms
     from seqpar.ops.linear.chunk_diag import _chunks
 
-    xs, _ = delta_inputs("gated_delta_rule", 1, 100, 2, 16, 24, 1, True, False, torch.float32, 9)
-    q, k, v, g, beta = (x.to(DEVICE) for x in xs)
+    s = sample(catalog.get("gated_delta_rule"), 1, 100, 2, 16, 24, (), True, False,
+               torch.float32, 9)
+    q, k, v, g, beta = (x.to(DEVICE) for x in s.inputs.values())
     _, _, ai, w, _, _ = td.delta_forward(q, k, v, g, beta, None, 0.25, [0, 90, 100])
     docs = []
     for s, e in ((0, 90), (90, 100)):  # each document in chunks of 64, zero-padded

@@ -1,8 +1,10 @@
 """GLA's Triton kernels (per-key gate, seqpar/ops/linear/triton_gla.py) against the
 float64 token-loop reference.
 
-The kernels run compiled on a machine with CUDA and under Triton's CPU interpreter
-elsewhere (set up in conftest.py, which also builds the inputs and error tables).
+The catalogue's ops with a per-key gate (:func:`test_triton.specs_of`; inputs from the
+catalogue, whose strong regime decays half the key channels strongly, the others
+mildly). The kernels run compiled on a machine with CUDA and under Triton's CPU
+interpreter elsewhere (set up in conftest.py); the error tables are test_triton.py's.
 
 What is checked: outputs, final states and the gradients of q, k, v, g and the initial
 state within the precision contract (float32 1e-4, bf16 inputs 2e-2, against the
@@ -20,18 +22,19 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import example, given, settings
+from test_triton import assert_triton_matches, sample, spec_id, specs_of
 
 from conftest import (
     FIXED_CASES,
     QUICK_CASE,
     assert_compiled_equals_eager,
     assert_sm90_compiles,
-    assert_triton_matches,
-    gla_inputs,
     triton_cases,
 )
-from seqpar import ops
 from seqpar.ops.linear import diag as diag_engine
+
+OPS = specs_of("gla")
+
 
 EXTRA = [  # bf16 with strong decays, packed, a one-token document; V = 33 spans two V tiles
     dict(B=1, T=140, H=1, K=16, V=33, cuts=(70, 71), strong=True, initial=True,
@@ -43,6 +46,7 @@ EXTRA = [  # bf16 with strong decays, packed, a one-token document; V = 33 spans
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("spec", OPS, ids=spec_id)
 @settings(max_examples=1)
 @given(case=triton_cases())
 @example(case=FIXED_CASES[0])
@@ -50,31 +54,33 @@ EXTRA = [  # bf16 with strong decays, packed, a one-token document; V = 33 spans
 @example(case=FIXED_CASES[2])
 @example(case=EXTRA[0])
 @example(case=EXTRA[1])
-def test_triton_gla_matches_reference(case):
-    assert_triton_matches("gla", **case)
+def test_triton_gla_matches_reference(spec, case):
+    assert_triton_matches(spec, **case)
 
 
-def test_triton_gla_matches_reference_quick():
-    assert_triton_matches("gla", **QUICK_CASE)
+@pytest.mark.parametrize("spec", OPS, ids=spec_id)
+def test_triton_gla_matches_reference_quick(spec):
+    assert_triton_matches(spec, **QUICK_CASE)
 
 
 @pytest.mark.slow
 def test_compile_fullgraph_traces_custom_op():
     """The kernels are one custom op to torch.compile: fullgraph tracing succeeds and the
     compiled forward and backward equal eager."""
-    xs, state = gla_inputs("gla", 1, 40, 1, 16, 24, 1, False, True, torch.float32, 7)
-    assert_compiled_equals_eager("gla", xs, state)
+    s = sample(OPS[0], 1, 40, 1, 16, 24, (), False, True, torch.float32, 7)
+    assert_compiled_equals_eager(OPS[0].name, list(s.inputs.values()), s.initial_state)
 
 
-def test_auto_dispatch_reaches_gla_kernels(monkeypatch):
+@pytest.mark.parametrize("spec", OPS, ids=spec_id)
+def test_auto_dispatch_reaches_gla_kernels(spec, monkeypatch):
     """'auto' runs these kernels wherever it resolves to Triton (CUDA)."""
     import seqpar.ops.linear.triton_gla as tg
 
     calls = []
     monkeypatch.setattr(tg, "triton_gla", lambda *a, **kw: calls.append(1) or (None, None))
-    xs, _ = gla_inputs("gla", 1, 5, 1, 16, 16, 1, False, False, torch.float32, 0)
+    xs = spec.make_inputs(1, 5, 1, 16, 16)
     monkeypatch.setattr(diag_engine, "pick_backend", lambda backend, x: "triton")
-    ops.gla(*xs, backend="auto")
+    spec.fn(**xs, backend="auto")
     assert calls == [1]
 
 
