@@ -1,6 +1,8 @@
 """Shared test set-up and helpers: where Triton kernels run, the relative-error metric of
-the precision contract, the hypothesis profiles, and the inputs and error tables of the
-Triton kernel tests (on CPU and on the GPU).
+the precision contract, the hypothesis profiles, the inputs and error tables of the
+Triton kernel tests (on CPU and on the GPU), and the SP case of one linear op
+(test_parallel.py on gloo, test_sp_gpu.py on one GPU). Test files share helpers through
+this file, never by importing one another.
 
 Triton kernels run compiled on a machine with CUDA and under Triton's CPU interpreter
 elsewhere. Triton decides interpreted or compiled when a ``@triton.jit`` function is
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from hypothesis import settings
 from hypothesis import strategies as st
 
@@ -116,6 +119,7 @@ from seqpar.ops import catalog  # noqa: E402
 from seqpar.ops.catalog import state_parts  # noqa: E402
 from seqpar.ops.linear.delta import DELTA  # noqa: E402
 from seqpar.ops.linear.mlstm import MLSTM  # noqa: E402
+from seqpar.parallel import shard  # noqa: E402
 
 # Float64 reference loops make examples slow and uneven, so no deadline.
 settings.register_profile("ci", deadline=None, derandomize=False, print_blob=True)
@@ -318,3 +322,115 @@ def assert_sm90_compiles(kernels: str):
                        env={**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": pythonpath},
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+
+
+# ---- Sequence parallelism: one linear op sharded vs whole (gloo on CPU, or one GPU) ----
+
+def fresh_leaf(x):
+    """A detached copy of ``x`` requiring grad."""
+    return x.detach().clone().requires_grad_()
+
+
+def _weighted(ts, ws):
+    return sum((t * w).sum() for t, w in zip(ts, ws))
+
+
+def grads_or_zeros(loss, leaves):
+    """Gradients of every leaf; zeros for a leaf this rank does not read (an initial
+    state on a rank where no sequence starts)."""
+    gs = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(gs, leaves)]
+
+
+class Checker:
+    """Collects ``name -> max relative error over ranks`` for one case."""
+
+    def __init__(self, sp):
+        self.sp, self.errs = sp, {}
+
+    def add(self, name, got, want):
+        e = torch.tensor(rel_err(got, want), dtype=torch.float64)
+        dist.all_reduce(e, op=dist.ReduceOp.MAX, group=self.sp.group)
+        self.errs[name] = max(self.errs.get(name, 0.0), e.item())
+
+    def add_summed(self, name, got, want):
+        """A replicated input's gradient: this rank's share, summed over the group."""
+        got = got.clone()
+        dist.all_reduce(got, group=self.sp.group)
+        self.add(name, got, want)
+
+
+def prefix_ends(sp, T):
+    """Global index after the last token of each rank's shard (its final state's point)."""
+    n = sp.world * (2 if sp.layout == "zigzag" else 1)
+    c = T // n
+    return [(r + 1) * c if sp.layout == "contiguous" else (n - r) * c for r in range(sp.world)]
+
+
+def linear_case(sp, spec, packed, seed, T=24, chunk_size=4, backend="torch", *, dims=None,
+                offsets=None, decay="mild", device="cpu"):
+    """SP vs single-process run of one linear op of the catalogue; returns the error
+    table. Inputs laid out (B, T, ...) are sharded; the others (Mamba-2's A, D) and the
+    initial state are replicated, their gradients summed over ranks.
+
+    dims: (H, K, V) (default (2, 4, 6); (2, 16, 24) for Triton, whose tiles take head
+    dims from 16). offsets: the packed documents (default :func:`packed_offsets`
+    scaled to T). decay: the catalogue regime; 'mild' by default, as under strong decays
+    gradients that sum over every token with cancellation (Mamba-2's dA) differ between
+    sharded and whole runs by more than test_parallel.py's 1e-5. device: where the inputs are
+    (drawn on the CPU, the same everywhere)."""
+    gen = torch.Generator().manual_seed(seed)
+    H, K, V = dims or ((2, 16, 24) if backend == "triton" else (2, 4, 6))
+    B = 1 if packed else 2
+    cu = None
+    if packed:
+        cu = offsets if offsets is not None else (
+            (packed_offsets(sp).double() * (T / 24)).round().to(torch.int32))
+    s = spec.sample(B, T, H, K, V, generator=gen, cu_seqlens=cu, device=device,
+                    decay=decay)
+    w = torch.randn(B, T, H, V, generator=gen).to(device)
+    w2 = [torch.randn(p.shape, generator=gen).to(device) for p in state_parts(s.initial_state)]
+    kw = dict(output_final_state=True, chunk_size=chunk_size, backend=backend)
+
+    # Reference: full sequence, one process. Unpacked, each rank's final state is the
+    # state after its last token: a prefix run.
+    ref = s.leaves()
+    o_ref, S_ref = spec.fn(**ref.inputs, **ref.kwargs, **kw)
+    loss = (o_ref * w).sum()
+    if packed:
+        loss = loss + _weighted(state_parts(S_ref), w2)
+        S_mine = S_ref
+    else:
+        S_all = [spec.fn(**{n: x[:, :e] if n in spec.timed else x for n, x in ref.inputs.items()},
+                         initial_state=ref.initial_state, **kw)[1] for e in prefix_ends(sp, T)]
+        loss = loss + sum(_weighted(state_parts(S), w2) for S in S_all)
+        S_mine = S_all[sp.rank]
+    grads_ref = torch.autograd.grad(loss, ref.tensors)
+
+    # SP: this rank's shard.
+    mine = s.leaves()
+    sp_x = {n: fresh_leaf(shard(x, sp)) if n in spec.timed else x for n, x in mine.inputs.items()}
+    o, S = spec.fn(**sp_x, **mine.kwargs, **kw, sp=sp)
+    loss = (o * shard(w, sp)).sum() + _weighted(state_parts(S), w2)
+    grads = grads_or_zeros(loss, [*sp_x.values(), *state_parts(mine.initial_state)])
+
+    chk = Checker(sp)
+    chk.add("o", o, shard(o_ref.detach(), sp))
+    for i, (a, b) in enumerate(zip(state_parts(S), state_parts(S_mine))):
+        # Packed: each rank holds the documents that end on it, zeros for the others.
+        (chk.add_summed if packed else chk.add)(f"S[{i}]", a.detach(), b.detach())
+    for name, g, g_ref in zip(s.names, grads, grads_ref):
+        if name in spec.timed:
+            chk.add(f"d{name}", g, shard(g_ref, sp))
+        else:
+            chk.add_summed(f"d{name}", g, g_ref)
+    return chk.errs
+
+
+def packed_offsets(sp):
+    """Packed documents of a 24-token stream: some cross chunk edges, and (except with
+    2 contiguous ranks, whose only edge must be crossed) one starts exactly on an edge
+    (12), after a document ending there."""
+    if sp.layout == "contiguous" and sp.world == 2:
+        return torch.tensor([0, 1, 10, 14, 22, 24], dtype=torch.int32)
+    return torch.tensor([0, 1, 10, 12, 13, 22, 24], dtype=torch.int32)
