@@ -23,7 +23,9 @@ test is also ``slow``: starting a process group costs each rank a process start 
 """
 from __future__ import annotations
 
+import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -434,3 +436,40 @@ def packed_offsets(sp):
     if sp.layout == "contiguous" and sp.world == 2:
         return torch.tensor([0, 1, 10, 14, 22, 24], dtype=torch.int32)
     return torch.tensor([0, 1, 10, 12, 13, 22, 24], dtype=torch.int32)
+
+
+# ---- The trainer's tests: a tiny corpus, model and run, a damaged file ----
+
+# The trainer tests' model (layers and mixers from the pattern).
+SMALL = dict(d_model=32, n_heads=2, head_dim=16, chunk_size=16, max_seq_len=64)
+
+
+def write_corpus(path: Path, n: int = 300, seed: int = 0) -> Path:
+    """``n`` short documents (3..60 characters) as jsonl: many boundaries per window."""
+    rng = random.Random(seed)
+    words = ["def", "x", "return", "(", ")", ":", "import", "seqpar", "é", "λ", "\n", "    "]
+    with path.open("w") as f:
+        for _ in range(n):
+            text = "".join(rng.choice(words) for _ in range(rng.randint(2, 20)))
+            f.write(json.dumps({"text": text}) + "\n")
+    return path
+
+
+def small_cfg(data: Path, out: Path, pattern: str, **kw):
+    """A :class:`seqpar.train.TrainConfig` of a tiny ``pattern`` model (:data:`SMALL`)
+    trained on ``data`` for 6 short steps, writing under ``out``; ``kw`` overrides."""
+    from seqpar.train import TrainConfig  # on use: most test files never load the trainer
+
+    layers = len(pattern.split(","))
+    return TrainConfig(model=dict(SMALL, pattern=pattern, n_layers=layers), data=str(data),
+                       out=str(out), progress=False, **{**dict(seq_len=32, batch_size=2, steps=6,
+                                                               lr=1e-2, warmup=2, log_every=1,
+                                                               eval_batches=1, save_every=3), **kw})
+
+
+def flip_bytes(path: Path) -> None:
+    """Invert 4 KiB in the middle of the file, keeping its size."""
+    raw = bytearray(path.read_bytes())
+    mid = len(raw) // 2
+    raw[mid:mid + 4096] = bytes(b ^ 0xFF for b in raw[mid:mid + 4096])
+    path.write_bytes(bytes(raw))
