@@ -15,31 +15,21 @@ packed documents and the generation cache. Bad arguments raise ValueError naming
 from __future__ import annotations
 
 import os
-import sys
+import tempfile
+import traceback
+from datetime import timedelta
 
+import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
-if not torch.cuda.is_available():
-    # The Triton kernels run under the interpreter on CPU, which Triton reads when a
-    # kernel module is imported; test_triton.py guards the same way.
-    if "seqpar.ops.linear.triton_diag" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("triton_diag was imported before TRITON_INTERPRET=1 was set")
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import tempfile  # noqa: E402
-import traceback  # noqa: E402
-from datetime import timedelta  # noqa: E402
-
-import pytest  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-from hypothesis import example, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from conftest import bound, grad_errors, rel_err  # noqa: E402
-from seqpar import ops  # noqa: E402
-from seqpar.ops import catalog  # noqa: E402
-from seqpar.ops.catalog import state_parts  # noqa: E402
+from conftest import bound, grad_errors, rel_err
+from seqpar import ops
+from seqpar.ops import catalog
+from seqpar.ops.catalog import state_parts
 
 SPEC = catalog.get("mamba2")
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
