@@ -1,6 +1,8 @@
 """Shared test set-up and helpers: where Triton kernels run, the relative-error metric of
-the precision contract, the hypothesis profiles, and the inputs and error tables of the
-Triton kernel tests (on CPU and on the GPU).
+the precision contract, the hypothesis profiles, the inputs and error tables of the
+Triton kernel tests (on CPU and on the GPU), and the SP case of one linear op
+(test_parallel.py on gloo, test_sp_gpu.py on one GPU). Test files share helpers through
+this file, never by importing one another.
 
 Triton kernels run compiled on a machine with CUDA and under Triton's CPU interpreter
 elsewhere. Triton decides interpreted or compiled when a ``@triton.jit`` function is
@@ -21,14 +23,16 @@ test is also ``slow``: starting a process group costs each rank a process start 
 """
 from __future__ import annotations
 
+import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 from hypothesis import settings
 from hypothesis import strategies as st
 
@@ -112,7 +116,12 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     _round_bf16_to_nearest()
     _bool_masks()
 
-from seqpar import ops  # noqa: E402  (after the set-up; it imports no kernel module)
+# After the set-up; they import no kernel module.
+from seqpar.ops import catalog  # noqa: E402
+from seqpar.ops.catalog import state_parts  # noqa: E402
+from seqpar.ops.linear.delta import DELTA  # noqa: E402
+from seqpar.ops.linear.mlstm import MLSTM  # noqa: E402
+from seqpar.parallel import shard  # noqa: E402
 
 # Float64 reference loops make examples slow and uneven, so no deadline.
 settings.register_profile("ci", deadline=None, derandomize=False, print_blob=True)
@@ -162,136 +171,87 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # go through tf32 products (GPU_TOL in test_triton_gpu.py).
 TRITON_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
+# The linear family's ops (variants such as retention run their op's kernels and engine).
+LINEAR = [catalog.get(n) for n in catalog.names("linear", variants=False)]
 
-def _logsigmoid_gate(x, strong):
-    # strong: a_t down to ~e^-15 per token; mild: a_t near 1
-    return F.logsigmoid(x * 3 - 6 if strong else x + 2)
-
-
-def diag_inputs(op, B, T, H, K, V, N, strong, initial, dtype, seed):
-    """Inputs of triton_diag's and triton_mlstm's ops (linear_attn, simple_gla, mlstm):
-    ``([q, k, v, *gates], initial_state)``, q/k/v in ``dtype``, gates float32.
-    ``strong``: False, True (strong decays) or 'norm' (mLSTM's strong normalizer: aligned
-    keys and long memory, |u| ~ 5-300)."""
-    gen = torch.Generator().manual_seed(seed)
-    q, k = (torch.randn(B, T, H, K, generator=gen) for _ in range(2))
-    v = torch.randn(B, T, H, V, generator=gen)
-    if strong == "norm":
-        q, k, v = q + 1, k + 1, v + 2
-    xs = [q.to(dtype), k.to(dtype), v.to(dtype)]
-    if op == "simple_gla":
-        xs.append(_logsigmoid_gate(torch.randn(B, T, H, generator=gen), strong))
-    elif op == "mlstm":
-        xs.append(torch.randn(B, T, H, generator=gen))
-        x = torch.randn(B, T, H, generator=gen)
-        xs.append(x + 6 if strong == "norm" else x * 3 - 6 if strong else x + 2)
-    state = None
-    if initial:
-        state = torch.randn(N, H, K, V, generator=gen)
-        if op == "mlstm":
-            state = (state, torch.randn(N, H, K, generator=gen))
-    return xs, state
+# A case's ``strong`` (see :func:`triton_cases`) as a catalogue regime.
+REGIME = {False: "mild", True: "strong", "norm": "normalizer"}
 
 
-def gla_inputs(op, B, T, H, K, V, N, strong, initial, dtype, seed):
-    """GLA's inputs; ``strong``: even key channels decay strongly, odd ones mildly."""
-    gen = torch.Generator().manual_seed(seed)
-    q, k = (torch.randn(B, T, H, K, generator=gen) for _ in range(2))
-    v = torch.randn(B, T, H, V, generator=gen)
-    x = torch.randn(B, T, H, K, generator=gen)
-    if strong:
-        x = torch.where(torch.arange(K) % 2 == 0, x * 3 - 6, x + 2)
-    else:
-        x = x + 2
-    state = torch.randn(N, H, K, V, generator=gen) if initial else None
-    return [q.to(dtype), k.to(dtype), v.to(dtype), F.logsigmoid(x)], state
+def kernel_module(spec) -> str:
+    """The Triton module whose kernels ``spec``'s op runs: 'delta', 'mlstm', 'gla' (the
+    diag engine with a per-key gate) or 'diag' (no gate or one per head)."""
+    if spec.engine is DELTA:
+        return "delta"
+    if spec.engine is MLSTM:
+        return "mlstm"
+    return "gla" if any(i.name == "g" and i.dims[-1] == "K" for i in spec.inputs) else "diag"
 
 
-def delta_inputs(op, B, T, H, K, V, N, strong, initial, dtype, seed):
-    """The delta rules' inputs: k L2-normalized (the callers' contract), beta in (0, 1)."""
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, T, H, K, generator=gen)
-    k = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)
-    v = torch.randn(B, T, H, V, generator=gen)
-    xs = [q.to(dtype), k.to(dtype), v.to(dtype)]
-    if op == "gated_delta_rule":
-        xs.append(_logsigmoid_gate(torch.randn(B, T, H, generator=gen), strong))
-    xs.append(torch.sigmoid(torch.randn(B, T, H, generator=gen)).to(dtype))
-    state = torch.randn(N, H, K, V, generator=gen) if initial else None
-    return xs, state
+def specs_of(*modules: str) -> list:
+    """The linear ops whose kernels live in ``modules`` (see :func:`kernel_module`)."""
+    return [s for s in LINEAR if kernel_module(s) in modules]
 
 
-# op -> (input builder, names of its inputs after q, k, v)
-TRITON_OPS = {
-    "linear_attn": (diag_inputs, ()),
-    "simple_gla": (diag_inputs, ("g",)),
-    "mlstm": (diag_inputs, ("i", "f")),
-    "gla": (gla_inputs, ("g",)),
-    "delta_rule": (delta_inputs, ("beta",)),
-    "gated_delta_rule": (delta_inputs, ("g", "beta")),
-}
+def spec_id(spec) -> str:
+    """A test id: the op's catalogue name."""
+    return spec.name
 
 
-def flat_state(s) -> list:
-    return [] if s is None else (list(s) if isinstance(s, tuple) else [s])
+def sample(spec, B, T, H, K, V, cuts, strong, initial, dtype, seed, **sizes):
+    """The catalogue's inputs of one case: ``cuts`` are packed document boundaries
+    inside (0, T) (B == 1), ``strong`` a key of :data:`REGIME`."""
+    return spec.sample(B, T, H, K, V, seed=seed, dtype=dtype, initial=initial,
+                       cu_seqlens=(0, *cuts, T) if cuts else None, decay=REGIME[strong],
+                       **sizes)
 
 
-def leaves(xs, state, dtype=None, device=DEVICE):
-    """Fresh leaf tensors (requires_grad) of inputs and state on ``device``."""
-    def leaf(x):
-        x = x.to(device) if dtype is None else x.to(device=device, dtype=dtype)
-        return x.detach().requires_grad_()
-
-    xs = [leaf(x) for x in xs]
-    if state is None:
-        return xs, None
-    return xs, (tuple(leaf(s) for s in state) if isinstance(state, tuple) else leaf(state))
-
-
-def triton_errors(op, B, T, H, K, V, cuts, strong, initial, dtype, seed,
-                  ref_device="cpu") -> dict[str, float]:
+def triton_errors(spec, *, ref_device="cpu", **case) -> dict[str, float]:
     """Relative errors of ``backend='triton'`` against the float64 reference (run on
-    ``ref_device``): o, final state(s), and the gradient of every input under a random
-    linear loss of o and the final states. ``cuts``: packed document boundaries (B == 1)."""
-    inputs, gates = TRITON_OPS[op]
-    N = len(cuts) + 1 if cuts else B
-    xs, state = inputs(op, B, T, H, K, V, N, strong, initial, dtype, seed)
-    cu = None if not cuts else torch.tensor((0, *cuts, T), dtype=torch.int32)
-    fn, ref = getattr(ops, op), getattr(ops, op + "_reference")
-    xk, sk = leaves(xs, state)
-    o, S = fn(*xk, initial_state=sk, output_final_state=True,
-              cu_seqlens=None if cu is None else cu.to(DEVICE), backend="triton")
-    xr, sr = leaves(xs, state, torch.float64, ref_device)
-    o_ref, S_ref = ref(*xr, initial_state=sr, output_final_state=True,
-                       cu_seqlens=None if cu is None else cu.to(ref_device))
-    assert o.dtype == dtype and o.shape == o_ref.shape
+    ``ref_device``) for one case (see :func:`sample`): o, final state(s), and the
+    gradient of every input under a random linear loss of o and the final states."""
+    s = sample(spec, **case)
+    got, ref = s.leaves(device=DEVICE), s.leaves(torch.float64, ref_device)
+    o, S = spec.fn(**got.inputs, **got.kwargs, output_final_state=True, backend="triton")
+    o_ref, S_ref = spec.reference(**ref.inputs, **ref.kwargs, output_final_state=True)
+    assert o.dtype == case["dtype"] and o.shape == o_ref.shape
 
-    gen = torch.Generator().manual_seed(seed + 1)
-    w = torch.randn(o.shape, generator=gen).to(dtype).double()  # representable in o's dtype
-    ws = [torch.randn(s.shape, generator=gen, dtype=torch.float64) for s in flat_state(S_ref)]
+    gen = torch.Generator().manual_seed(case["seed"] + 1)
+    w = torch.randn(o.shape, generator=gen).to(o.dtype).double()  # representable in o's dtype
+    ws = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in state_parts(S_ref)]
 
     def grads(o, S, leaves):
         loss = (o.double() * w.to(o.device)).sum()
-        for s, x in zip(flat_state(S), ws):
-            loss = loss + (s.double() * x.to(s.device)).sum()
-        return torch.autograd.grad(loss, leaves)
+        for p, x in zip(state_parts(S), ws):
+            loss = loss + (p.double() * x.to(p.device)).sum()
+        return [g.cpu() for g in torch.autograd.grad(loss, leaves)]
 
-    names = ["q", "k", "v", *gates] + [f"state[{i}]" for i in range(len(flat_state(state)))]
     errs = {"o": rel_err(o.cpu(), o_ref.cpu())}
-    for i, (a, b) in enumerate(zip(flat_state(S), flat_state(S_ref))):
+    for i, (a, b) in enumerate(zip(state_parts(S), state_parts(S_ref))):
         errs[f"S[{i}]"] = rel_err(a.cpu(), b.cpu())
-    errs.update(grad_errors(names, [g.cpu() for g in grads(o, S, xk + flat_state(sk))],
-                            [g.cpu() for g in grads(o_ref, S_ref, xr + flat_state(sr))]))
+    errs.update(grad_errors(s.names, grads(o, S, got.tensors), grads(o_ref, S_ref, ref.tensors)))
     return errs
 
 
-def assert_triton_matches(op, tol=None, **case) -> dict[str, float]:
-    """:func:`triton_errors` of one case, every entry under ``tol`` (default
-    :data:`TRITON_TOL` of the case's dtype); returns the errors."""
-    tol = tol or TRITON_TOL[case["dtype"]]
-    errs = triton_errors(op, **case)
-    bad = {n: e for n, e in errs.items() if not e < tol}
-    assert not bad, f"{op} {case}: errors over {tol}: {bad}"
+def bound(spec, name: str, dtype, tol=None) -> float:
+    """The bound of error ``name``: ``tol`` (default :data:`TRITON_TOL` of ``dtype``), or
+    with bf16 inputs the entry's ``bf16_grad_tol`` of that gradient where larger."""
+    tol = tol or TRITON_TOL[dtype]
+    if dtype == torch.bfloat16 and name.startswith("d"):
+        return max(tol, spec.bf16_grad_tol.get(name[1:], tol))
+    return tol
+
+
+def assert_errors_within(spec, errs, case, tol=None):
+    """Every error of ``errs`` (one ``case``) under its :func:`bound`."""
+    bad = {n: e for n, e in errs.items() if not e < bound(spec, n, case["dtype"], tol)}
+    assert not bad, f"{spec.name} {case}: errors over their bounds: {bad} (all: {errs})"
+
+
+def assert_triton_matches(spec, tol=None, **case) -> dict[str, float]:
+    """:func:`triton_errors` of one case, each under its :func:`bound`; returns them."""
+    errs = triton_errors(spec, **case)
+    assert_errors_within(spec, errs, case, tol)
     return errs
 
 
@@ -327,24 +287,24 @@ QUICK_CASE = dict(B=1, T=70, H=1, K=16, V=24, cuts=(1, 40), strong=True, initial
                   dtype=torch.float32, seed=6)
 
 
-def assert_compiled_equals_eager(op, xs, state):
-    """``torch.compile(fullgraph=True)`` of a ``backend='triton'`` call traces (no graph
-    break) and its gradients equal eager's."""
+def assert_compiled_equals_eager(spec, s):
+    """``torch.compile(fullgraph=True)`` of ``spec``'s ``backend='triton'`` call on sample
+    ``s`` (its initial state required) traces (no graph break) and its gradients equal
+    eager's."""
     torch._dynamo.reset()
-    xs, state = leaves(xs, state)
-    fn = getattr(ops, op)
-    all_leaves = xs + flat_state(state)
-    pair = isinstance(state, tuple)  # mLSTM's (C, n)
+    s = s.leaves(device=DEVICE)
+    n = len(s.inputs)
+    pair = isinstance(s.initial_state, tuple)  # mLSTM's (C, n)
 
     def f(*args):
-        s = args[len(xs):]
-        o, S = fn(*args[:len(xs)], initial_state=tuple(s) if pair else s[0],
-                  output_final_state=True, backend="triton")
-        return (o * o).sum() + sum(x.sum() for x in flat_state(S))
+        parts = args[n:]
+        o, S = spec.fn(*args[:n], initial_state=tuple(parts) if pair else parts[0],
+                       output_final_state=True, backend="triton")
+        return (o * o).sum() + sum(x.sum() for x in state_parts(S))
 
-    eager = torch.autograd.grad(f(*all_leaves), all_leaves)
+    eager = torch.autograd.grad(f(*s.tensors), s.tensors)
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    got = torch.autograd.grad(compiled(*all_leaves), all_leaves)
+    got = torch.autograd.grad(compiled(*s.tensors), s.tensors)
     for a, b in zip(got, eager):
         assert rel_err(a, b) < 1e-6
 
@@ -364,3 +324,152 @@ def assert_sm90_compiles(kernels: str):
                        env={**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": pythonpath},
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+
+
+# ---- Sequence parallelism: one linear op sharded vs whole (gloo on CPU, or one GPU) ----
+
+def fresh_leaf(x):
+    """A detached copy of ``x`` requiring grad."""
+    return x.detach().clone().requires_grad_()
+
+
+def _weighted(ts, ws):
+    return sum((t * w).sum() for t, w in zip(ts, ws))
+
+
+def grads_or_zeros(loss, leaves):
+    """Gradients of every leaf; zeros for a leaf this rank does not read (an initial
+    state on a rank where no sequence starts)."""
+    gs = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(gs, leaves)]
+
+
+class Checker:
+    """Collects ``name -> max relative error over ranks`` for one case."""
+
+    def __init__(self, sp):
+        self.sp, self.errs = sp, {}
+
+    def add(self, name, got, want):
+        e = torch.tensor(rel_err(got, want), dtype=torch.float64)
+        dist.all_reduce(e, op=dist.ReduceOp.MAX, group=self.sp.group)
+        self.errs[name] = max(self.errs.get(name, 0.0), e.item())
+
+    def add_summed(self, name, got, want):
+        """A replicated input's gradient: this rank's share, summed over the group."""
+        got = got.clone()
+        dist.all_reduce(got, group=self.sp.group)
+        self.add(name, got, want)
+
+
+def prefix_ends(sp, T):
+    """Global index after the last token of each rank's shard (its final state's point)."""
+    n = sp.world * (2 if sp.layout == "zigzag" else 1)
+    c = T // n
+    return [(r + 1) * c if sp.layout == "contiguous" else (n - r) * c for r in range(sp.world)]
+
+
+def linear_case(sp, spec, packed, seed, T=24, chunk_size=4, backend="torch", *, dims=None,
+                offsets=None, decay="mild", device="cpu"):
+    """SP vs single-process run of one linear op of the catalogue; returns the error
+    table. Inputs laid out (B, T, ...) are sharded; the others (Mamba-2's A, D) and the
+    initial state are replicated, their gradients summed over ranks.
+
+    dims: (H, K, V) (default (2, 4, 6); (2, 16, 24) for Triton, whose tiles take head
+    dims from 16). offsets: the packed documents (default :func:`packed_offsets`
+    scaled to T). decay: the catalogue regime; 'mild' by default, as under strong decays
+    gradients that sum over every token with cancellation (Mamba-2's dA) differ between
+    sharded and whole runs by more than test_parallel.py's 1e-5. device: where the inputs are
+    (drawn on the CPU, the same everywhere)."""
+    gen = torch.Generator().manual_seed(seed)
+    H, K, V = dims or ((2, 16, 24) if backend == "triton" else (2, 4, 6))
+    B = 1 if packed else 2
+    cu = None
+    if packed:
+        cu = offsets if offsets is not None else (
+            (packed_offsets(sp).double() * (T / 24)).round().to(torch.int32))
+    s = spec.sample(B, T, H, K, V, generator=gen, cu_seqlens=cu, device=device,
+                    decay=decay)
+    w = torch.randn(B, T, H, V, generator=gen).to(device)
+    w2 = [torch.randn(p.shape, generator=gen).to(device) for p in state_parts(s.initial_state)]
+    kw = dict(output_final_state=True, chunk_size=chunk_size, backend=backend)
+
+    # Reference: full sequence, one process. Unpacked, each rank's final state is the
+    # state after its last token: a prefix run.
+    ref = s.leaves()
+    o_ref, S_ref = spec.fn(**ref.inputs, **ref.kwargs, **kw)
+    loss = (o_ref * w).sum()
+    if packed:
+        loss = loss + _weighted(state_parts(S_ref), w2)
+        S_mine = S_ref
+    else:
+        S_all = [spec.fn(**{n: x[:, :e] if n in spec.timed else x for n, x in ref.inputs.items()},
+                         initial_state=ref.initial_state, **kw)[1] for e in prefix_ends(sp, T)]
+        loss = loss + sum(_weighted(state_parts(S), w2) for S in S_all)
+        S_mine = S_all[sp.rank]
+    grads_ref = torch.autograd.grad(loss, ref.tensors)
+
+    # SP: this rank's shard.
+    mine = s.leaves()
+    sp_x = {n: fresh_leaf(shard(x, sp)) if n in spec.timed else x for n, x in mine.inputs.items()}
+    o, S = spec.fn(**sp_x, **mine.kwargs, **kw, sp=sp)
+    loss = (o * shard(w, sp)).sum() + _weighted(state_parts(S), w2)
+    grads = grads_or_zeros(loss, [*sp_x.values(), *state_parts(mine.initial_state)])
+
+    chk = Checker(sp)
+    chk.add("o", o, shard(o_ref.detach(), sp))
+    for i, (a, b) in enumerate(zip(state_parts(S), state_parts(S_mine))):
+        # Packed: each rank holds the documents that end on it, zeros for the others.
+        (chk.add_summed if packed else chk.add)(f"S[{i}]", a.detach(), b.detach())
+    for name, g, g_ref in zip(s.names, grads, grads_ref):
+        if name in spec.timed:
+            chk.add(f"d{name}", g, shard(g_ref, sp))
+        else:
+            chk.add_summed(f"d{name}", g, g_ref)
+    return chk.errs
+
+
+def packed_offsets(sp):
+    """Packed documents of a 24-token stream: some cross chunk edges, and (except with
+    2 contiguous ranks, whose only edge must be crossed) one starts exactly on an edge
+    (12), after a document ending there."""
+    if sp.layout == "contiguous" and sp.world == 2:
+        return torch.tensor([0, 1, 10, 14, 22, 24], dtype=torch.int32)
+    return torch.tensor([0, 1, 10, 12, 13, 22, 24], dtype=torch.int32)
+
+
+# ---- The trainer's tests: a tiny corpus, model and run, a damaged file ----
+
+# The trainer tests' model (layers and mixers from the pattern).
+SMALL = dict(d_model=32, n_heads=2, head_dim=16, chunk_size=16, max_seq_len=64)
+
+
+def write_corpus(path: Path, n: int = 300, seed: int = 0) -> Path:
+    """``n`` short documents (3..60 characters) as jsonl: many boundaries per window."""
+    rng = random.Random(seed)
+    words = ["def", "x", "return", "(", ")", ":", "import", "seqpar", "é", "λ", "\n", "    "]
+    with path.open("w") as f:
+        for _ in range(n):
+            text = "".join(rng.choice(words) for _ in range(rng.randint(2, 20)))
+            f.write(json.dumps({"text": text}) + "\n")
+    return path
+
+
+def small_cfg(data: Path, out: Path, pattern: str, **kw):
+    """A :class:`seqpar.train.TrainConfig` of a tiny ``pattern`` model (:data:`SMALL`)
+    trained on ``data`` for 6 short steps, writing under ``out``; ``kw`` overrides."""
+    from seqpar.train import TrainConfig  # on use: most test files never load the trainer
+
+    layers = len(pattern.split(","))
+    return TrainConfig(model=dict(SMALL, pattern=pattern, n_layers=layers), data=str(data),
+                       out=str(out), progress=False, **{**dict(seq_len=32, batch_size=2, steps=6,
+                                                               lr=1e-2, warmup=2, log_every=1,
+                                                               eval_batches=1, save_every=3), **kw})
+
+
+def flip_bytes(path: Path) -> None:
+    """Invert 4 KiB in the middle of the file, keeping its size."""
+    raw = bytearray(path.read_bytes())
+    mid = len(raw) // 2
+    raw[mid:mid + 4096] = bytes(b ^ 0xFF for b in raw[mid:mid + 4096])
+    path.write_bytes(bytes(raw))

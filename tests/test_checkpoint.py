@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import small_cfg, write_corpus
 
+from conftest import flip_bytes, small_cfg, write_corpus
 from seqpar.train import checkpoint as ckpt
 from seqpar.train import main, run
 from seqpar.train.config import ConfigError
@@ -59,14 +59,6 @@ def copy_run(base, tmp_path) -> tuple[Path, Path]:
 
 def step_dir(out: Path, step: int) -> Path:
     return ckpt.checkpoint_root(out) / f"step_{step:06d}"
-
-
-def flip_bytes(path: Path) -> None:
-    """Invert 4 KiB in the middle of the file, keeping its size."""
-    raw = bytearray(path.read_bytes())
-    mid = len(raw) // 2
-    raw[mid:mid + 4096] = bytes(b ^ 0xFF for b in raw[mid:mid + 4096])
-    path.write_bytes(bytes(raw))
 
 
 def truncate(path: Path) -> None:

@@ -10,10 +10,9 @@ import shutil
 
 import pytest
 import torch
-from test_checkpoint import flip_bytes
-from test_train import small_cfg, write_corpus
 
 import seqpar
+from conftest import flip_bytes, small_cfg, write_corpus
 from seqpar import cli, hub
 from seqpar.generate import TextStream, generate, sample
 from seqpar.layers import MIXERS

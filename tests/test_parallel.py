@@ -28,130 +28,26 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from conftest import rel_err
+from conftest import (
+    LINEAR,
+    Checker,
+    fresh_leaf,
+    grads_or_zeros,
+    linear_case,
+    packed_offsets,
+    prefix_ends,
+)
 from seqpar import ops
 from seqpar.ops import catalog
-from seqpar.ops.catalog import state_parts
 from seqpar.parallel import SequenceParallel, shard, unshard
 
 pytestmark = pytest.mark.dist
 
 TOL = 1e-5
 LAYOUTS = ("contiguous", "zigzag")
-# The linear family's ops (variants such as retention run their op's engine the same way).
-LINEAR = [catalog.get(n) for n in catalog.names("linear", variants=False)]
 
 
 # ---------------------------------------------------------------- inputs and references
-
-def _leaf(x):
-    return x.detach().clone().requires_grad_()
-
-
-def _weighted(ts, ws):
-    return sum((t * w).sum() for t, w in zip(ts, ws))
-
-
-def _grads(loss, leaves):
-    """Gradients of every leaf; zeros for a leaf this rank does not read (an initial
-    state on a rank where no sequence starts)."""
-    gs = torch.autograd.grad(loss, leaves, allow_unused=True)
-    return [torch.zeros_like(x) if g is None else g for g, x in zip(gs, leaves)]
-
-
-class Checker:
-    """Collects ``name -> max relative error over ranks`` for one case."""
-
-    def __init__(self, sp):
-        self.sp, self.errs = sp, {}
-
-    def add(self, name, got, want):
-        e = torch.tensor(rel_err(got, want), dtype=torch.float64)
-        dist.all_reduce(e, op=dist.ReduceOp.MAX, group=self.sp.group)
-        self.errs[name] = max(self.errs.get(name, 0.0), e.item())
-
-    def add_summed(self, name, got, want):
-        """A replicated input's gradient: this rank's share, summed over the group."""
-        got = got.clone()
-        dist.all_reduce(got, group=self.sp.group)
-        self.add(name, got, want)
-
-
-def _prefix_ends(sp, T):
-    """Global index after the last token of each rank's shard (its final state's point)."""
-    n = sp.world * (2 if sp.layout == "zigzag" else 1)
-    c = T // n
-    return [(r + 1) * c if sp.layout == "contiguous" else (n - r) * c for r in range(sp.world)]
-
-
-def linear_case(sp, spec, packed, seed, T=24, chunk_size=4, backend="torch", *, dims=None,
-                offsets=None, decay="mild", device="cpu"):
-    """SP vs single-process run of one linear op of the catalogue; returns the error
-    table. Inputs laid out (B, T, ...) are sharded; the others (Mamba-2's A, D) and the
-    initial state are replicated, their gradients summed over ranks.
-
-    dims: (H, K, V) (default (2, 4, 6); (2, 16, 24) for Triton, whose tiles take head
-    dims from 16). offsets: the packed documents (default :func:`_packed_offsets`
-    scaled to T). decay: the catalogue regime; 'mild' by default, as under strong decays
-    gradients that sum over every token with cancellation (Mamba-2's dA) differ between
-    sharded and whole runs by more than this file's 1e-5. device: where the inputs are
-    (drawn on the CPU, the same everywhere)."""
-    gen = torch.Generator().manual_seed(seed)
-    H, K, V = dims or ((2, 16, 24) if backend == "triton" else (2, 4, 6))
-    B = 1 if packed else 2
-    cu = None
-    if packed:
-        cu = offsets if offsets is not None else (
-            (_packed_offsets(sp).double() * (T / 24)).round().to(torch.int32))
-    s = spec.sample(B, T, H, K, V, generator=gen, cu_seqlens=cu, device=device,
-                    decay=decay)
-    w = torch.randn(B, T, H, V, generator=gen).to(device)
-    w2 = [torch.randn(p.shape, generator=gen).to(device) for p in state_parts(s.initial_state)]
-    kw = dict(output_final_state=True, chunk_size=chunk_size, backend=backend)
-
-    # Reference: full sequence, one process. Unpacked, each rank's final state is the
-    # state after its last token: a prefix run.
-    ref = s.leaves()
-    o_ref, S_ref = spec.fn(**ref.inputs, **ref.kwargs, **kw)
-    loss = (o_ref * w).sum()
-    if packed:
-        loss = loss + _weighted(state_parts(S_ref), w2)
-        S_mine = S_ref
-    else:
-        S_all = [spec.fn(**{n: x[:, :e] if n in spec.timed else x for n, x in ref.inputs.items()},
-                         initial_state=ref.initial_state, **kw)[1] for e in _prefix_ends(sp, T)]
-        loss = loss + sum(_weighted(state_parts(S), w2) for S in S_all)
-        S_mine = S_all[sp.rank]
-    grads_ref = torch.autograd.grad(loss, ref.tensors)
-
-    # SP: this rank's shard.
-    mine = s.leaves()
-    sp_x = {n: _leaf(shard(x, sp)) if n in spec.timed else x for n, x in mine.inputs.items()}
-    o, S = spec.fn(**sp_x, **mine.kwargs, **kw, sp=sp)
-    loss = (o * shard(w, sp)).sum() + _weighted(state_parts(S), w2)
-    grads = _grads(loss, [*sp_x.values(), *state_parts(mine.initial_state)])
-
-    chk = Checker(sp)
-    chk.add("o", o, shard(o_ref.detach(), sp))
-    for i, (a, b) in enumerate(zip(state_parts(S), state_parts(S_mine))):
-        # Packed: each rank holds the documents that end on it, zeros for the others.
-        (chk.add_summed if packed else chk.add)(f"S[{i}]", a.detach(), b.detach())
-    for name, g, g_ref in zip(s.names, grads, grads_ref):
-        if name in spec.timed:
-            chk.add(f"d{name}", g, shard(g_ref, sp))
-        else:
-            chk.add_summed(f"d{name}", g, g_ref)
-    return chk.errs
-
-
-def _packed_offsets(sp):
-    """Packed documents of a 24-token stream: some cross chunk edges, and (except with
-    2 contiguous ranks, whose only edge must be crossed) one starts exactly on an edge
-    (12), after a document ending there."""
-    if sp.layout == "contiguous" and sp.world == 2:
-        return torch.tensor([0, 1, 10, 14, 22, 24], dtype=torch.int32)
-    return torch.tensor([0, 1, 10, 12, 13, 22, 24], dtype=torch.int32)
-
 
 def compare(sp, fn, inputs, sharded, weights, seq_dims, replicated=()):
     """Run ``fn(*inputs, sp=None)`` on the full inputs and ``fn(*shards, sp=sp)`` on this
@@ -162,15 +58,15 @@ def compare(sp, fn, inputs, sharded, weights, seq_dims, replicated=()):
     gradient is summed over ranks. ``replicated``: names of outputs that each rank
     returns in part (summed over ranks before comparing).
     """
-    full = [_leaf(x) for x in inputs]
+    full = [fresh_leaf(x) for x in inputs]
     outs_ref = fn(*full, sp=None)
-    grads_ref = _grads(sum((o * w).sum() for o, w in zip(outs_ref, weights)), full)
-    mine = [_leaf(shard(x, sp) if s else x) for x, s in zip(inputs, sharded)]
+    grads_ref = grads_or_zeros(sum((o * w).sum() for o, w in zip(outs_ref, weights)), full)
+    mine = [fresh_leaf(shard(x, sp) if s else x) for x, s in zip(inputs, sharded)]
     outs = fn(*mine, sp=sp)
     loss = 0
     for o, w, d in zip(outs, weights, seq_dims):
         loss = loss + (o * (w if d is None else shard(w, sp, d))).sum()
-    grads = _grads(loss, mine)
+    grads = grads_or_zeros(loss, mine)
     chk = Checker(sp)
     for i, (o, o_ref, d) in enumerate(zip(outs, outs_ref, seq_dims)):
         if d is None:
@@ -195,7 +91,7 @@ def attn_case(sp, packed, causal, seed, T=24):
     spec = catalog.get("softmax_attn")
     B, H, Hkv, D = (1, 8, 4, 8) if packed else (2, 8, 4, 8)
     s = spec.sample(B, T, H, D, D, generator=gen, Hkv=Hkv,
-                    cu_seqlens=_packed_offsets(sp) if packed else None)
+                    cu_seqlens=packed_offsets(sp) if packed else None)
     w = [torch.randn(B, T, H, D, generator=gen), torch.randn(B, H, T, generator=gen)]
 
     def fn(q, k, v, sp):
@@ -209,8 +105,8 @@ def short_conv_case(sp, packed, seed, T=24, w=4):
     spec = catalog.get("short_conv")
     B, C = (1, 6) if packed else (2, 6)
     s = spec.sample(B, T, 1, C, 1, generator=gen, C=C, W=w,
-                    cu_seqlens=_packed_offsets(sp) if packed else None)
-    end = _prefix_ends(sp, T)[sp.rank]
+                    cu_seqlens=packed_offsets(sp) if packed else None)
+    end = prefix_ends(sp, T)[sp.rank]
 
     def fn(x, weight, bias, init, sp):
         y, S = spec.fn(x, weight, bias, initial_state=init, output_final_state=True,
@@ -276,7 +172,7 @@ def traffic_case(sp, seed):
         spec = catalog.get(op)
         got = []
         for T in (8 * P, 24 * P):
-            xs = {n: _leaf(shard(x, sp)) for n, x in spec.make_inputs(B, T, H, K, V, generator=gen).items()}
+            xs = {n: fresh_leaf(shard(x, sp)) for n, x in spec.make_inputs(B, T, H, K, V, generator=gen).items()}
 
             def run():
                 o, S = spec.fn(**xs, output_final_state=True, sp=sp)  # noqa: B023
@@ -299,7 +195,7 @@ def traffic_case(sp, seed):
             out[f"{op} {key} bytes closed form"] = abs(a - want[key]) / max(want[key], 1)
     T, Hq, Hkv, D = 8 * P, 4, 2, 8
     attn = catalog.get("softmax_attn")
-    q, k, v = (_leaf(shard(x, sp)) for x in attn.make_inputs(B, T, Hq, D, D, Hkv=Hkv, generator=gen).values())
+    q, k, v = (fresh_leaf(shard(x, sp)) for x in attn.make_inputs(B, T, Hq, D, D, Hkv=Hkv, generator=gen).values())
     got = _bytes_of(sp, lambda: attn.fn(q, k, v, sp=sp)[0].sum().backward())
     kv = (k.numel() + v.numel()) * 4
     fwd = (P - 1) * kv
@@ -363,7 +259,7 @@ def helpers_case(sp, T=24):
     x = torch.arange(2 * T).view(1, T, 2).float()
     xs = shard(x, sp)
     out = {"unshard(shard(x)) == x": float(not torch.equal(unshard(xs, sp), x))}
-    cu = _packed_offsets(sp)
+    cu = packed_offsets(sp)
     doc_pos = torch.cat([torch.arange(b - a) for a, b in zip(cu.tolist(), cu[1:].tolist())])
     pos = position_ids(sp, T, cu)
     out["position_ids packed"] = float(not torch.equal(pos, shard(doc_pos[None], sp)[0]))

@@ -3,8 +3,8 @@
 2 and 4 gloo processes share one CUDA device (the communicator stages tensors through
 host memory), so one GPU checks what the CPU tests check under the interpreter, at
 lengths where every shard spans many chunks and several state-only segments: for every
-linear op of the catalogue (test_parallel.py's ``linear_case``, its inputs and error
-table), on every rank, outputs, final states and the gradients of every input
+linear op of the catalogue (conftest.py's ``linear_case``: the catalogue's inputs and the
+error table test_parallel.py checks on gloo), on every rank, outputs, final states and the gradients of every input
 (replicated ones and initial states summed over ranks) equal the single-device op on
 the whole sequence, float32, relative L2.
 """
@@ -19,7 +19,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_parallel import LINEAR, linear_case
+
+from conftest import LINEAR, linear_case
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -29,7 +29,7 @@ import torch.multiprocessing as mp
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
 import seqpar
-from conftest import rel_err
+from conftest import rel_err, small_cfg, write_corpus
 from seqpar import cli
 from seqpar.generate import build_parser as generate_parser
 from seqpar.layers import MIXERS
@@ -58,9 +58,6 @@ TOL = 1e-5
 # checked through the global gradient norm, at TOL: Adam's first step hardly sees it.)
 TOL_UPDATE = 1e-3
 ALL_MIXERS = ",".join(MIXERS)  # every mixer
-SMALL = dict(d_model=32, n_heads=2, head_dim=16, chunk_size=16, max_seq_len=64)
-
-
 @pytest.fixture(autouse=True)
 def one_thread():
     """The models here are tiny: one thread is faster and steadier than several."""
@@ -68,25 +65,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def write_corpus(path: Path, n: int = 300, seed: int = 0) -> Path:
-    """``n`` short documents (3..60 characters) as jsonl: many boundaries per window."""
-    rng = random.Random(seed)
-    words = ["def", "x", "return", "(", ")", ":", "import", "seqpar", "é", "λ", "\n", "    "]
-    with path.open("w") as f:
-        for _ in range(n):
-            text = "".join(rng.choice(words) for _ in range(rng.randint(2, 20)))
-            f.write(json.dumps({"text": text}) + "\n")
-    return path
-
-
-def small_cfg(data: Path, out: Path, pattern: str, **kw) -> TrainConfig:
-    layers = len(pattern.split(","))
-    return TrainConfig(model=dict(SMALL, pattern=pattern, n_layers=layers), data=str(data),
-                       out=str(out), progress=False, **{**dict(seq_len=32, batch_size=2, steps=6,
-                                                               lr=1e-2, warmup=2, log_every=1,
-                                                               eval_batches=1, save_every=3), **kw})
 
 
 def _grads(model) -> dict[str, torch.Tensor]:

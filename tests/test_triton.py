@@ -1,12 +1,13 @@
 """The Triton kernels against the float64 token-loop references, for every op of the
 linear family in :mod:`seqpar.ops.catalog` (inputs, states and value regimes from there).
 
-The catalogue's ops are split by the kernel module they run (:func:`kernel_module`):
-this file checks triton_diag's and triton_mlstm's (no gate or a head gate: linear_attn,
-simple_gla, mamba2; mlstm), test_triton_gla.py GLA's key gate, test_triton_delta.py the
-delta rules; each draws its ops with :func:`specs_of`, so an op added to the catalogue
-joins the file of its kernels. The helpers here (:func:`triton_errors`,
-:func:`assert_triton_matches`) serve those files and test_triton_gpu.py too.
+The catalogue's ops are split by the kernel module they run (conftest.py's
+``kernel_module``): this file checks triton_diag's and triton_mlstm's (no gate or a head
+gate: linear_attn, simple_gla, mamba2; mlstm), test_triton_gla.py GLA's key gate,
+test_triton_delta.py the delta rules; each draws its ops with conftest.py's ``specs_of``,
+so an op added to the catalogue joins the file of its kernels. The inputs and error
+tables (``triton_errors``, ``assert_triton_matches``) are conftest.py's, shared with
+test_triton_gpu.py.
 
 The kernels run compiled on a machine with CUDA and under Triton's CPU interpreter
 elsewhere (set up in conftest.py). What is checked: outputs, final states and the
@@ -28,103 +29,17 @@ import torch
 from hypothesis import example, given, settings
 
 from conftest import (
-    DEVICE,
     FIXED_CASES,
     QUICK_CASE,
-    TRITON_TOL,
     assert_compiled_equals_eager,
     assert_sm90_compiles,
-    grad_errors,
-    rel_err,
+    assert_triton_matches,
+    sample,
+    spec_id,
+    specs_of,
     triton_cases,
 )
 from seqpar.ops import catalog
-from seqpar.ops.catalog import state_parts
-from seqpar.ops.linear.delta import DELTA
-from seqpar.ops.linear.mlstm import MLSTM
-
-# The linear family's ops (variants such as retention run their op's kernels).
-LINEAR = [catalog.get(n) for n in catalog.names("linear", variants=False)]
-
-# A case's ``strong`` (conftest's cases) as a catalogue regime.
-REGIME = {False: "mild", True: "strong", "norm": "normalizer"}
-
-
-def kernel_module(spec) -> str:
-    """The Triton module whose kernels ``spec``'s op runs: 'delta', 'mlstm', 'gla' (the
-    diag engine with a per-key gate) or 'diag' (no gate or one per head)."""
-    if spec.engine is DELTA:
-        return "delta"
-    if spec.engine is MLSTM:
-        return "mlstm"
-    return "gla" if any(i.name == "g" and i.dims[-1] == "K" for i in spec.inputs) else "diag"
-
-
-def specs_of(*modules: str) -> list:
-    """The linear ops whose kernels live in ``modules`` (see :func:`kernel_module`)."""
-    return [s for s in LINEAR if kernel_module(s) in modules]
-
-
-def spec_id(spec) -> str:
-    """A test id: the op's catalogue name."""
-    return spec.name
-
-
-def sample(spec, B, T, H, K, V, cuts, strong, initial, dtype, seed, **sizes):
-    """The catalogue's inputs of one case: ``cuts`` are packed document boundaries
-    inside (0, T) (B == 1), ``strong`` a key of :data:`REGIME`."""
-    return spec.sample(B, T, H, K, V, seed=seed, dtype=dtype, initial=initial,
-                       cu_seqlens=(0, *cuts, T) if cuts else None, decay=REGIME[strong],
-                       **sizes)
-
-
-def triton_errors(spec, *, ref_device="cpu", **case) -> dict[str, float]:
-    """Relative errors of ``backend='triton'`` against the float64 reference (run on
-    ``ref_device``) for one case (see :func:`sample`): o, final state(s), and the
-    gradient of every input under a random linear loss of o and the final states."""
-    s = sample(spec, **case)
-    got, ref = s.leaves(device=DEVICE), s.leaves(torch.float64, ref_device)
-    o, S = spec.fn(**got.inputs, **got.kwargs, output_final_state=True, backend="triton")
-    o_ref, S_ref = spec.reference(**ref.inputs, **ref.kwargs, output_final_state=True)
-    assert o.dtype == case["dtype"] and o.shape == o_ref.shape
-
-    gen = torch.Generator().manual_seed(case["seed"] + 1)
-    w = torch.randn(o.shape, generator=gen).to(o.dtype).double()  # representable in o's dtype
-    ws = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in state_parts(S_ref)]
-
-    def grads(o, S, leaves):
-        loss = (o.double() * w.to(o.device)).sum()
-        for p, x in zip(state_parts(S), ws):
-            loss = loss + (p.double() * x.to(p.device)).sum()
-        return [g.cpu() for g in torch.autograd.grad(loss, leaves)]
-
-    errs = {"o": rel_err(o.cpu(), o_ref.cpu())}
-    for i, (a, b) in enumerate(zip(state_parts(S), state_parts(S_ref))):
-        errs[f"S[{i}]"] = rel_err(a.cpu(), b.cpu())
-    errs.update(grad_errors(s.names, grads(o, S, got.tensors), grads(o_ref, S_ref, ref.tensors)))
-    return errs
-
-
-def bound(spec, name: str, dtype, tol=None) -> float:
-    """The bound of error ``name``: ``tol`` (default :data:`TRITON_TOL` of ``dtype``), or
-    with bf16 inputs the entry's ``bf16_grad_tol`` of that gradient where larger."""
-    tol = tol or TRITON_TOL[dtype]
-    if dtype == torch.bfloat16 and name.startswith("d"):
-        return max(tol, spec.bf16_grad_tol.get(name[1:], tol))
-    return tol
-
-
-def assert_errors_within(spec, errs, case, tol=None):
-    bad = {n: e for n, e in errs.items() if not e < bound(spec, n, case["dtype"], tol)}
-    assert not bad, f"{spec.name} {case}: errors over their bounds: {bad} (all: {errs})"
-
-
-def assert_triton_matches(spec, tol=None, **case) -> dict[str, float]:
-    """:func:`triton_errors` of one case, each under its :func:`bound`; returns them."""
-    errs = triton_errors(spec, **case)
-    assert_errors_within(spec, errs, case, tol)
-    return errs
-
 
 OPS = specs_of("diag", "mlstm")
 
@@ -178,5 +93,5 @@ def test_mlstm_kernels_fit_sm90():
 def test_compile_fullgraph_traces_custom_op(name):
     """The kernels are one custom op to torch.compile: fullgraph tracing succeeds and the
     compiled forward and backward equal eager."""
-    s = sample(catalog.get(name), 1, 70, 2, 16, 24, (), False, True, torch.float32, 7)
-    assert_compiled_equals_eager(name, list(s.inputs.values()), s.initial_state)
+    spec = catalog.get(name)
+    assert_compiled_equals_eager(spec, sample(spec, 1, 70, 2, 16, 24, (), False, True, torch.float32, 7))

@@ -1,10 +1,10 @@
 """The delta family's Triton path (``backend='triton'``: the WY state pass as Triton
 kernels, seqpar/ops/linear/triton_delta.py) against the float64 token-loop references.
 
-The catalogue's ops on the delta engine (:func:`test_triton.specs_of`; inputs, unit keys
+The catalogue's ops on the delta engine (conftest.py's ``specs_of``; inputs, unit keys
 and beta in (0, 1) from the catalogue). The kernels run compiled on a machine with CUDA
 and under Triton's CPU interpreter elsewhere (set up in conftest.py); the error tables
-are test_triton.py's.
+are conftest.py's.
 
 What is checked: outputs, final states and the gradients of q, k, v, g, beta and the
 initial state within the precision contract (float32 1e-4, bf16 inputs 2e-2, against
@@ -23,7 +23,6 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import example, given, settings
-from test_triton import assert_triton_matches, sample, spec_id, specs_of
 
 from conftest import (
     DEVICE,
@@ -31,7 +30,11 @@ from conftest import (
     QUICK_CASE,
     assert_compiled_equals_eager,
     assert_sm90_compiles,
+    assert_triton_matches,
     rel_err,
+    sample,
+    spec_id,
+    specs_of,
     triton_cases,
 )
 from seqpar.ops import catalog
@@ -70,8 +73,8 @@ def test_triton_delta_matches_reference_quick(spec):
 def test_compile_fullgraph_traces_custom_op():
     """The state pass is one custom op to torch.compile: fullgraph tracing succeeds and
     the compiled forward and backward equal eager."""
-    s = sample(catalog.get("gated_delta_rule"), 2, 70, 2, 16, 24, (), False, True, torch.float32, 7)
-    assert_compiled_equals_eager("gated_delta_rule", list(s.inputs.values()), s.initial_state)
+    spec = catalog.get("gated_delta_rule")
+    assert_compiled_equals_eager(spec, sample(spec, 2, 70, 2, 16, 24, (), False, True, torch.float32, 7))
 
 
 @pytest.mark.parametrize("spec", OPS, ids=spec_id)

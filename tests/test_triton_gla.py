@@ -1,10 +1,10 @@
 """GLA's Triton kernels (per-key gate, seqpar/ops/linear/triton_gla.py) against the
 float64 token-loop reference.
 
-The catalogue's ops with a per-key gate (:func:`test_triton.specs_of`; inputs from the
+The catalogue's ops with a per-key gate (conftest.py's ``specs_of``; inputs from the
 catalogue, whose strong regime decays half the key channels strongly, the others
 mildly). The kernels run compiled on a machine with CUDA and under Triton's CPU
-interpreter elsewhere (set up in conftest.py); the error tables are test_triton.py's.
+interpreter elsewhere (set up in conftest.py); the error tables are conftest.py's.
 
 What is checked: outputs, final states and the gradients of q, k, v, g and the initial
 state within the precision contract (float32 1e-4, bf16 inputs 2e-2, against the
@@ -22,13 +22,16 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import example, given, settings
-from test_triton import assert_triton_matches, sample, spec_id, specs_of
 
 from conftest import (
     FIXED_CASES,
     QUICK_CASE,
     assert_compiled_equals_eager,
     assert_sm90_compiles,
+    assert_triton_matches,
+    sample,
+    spec_id,
+    specs_of,
     triton_cases,
 )
 from seqpar.ops.linear import diag as diag_engine
@@ -67,8 +70,7 @@ def test_triton_gla_matches_reference_quick(spec):
 def test_compile_fullgraph_traces_custom_op():
     """The kernels are one custom op to torch.compile: fullgraph tracing succeeds and the
     compiled forward and backward equal eager."""
-    s = sample(OPS[0], 1, 40, 1, 16, 24, (), False, True, torch.float32, 7)
-    assert_compiled_equals_eager(OPS[0].name, list(s.inputs.values()), s.initial_state)
+    assert_compiled_equals_eager(OPS[0], sample(OPS[0], 1, 40, 1, 16, 24, (), False, True, torch.float32, 7))
 
 
 @pytest.mark.parametrize("spec", OPS, ids=spec_id)

@@ -3,8 +3,8 @@ computed on the same GPU. Skipped without CUDA; marked ``gpu`` and ``slow``:
 
     python -m pytest -q -m gpu tests/test_triton_gpu.py --junitxml=gpu_checks.xml
 
-Every op of the linear family in the catalogue (test_triton.py's ``LINEAR``). Each case
-compares outputs, final states and the gradient of every input (test_triton.py's
+Every op of the linear family in the catalogue (conftest.py's ``LINEAR``). Each case
+compares outputs, final states and the gradient of every input (conftest.py's
 ``triton_errors``: the catalogue's inputs and the interpreter tests' error table) at the
 sizes the kernels run at: T in {1, 63, 2048, 8192} and a packed 8192 with a one-token
 document, K = V = 128 and K = 64 != V, bf16 and float32 inputs, mild and (for ops with
@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_triton import LINEAR, assert_errors_within, sample, triton_errors
 
-from conftest import rel_err
+from conftest import LINEAR, assert_errors_within, rel_err, sample, triton_errors
 from seqpar.ops import catalog
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow,
