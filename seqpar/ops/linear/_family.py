@@ -13,6 +13,7 @@ cover all six ops:
 """
 from __future__ import annotations
 
+import collections
 import functools
 from collections.abc import Callable, Sequence
 
@@ -62,11 +63,12 @@ class Packing:
     """Packed documents laid out for one chunkwise run (built once per offsets, chunk
     size and device: :func:`packing`).
 
-    Each document ``i`` of length ``L_i`` starts a chunk and is zero-padded to
-    ``n_i = ceil(L_i / C)`` chunks of ``C = min(chunk_size, max L_i)`` tokens, so no chunk
-    holds two documents; zero padding is inert in both chunk paths. Every document's
-    chunks form one chain of the affine state recurrence; the chains run side by side,
-    step ``j`` advancing every document with more than ``j`` chunks
+    Each document ``i`` of length ``L_i > 0`` (``check_cu_seqlens`` rejects empty ones)
+    starts a chunk and is zero-padded to ``n_i = ceil(L_i / C)`` chunks of
+    ``C = min(chunk_size, max L_i)`` tokens (``chunk``), so no chunk holds two
+    documents; zero padding is inert in both chunk paths. Every document's chunks form
+    one chain of the affine state recurrence; the chains run side by side, step ``j``
+    advancing every document with more than ``j`` chunks
     (:meth:`~.chunk_diag.ChunkTerms.scan_chains`): the graph grows with the longest
     document's chunk count, not with the number of documents.
 
@@ -86,7 +88,11 @@ class Packing:
         for n in counts:
             first.append(first[-1] + n)
         docs = sorted(range(len(counts)), key=lambda i: -counts[i])
-        sizes = [sum(n > j for n in counts) for j in range(counts[docs[0]])]
+        sizes, left = [], len(counts)  # sizes[j]: documents of more than j chunks
+        ends_at = collections.Counter(counts)
+        for j in range(counts[docs[0]]):
+            sizes.append(left)
+            left -= ends_at[j + 1]
         step_start = [0]
         for a in sizes:
             step_start.append(step_start[-1] + a)
@@ -96,14 +102,18 @@ class Packing:
             unchain[c] = p
         rank = {i: r for r, i in enumerate(docs)}
         last = [step_start[counts[i] - 1] + rank[i] for i in range(len(counts))]
-        dst = [first[i] * C + t for i, L in enumerate(lengths) for t in range(L)]
         self.chunk, self.padded, self.sizes = C, first[-1] * C, tuple(sizes)
 
         def dev(x):
             return to_device(x, torch.long, device)
 
-        self.dst, self.docs, self.chain, self.unchain, self.last = (
-            dev(x) for x in (dst, docs, chain, unchain, last))
+        self.docs, self.chain, self.unchain, self.last = (
+            dev(x) for x in (docs, chain, unchain, last))
+        # token t of document i moves by first[i] * C - offsets[i]: built on the device
+        # from per-document values, not from a host list per token
+        shift = dev([f * C - s for f, s in zip(first[:-1], offsets)])
+        self.dst = torch.arange(offsets[-1], device=device) + torch.repeat_interleave(
+            shift, dev(lengths), output_size=offsets[-1])
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """A packed (1, T, ...) tensor in the padded layout (1, padded, ...), zeros between
