@@ -1,5 +1,6 @@
 """Machinery shared by the linear family: the token-by-token reference driver,
-packed-sequence splitting and backend dispatch.
+packed-sequence splitting (one by one for the reference, in one batched chunkwise run
+for the PyTorch path) and backend dispatch.
 
 Every linear mixer is one affine state recurrence (docs/design.md). Two chunkwise engines
 cover all six ops:
@@ -12,11 +13,14 @@ cover all six ops:
 """
 from __future__ import annotations
 
+import collections
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
 
 from ..validate import fail
+from .engine import to_device
 
 
 def _slice_state(state, i: int, j: int):
@@ -53,6 +57,93 @@ def per_document(fn: Callable, offsets: Sequence[int] | None, xs: Sequence, init
         outs.append(o)
         states.append(st)
     return torch.cat(outs, 1), (_cat_states(states) if output_final_state else None)
+
+
+class Packing:
+    """Packed documents laid out for one chunkwise run (built once per offsets, chunk
+    size and device: :func:`packing`).
+
+    Each document ``i`` of length ``L_i > 0`` (``check_cu_seqlens`` rejects empty ones)
+    starts a chunk and is zero-padded to ``n_i = ceil(L_i / C)`` chunks of
+    ``C = min(chunk_size, max L_i)`` tokens (``chunk``), so no chunk holds two
+    documents; zero padding is inert in both chunk paths. Every document's chunks form
+    one chain of the affine state recurrence; the chains run side by side, step ``j``
+    advancing every document with more than ``j`` chunks
+    (:meth:`~.chunk_diag.ChunkTerms.scan_chains`): the graph grows with the longest
+    document's chunk count, not with the number of documents.
+
+    Attributes (index tensors on ``device``, long): ``dst`` (T,) each token's position
+    in the padded stream of ``padded`` tokens; ``docs`` (N,) the documents by chunk count,
+    longest first (stable); ``sizes`` how many documents each step advances;
+    ``chain`` (n,) the padded stream's chunks in step order (step, then rank in ``docs``)
+    and ``unchain`` (n,) its inverse; ``last`` (N,) each document's last chunk in step
+    order.
+    """
+
+    def __init__(self, offsets: tuple[int, ...], chunk_size: int, device: torch.device):
+        lengths = [e - s for s, e in zip(offsets, offsets[1:])]
+        C = min(chunk_size, max(lengths))
+        counts = [-(-L // C) for L in lengths]
+        first = [0]
+        for n in counts:
+            first.append(first[-1] + n)
+        docs = sorted(range(len(counts)), key=lambda i: -counts[i])
+        sizes, left = [], len(counts)  # sizes[j]: documents of more than j chunks
+        ends_at = collections.Counter(counts)
+        for j in range(counts[docs[0]]):
+            sizes.append(left)
+            left -= ends_at[j + 1]
+        step_start = [0]
+        for a in sizes:
+            step_start.append(step_start[-1] + a)
+        chain = [first[docs[r]] + j for j, a in enumerate(sizes) for r in range(a)]
+        unchain = [0] * len(chain)
+        for p, c in enumerate(chain):
+            unchain[c] = p
+        rank = {i: r for r, i in enumerate(docs)}
+        last = [step_start[counts[i] - 1] + rank[i] for i in range(len(counts))]
+        self.chunk, self.padded, self.sizes = C, first[-1] * C, tuple(sizes)
+
+        def dev(x):
+            return to_device(x, torch.long, device)
+
+        self.docs, self.chain, self.unchain, self.last = (
+            dev(x) for x in (docs, chain, unchain, last))
+        # token t of document i moves by first[i] * C - offsets[i]: built on the device
+        # from per-document values, not from a host list per token
+        shift = dev([f * C - s for f, s in zip(first[:-1], offsets)])
+        self.dst = torch.arange(offsets[-1], device=device) + torch.repeat_interleave(
+            shift, dev(lengths), output_size=offsets[-1])
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """A packed (1, T, ...) tensor in the padded layout (1, padded, ...), zeros between
+        documents (differentiable)."""
+        out = x.new_zeros(1, self.padded, *x.shape[2:])
+        return out.index_copy(1, self.dst, x)
+
+
+@functools.lru_cache(maxsize=64)
+def packing(offsets: tuple[int, ...], chunk_size: int, device: torch.device) -> Packing:
+    """The cached :class:`Packing` of a packed stream's document offsets."""
+    return Packing(offsets, chunk_size, device)
+
+
+def chunked_documents(terms: Callable, offsets: Sequence[int], xs: Sequence, initial_state,
+                      output_final_state: bool, chunk_size: int):
+    """Packed documents in one chunkwise run, without a loop over documents.
+
+    ``xs`` are ``(1, T, ...)`` tensors (or ``None``) holding documents ``[offsets[i],
+    offsets[i+1])``; ``terms(xs_padded, C)`` gives the :class:`~.chunk_diag.ChunkTerms`
+    of a one-row stream with chunk size C; ``initial_state`` (N, H, K, V) or None.
+    Returns o (1, T, H, V) in the terms' dtype and the final states (N, H, K, V)
+    float32, or None.
+    """
+    plan = packing(tuple(offsets), chunk_size, xs[0].device)
+    t = terms([None if x is None else plan.pad(x) for x in xs], plan.chunk)
+    h0 = None if initial_state is None else initial_state.float().index_select(0, plan.docs)
+    o, ends = t.scan_chains(h0, plan.sizes, plan.chain, plan.unchain)
+    o = o.index_select(1, plan.dst)
+    return o, (ends.index_select(0, plan.last) if output_final_state else None)
 
 
 def reference_scan(step: Callable, xs: Sequence, initial_state, zero_state: Callable,

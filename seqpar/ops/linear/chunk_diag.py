@@ -76,6 +76,35 @@ class ChunkTerms:
         o = o.movedim(1, 3).reshape(B, -1, H, V)[:, :self.T]
         return o.to(self.dtype), S
 
+    def scan_chains(self, initial_state, sizes, chain, unchain):
+        """:meth:`scan` of a one-row run (B == 1) whose n chunks form independent chains
+        (packed documents, each starting a chunk), all advanced together step by step.
+
+        ``chain`` (n,) long lists the chunks in step order: step j's ``sizes[j]`` chunks
+        (the j-th chunk of chains ``0 .. sizes[j] - 1``, so ``sizes`` does not increase)
+        follow step j - 1's; ``unchain`` is its inverse. ``initial_state`` (sizes[0], H,
+        K, V) float32, one per chain (None: zeros). Returns the outputs (1, T, H, V) in
+        the inputs' dtype and the state (n, H, K, V) float32 after every chunk, in step
+        order. The graph grows with the number of steps, not of chains.
+        """
+        _, H, n, C, K = self.q_eff.shape
+        V = self.local.shape[-1]
+        M = self.M[0].index_select(1, chain).movedim(1, 0)  # (n, H, K or 1, K or 1)
+        local = self.local[0].index_select(1, chain).movedim(1, 0)  # (n, H, K, V)
+        S = local.new_zeros(sizes[0], H, K, V) if initial_state is None else initial_state
+        entering, leaving, p = [], [], 0
+        for a in sizes:
+            S = S[:a]
+            entering.append(S)
+            Mj = M[p:p + a]
+            S = (Mj * S if Mj.shape[-1] == 1 else Mj @ S) + local[p:p + a]
+            leaving.append(S)
+            p += a
+        S_in = torch.cat(entering).index_select(0, unchain).movedim(0, 1)  # (H, n, K, V)
+        o = self.o_intra[0] + self.q_eff[0] @ S_in  # (H, n, C, V)
+        o = o.permute(1, 2, 0, 3).reshape(1, n * C, H, V)[:, :self.T]
+        return o.to(self.dtype), torch.cat(leaving)
+
     def final(self, initial_state=None):
         """The final state (B, H, K, V) float32 alone."""
         S = torch.zeros_like(self.local[:, :, 0]) if initial_state is None else initial_state

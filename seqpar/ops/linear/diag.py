@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..validate import check_scale, check_step_state
-from ._family import per_document, pick_backend, reference_scan
+from ._family import chunked_documents, pick_backend, reference_scan
 from .chunk_diag import chunk_diag, chunk_diag_terms
 from .engine import ChunkPass, LinearEngine, Sequences, StatePass, scale_state, segments
 
@@ -72,11 +72,11 @@ class DiagEngine(LinearEngine):
             return fn(q, k, v, g, scale=scale, initial_state=initial_state,
                       output_final_state=output_final_state, offsets=offsets)
 
-        def fn(part, state):
-            return chunk_diag(*part, scale=scale, initial_state=state,
+        if offsets is None:
+            return chunk_diag(*xs, scale=scale, initial_state=initial_state,
                               output_final_state=output_final_state, chunk_size=chunk_size)
-
-        return per_document(fn, offsets, xs, initial_state, output_final_state)
+        return chunked_documents(lambda part, c: chunk_diag_terms(*part, scale=scale, chunk_size=c),
+                                 offsets, xs, initial_state, output_final_state, chunk_size)
 
     def begin(self, xs, seqs, *, scale, chunk_size, backend):
         if pick_backend(backend, xs[0]) == "triton":
