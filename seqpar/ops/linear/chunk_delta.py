@@ -15,14 +15,14 @@ for ``j < t``, so ``u = U - W S`` with ``W = (I + A)^{-1} (beta exp(G) K)`` and
 Everything but the terms in ``S`` is independent of the incoming state and runs for all
 chunks at once; passing the state is the affine recurrence ``S <- M S + L`` of docs/design.md
 with a (K, K) ``M`` per chunk. Every exponent ``G_i - G_j`` with ``j <= i`` is summed
-directly over the gates in between (``chunk_diag._segsum``), so nothing overflows however
+directly over the gates in between (``chunk_diag.segsum``), so nothing overflows however
 strong the decay and the gate gradients carry no cancelling terms. Backward by autograd.
 """
 from __future__ import annotations
 
 import torch
 
-from .chunk_diag import ChunkTerms, _chunks, _segsum
+from .chunk_diag import ChunkTerms, chunked, segsum
 
 
 def wy_terms(qc, kc, vc, gc, bc, scale: float, inverse=None):
@@ -46,7 +46,7 @@ def wy_terms(qc, kc, vc, gc, bc, scale: float, inverse=None):
         decay = torch.ones(C, C, device=qc.device).tril()
         q_dec, k_dec, kb_dec, chunk_decay = qc, kc, kb, None
     else:
-        decay_full = _segsum(gc).exp()  # (..., n, C, C, 1)
+        decay_full = segsum(gc).exp()  # (..., n, C, C, 1)
         decay = decay_full[..., 0]
         G = gc.cumsum(-2)
         q_dec = qc * G.exp()
@@ -73,10 +73,10 @@ def chunk_delta_terms(q, k, v, g, beta, *, scale: float, chunk_size: int = 64) -
     C = min(chunk_size, T)
     n = -(-T // C)
     # Zero padding is inert: beta = 0 writes nothing, k = 0 reads nothing, g = 0 decays nothing.
-    gc = None if g is None else _chunks(g, n, C)[..., None]
+    gc = None if g is None else chunked(g, n, C)[..., None]
     P, W, U, q_dec, k_dec, chunk_decay = wy_terms(
-        _chunks(q, n, C), _chunks(k, n, C), _chunks(v, n, C), gc,
-        _chunks(beta, n, C)[..., None], scale)
+        chunked(q, n, C), chunked(k, n, C), chunked(v, n, C), gc,
+        chunked(beta, n, C)[..., None], scale)
     k_dec_t = k_dec.transpose(-1, -2)
     eye = torch.eye(K, device=q.device)
     M = (eye if chunk_decay is None else chunk_decay * eye) - k_dec_t @ W  # (B, H, n, K, K)

@@ -6,7 +6,7 @@ Within a chunk of C tokens with cumulative log decay ``G_i`` (from the chunk sta
 the first term is a masked (C, C) matmul, the second uses the state entering the
 chunk. States pass between chunks as ``S_out = exp(G_C) * S_in + sum_j (k_j *
 exp(G_C - G_j))^T v_j``. Every exponent ``G_i - G_j`` with ``j <= i`` is summed
-directly over the gates in between (:func:`_segsum`), so nothing overflows however
+directly over the gates in between (:func:`segsum`), so nothing overflows however
 strong the decay and the decay gradients carry no cancelling terms. Runs anywhere;
 backward by autograd.
 """
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 
-def _chunks(x: torch.Tensor, n: int, c: int) -> torch.Tensor:
+def chunked(x: torch.Tensor, n: int, c: int) -> torch.Tensor:
     """(B, T, H, ...) zero-padded to n*c tokens -> (B, H, n, c, ...) float32."""
     pad = n * c - x.shape[1]
     x = x.float()
@@ -26,7 +26,7 @@ def _chunks(x: torch.Tensor, n: int, c: int) -> torch.Tensor:
     return x.movedim(3, 1)
 
 
-def _segsum(g: torch.Tensor) -> torch.Tensor:
+def segsum(g: torch.Tensor) -> torch.Tensor:
     """Within-chunk decay exponents: (B, H, n, c, D) log gates -> (B, H, n, c, c, D)
     with entry ``[i, j] = sum_{j < s <= i} g_s`` for ``j <= i`` and ``-inf`` above the
     diagonal.
@@ -125,7 +125,7 @@ class ChunkTerms:
         (B, T, H, V) and the final state's gradient dht (or None)."""
         B, H, n, C, K = self.q_eff.shape
         V = self.local.shape[-1]
-        do = _chunks(do, n, C)
+        do = chunked(do, n, C)
         lam = self.local.new_zeros(B, H, K, V) if dht is None else dht.float()
         for c in range(n - 1, -1, -1):
             lam = self.apply(c, lam, transpose=True) + self.q_eff[:, :, c].transpose(-1, -2) @ do[:, :, c]
@@ -138,7 +138,7 @@ def chunk_diag_terms(q, k, v, g, *, scale: float, chunk_size: int = 64) -> Chunk
     C = min(chunk_size, T)
     n = -(-T // C)
     # Zero padding is inert: k = 0 adds nothing and g = 0 decays nothing.
-    qc, kc, vc = _chunks(q, n, C), _chunks(k, n, C), _chunks(v, n, C)
+    qc, kc, vc = chunked(q, n, C), chunked(k, n, C), chunked(v, n, C)
     qc = qc * scale
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
 
@@ -147,10 +147,10 @@ def chunk_diag_terms(q, k, v, g, *, scale: float, chunk_size: int = 64) -> Chunk
         q_dec, k_dec = qc, kc
         chunk_decay = torch.ones(B, H, n, 1, 1, device=q.device)
     else:
-        gc = _chunks(g, n, C)
+        gc = chunked(g, n, C)
         if g.dim() == 3:  # one decay per head: a unit key axis makes it broadcast like GLA's
             gc = gc[..., None]
-        decay = _segsum(gc).exp()  # (B, H, n, C, C, K or 1)
+        decay = segsum(gc).exp()  # (B, H, n, C, C, K or 1)
         if g.dim() == 3:
             attn = (qc @ kc.transpose(-1, -2)) * decay[..., 0]
         else:  # the decay varies along K, so no plain matmul
