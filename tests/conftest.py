@@ -23,6 +23,7 @@ test is also ``slow``: starting a process group costs each rank a process start 
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import random
@@ -473,3 +474,16 @@ def flip_bytes(path: Path) -> None:
     mid = len(raw) // 2
     raw[mid:mid + 4096] = bytes(b ^ 0xFF for b in raw[mid:mid + 4096])
     path.write_bytes(bytes(raw))
+
+
+def autograd_nodes(t: torch.Tensor) -> collections.Counter:
+    """Autograd nodes behind ``t`` by type (each node once): the size of its graph."""
+    seen, stack, count = set(), [t.grad_fn], collections.Counter()
+    while stack:
+        f = stack.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        count[type(f).__name__] += 1
+        stack.extend(g for g, _ in f.next_functions)
+    return count

@@ -8,7 +8,6 @@ only see the sequence cut differently).
 """
 from __future__ import annotations
 
-import collections
 import os
 import tempfile
 import traceback
@@ -20,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from conftest import rel_err
+from conftest import autograd_nodes, rel_err
 from seqpar.layers import MIXERS, Attention, RMSNorm, apply_rope, build_mixer, default_positions
 from seqpar.models import PRESETS, HybridLM, ModelConfig, linear_cross_entropy, preset
 
@@ -251,25 +250,12 @@ def test_call_errors(rng):
         Attention(D, 2, DH, n_kv_heads=3)
 
 
-def _graph_size(t: torch.Tensor) -> collections.Counter:
-    """Autograd nodes behind ``t`` by type (each node once)."""
-    seen, stack, count = set(), [t.grad_fn], collections.Counter()
-    while stack:
-        f = stack.pop()
-        if f is None or f in seen:
-            continue
-        seen.add(f)
-        count[type(f).__name__] += 1
-        stack.extend(g for g, _ in f.next_functions)
-    return count
-
-
 def _mixer_graph_size(name, B, cuts):
     m = _mixer(name, **({"n_kv_heads": 1} if name == "attn" else {}))
     T = 36
     cu = None if cuts is None else torch.tensor([0, *cuts, T], dtype=torch.int32)
     y, _ = m(torch.randn(B, T, D, requires_grad=True), cu_seqlens=cu)
-    return _graph_size(y)
+    return autograd_nodes(y)
 
 
 @pytest.mark.parametrize("name", ALL)

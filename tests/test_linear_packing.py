@@ -4,13 +4,11 @@ does not depend on how many documents there are, only on the longest one's chunk
 """
 from __future__ import annotations
 
-import collections
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import rel_err
+from conftest import autograd_nodes, rel_err
 from seqpar import ops
 
 H, K, V = 2, 8, 6
@@ -70,19 +68,6 @@ def test_packed_equals_documents_alone(name):
         assert rel_err(a, b) < 1e-5, i
 
 
-def _graph(t: torch.Tensor) -> collections.Counter:
-    """Autograd nodes behind ``t`` by type (each node once)."""
-    seen, stack, count = set(), [t.grad_fn], collections.Counter()
-    while stack:
-        f = stack.pop()
-        if f is None or f in seen:
-            continue
-        seen.add(f)
-        count[type(f).__name__] += 1
-        stack.extend(g for g, _ in f.next_functions)
-    return count
-
-
 @pytest.mark.parametrize("name", list(OPS))
 def test_packed_graph_depends_on_longest_document_only(name):
     """2 and 10 packed documents whose longest ones have 4 chunks make the same
@@ -95,6 +80,6 @@ def test_packed_graph_depends_on_longest_document_only(name):
                                                          requires_grad=True),
                      output_final_state=True, chunk_size=4,
                      cu_seqlens=torch.tensor(offsets, dtype=torch.int32))
-        return _graph(o.sum() + S.sum())
+        return autograd_nodes(o.sum() + S.sum())
 
     assert graph([0, 16, 32]) == graph([0, 16, 32, *range(34, 50, 2)])
