@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 import traceback
+import zlib
 from datetime import timedelta
 
 import pytest
@@ -37,7 +38,7 @@ def _seeded(seed: int):
 
 @pytest.fixture
 def rng(request):
-    ctx = _seeded(hash(request.node.name) % 2**31)
+    ctx = _seeded(zlib.crc32(request.node.name.encode()))  # the same seed in every process
     yield
     ctx.__exit__(None, None, None)
 
@@ -384,22 +385,26 @@ def test_inductor_compiled_blocks_equal_eager(rng):
     compiled.compile_blocks()
     ids, targets = torch.randint(0, 64, (1, 30)), torch.randint(0, 64, (1, 30))
     graphs = []
-    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-        for cuts in ([11], [3, 4, 20]):
-            cu = torch.tensor([0, *cuts, 30], dtype=torch.int32)
-            torch._dynamo.maybe_mark_dynamic(cu, 0)
-            losses = []
-            for m in (eager, compiled):
-                m.zero_grad()
-                loss = m.loss(ids, targets, cu_seqlens=cu)[0]
-                loss.backward()
-                losses.append(loss.detach())
-            assert rel_err(losses[1], losses[0]) < 1e-6
-            for (n, p), q in zip(eager.named_parameters(), compiled.parameters()):
-                assert rel_err(q.grad, p.grad) < 1e-5, n
-            graphs.append(counters["stats"]["unique_graphs"])
+    try:
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            for cuts in ([11], [3, 4, 20]):
+                cu = torch.tensor([0, *cuts, 30], dtype=torch.int32)
+                torch._dynamo.maybe_mark_dynamic(cu, 0)
+                losses = []
+                for m in (eager, compiled):
+                    m.zero_grad()
+                    loss = m.loss(ids, targets, cu_seqlens=cu)[0]
+                    loss.backward()
+                    losses.append(loss.detach())
+                assert rel_err(losses[1], losses[0]) < 1e-6
+                # Inductor's C++ code sums float32 in another order; gradients that are
+                # sums over every token with cancellation (Mamba-2's D) differ by ~3e-5.
+                for (n, p), q in zip(eager.named_parameters(), compiled.parameters()):
+                    assert rel_err(q.grad, p.grad) < 1e-4, n
+                graphs.append(counters["stats"]["unique_graphs"])
+    finally:
+        torch._dynamo.reset()
     assert graphs[0] > 0 and graphs[1] == graphs[0], graphs
-    torch._dynamo.reset()
 
 
 # ---------------------------------------------------------------- sequence parallelism

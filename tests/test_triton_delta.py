@@ -129,7 +129,7 @@ def test_wy_kernels_match_wy_terms():
     chunks, float32: two documents, one ending inside a chunk, strong decays."""
     from seqpar.ops.linear import triton_delta as td
     from seqpar.ops.linear.chunk_delta import wy_terms
-    from seqpar.ops.linear.chunk_diag import _chunks
+    from seqpar.ops.linear.chunk_diag import chunked
 
     s = sample(catalog.get("gated_delta_rule"), 1, 100, 2, 16, 24, (), True, False,
                torch.float32, 9)
@@ -138,7 +138,7 @@ def test_wy_kernels_match_wy_terms():
     docs = []
     for s, e in ((0, 90), (90, 100)):  # each document in chunks of 64, zero-padded
         n = -(-(e - s) // td.BT)
-        docs.append([_chunks(x[:, s:e], n, td.BT) for x in (q, k, v, g, beta)])
+        docs.append([chunked(x[:, s:e], n, td.BT) for x in (q, k, v, g, beta)])
     eye = torch.eye(td.BT, device=DEVICE)
     got_n = []
 
