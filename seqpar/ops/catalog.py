@@ -354,9 +354,11 @@ class OpSpec:
         device = torch.device(device) if device is not None else gen.device
         cu = None
         if cu_seqlens is not None:
-            cu = torch.as_tensor(cu_seqlens, dtype=torch.int32).to(device)
-            if cu.dim() != 1 or len(cu) < 2 or int(cu[0]) != 0 or int(cu[-1]) != T:
-                fail("cu_seqlens", f"offsets from 0 to T = {T}", cu.tolist())
+            offsets = (cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor)
+                       else list(cu_seqlens))
+            if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != T:
+                fail("cu_seqlens", f"offsets from 0 to T = {T}", offsets)
+            cu = torch.tensor(offsets, dtype=torch.int32, device=device)
         xs = self.make_inputs(B, T, H, K, V, dtype=dtype, device=device, generator=gen,
                               cu_seqlens=cu, decay=decay, **sizes)
         N = B if cu is None else len(cu) - 1

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .engine import apply
+
 
 def chunked(x: torch.Tensor, n: int, c: int) -> torch.Tensor:
     """(B, T, H, ...) zero-padded to n*c tokens -> (B, H, n, c, ...) float32."""
@@ -57,10 +59,7 @@ class ChunkTerms:
         self.T, self.dtype = T, dtype
 
     def apply(self, c: int, S, transpose: bool = False):
-        M = self.M[:, :, c]
-        if M.shape[-1] == 1:
-            return M * S
-        return (M.transpose(-1, -2) if transpose else M) @ S
+        return apply(self.M[:, :, c], S, transpose)
 
     def scan(self, initial_state=None):
         """Outputs (B, T, H, V) in the inputs' dtype and the final state (B, H, K, V)
@@ -97,7 +96,7 @@ class ChunkTerms:
             S = S[:a]
             entering.append(S)
             Mj = M[p:p + a]
-            S = (Mj * S if Mj.shape[-1] == 1 else Mj @ S) + local[p:p + a]
+            S = apply(Mj, S) + local[p:p + a]
             leaving.append(S)
             p += a
         S_in = torch.cat(entering).index_select(0, unchain).movedim(0, 1)  # (H, n, K, V)

@@ -14,7 +14,7 @@ import torch
 from ..validate import check_scale, check_step_state
 from ._family import chunked_documents, pick_backend, reference_scan
 from .chunk_delta import chunk_delta, chunk_delta_terms
-from .engine import ChunkPass, LinearEngine, Sequences, StatePass, segments
+from .engine import ChunkPass, LinearEngine, Sequences, StatePass, apply, segments
 
 
 def delta_step(q, k, v, g, beta, state, scale):
@@ -119,8 +119,7 @@ class _TritonDeltaPass(StatePass):
 
     def final(self, h0):
         M, C, _ = self._compose()
-        return C if h0 is None else torch.baddbmm(
-            C.flatten(0, 1), M.flatten(0, 1), h0.flatten(0, 1)).view_as(C)
+        return C if h0 is None else apply(M, h0) + C
 
     def transition(self):
         return self._compose()[0]

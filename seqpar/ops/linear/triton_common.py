@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .engine import to_device
+
 # Chunk length of every kernel: 64 rows fill a tensor-core tile and keep the (BT, BT)
 # intra-chunk matrices in registers.
 BT = 64
@@ -57,9 +59,9 @@ def _chunk_plan(offsets: tuple[int, ...], device: torch.device) -> ChunkPlan:
         nc = triton.cdiv(e - s, BT)
         index.extend((n, c) for c in range(nc))
         starts.append(starts[-1] + nc)
-    def as_t(x):  # through pinned memory: a pageable copy would block the host
-        t = torch.tensor(x, dtype=torch.int32)
-        return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+    def as_t(x):
+        return to_device(x, torch.int32, device)
+
     return ChunkPlan(as_t(offsets), as_t(index).reshape(-1, 2), as_t(starts),
                      len(offsets) - 1, len(index))
 
