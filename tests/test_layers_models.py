@@ -456,6 +456,7 @@ def _sp_worker(rank, store_dir, path):
     dist.all_gather_object(every, out)
     if rank == 0:
         torch.save(every, path)
+    dist.barrier()  # no rank tears its group down while a peer still talks to it
     dist.destroy_process_group()
 
 

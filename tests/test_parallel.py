@@ -335,6 +335,7 @@ def _worker(rank, world, store_dir, results, triton=False):
         except Exception:  # noqa: BLE001 - reported by the test of this case
             out[name] = traceback.format_exc()
     torch.save(out, f"{results}.{rank}")
+    dist.barrier()  # no rank tears its group down while a peer still talks to it
     dist.destroy_process_group()
 
 

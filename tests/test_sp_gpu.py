@@ -53,6 +53,7 @@ def _worker(rank, world, store, path):
                     except Exception:  # noqa: BLE001 -- reported by the test
                         out[name] = traceback.format_exc()
     torch.save(out, f"{path}.{rank}")
+    dist.barrier()  # no rank tears its group down while a peer still talks to it
     dist.destroy_process_group()
 
 
