@@ -14,7 +14,8 @@ kernel forward and backward.
 
 Half-precision inputs are computed in float32: the weight and bias gradients are sums
 over every token, and rounding each term to bfloat16 on the way ruins them when the
-terms cancel.
+terms cancel. The products promote to float32 tap by tap, so the input itself is never
+copied to float32 (under ``torch.compile`` the taps read the 16-bit input directly).
 """
 from __future__ import annotations
 
@@ -189,10 +190,14 @@ def short_conv(x, weight, bias=None, activation="silu", initial_state=None,
     if initial_state is not None:
         check_tensor("initial_state", initial_state, shape=(N, C, w - 1))
         head = _ContiguousGrad.apply(initial_state).transpose(1, 2).to(cd)  # (N, w - 1, C)
-    xc, wc = x.to(cd), weight.to(cd)
+    # The input stays in its dtype: each tap's product with the float32 weight promotes
+    # to float32 (exactly), so no float32 copy of the whole input is made or saved.
+    xc, wc = x, weight.to(cd)
     if cu_seqlens is None or w == 1:  # width 1 never reaches back: rows and documents alike
         if head is None:
             head = xc.new_zeros(B, w - 1, C)
+        elif head.dtype != xc.dtype:
+            xc = xc.to(cd)
         y, xp = _conv_rows(xc, wc, head.reshape(B, w - 1, C))
         final = xp[:, T:].transpose(1, 2) if output_final_state else None
         if final is not None and cu_seqlens is not None:
