@@ -44,11 +44,13 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def _rows(prof, reps: int) -> list[dict]:
-    """Per-step averages of every event: host time (inclusive), self device time, calls."""
+def _rows(prof, reps: int, shapes: bool = False) -> list[dict]:
+    """Per-step averages of every event: host time (inclusive), self device time, calls;
+    with ``shapes``, one row per operator and input shapes."""
     out = []
-    for e in prof.key_averages():
-        out.append({"name": e.key, "cpu_ms": e.cpu_time_total / reps / 1e3,
+    for e in prof.key_averages(group_by_input_shape=shapes):
+        name = e.key + (f" {e.input_shapes}" if shapes and e.input_shapes else "")
+        out.append({"name": name, "cpu_ms": e.cpu_time_total / reps / 1e3,
                     "self_device_ms": getattr(e, "self_device_time_total", 0) / reps / 1e3,
                     "device_ms": getattr(e, "device_time_total", 0) / reps / 1e3,
                     "calls": e.count // reps})
@@ -58,7 +60,7 @@ def _rows(prof, reps: int) -> list[dict]:
 def _print_top(rows: list[dict], key: str, title: str, n: int) -> None:
     print(f"-- {title}")
     for r in sorted(rows, key=lambda r: -r[key])[:n]:
-        print(f"{r[key]:9.3f} ms {r['calls']:6d}x  {r['name'][:100]}")
+        print(f"{r[key]:9.3f} ms {r['calls']:6d}x  {r['name'][:160]}")
 
 
 def profile_train(args, train_argv: list[str]) -> dict:
@@ -74,7 +76,7 @@ def profile_train(args, train_argv: list[str]) -> dict:
         for i in range(args.warm):
             trainer.step(trainer.to_device(loader.batch(i)))
         _sync(env.device)
-        with profile(activities=_activities(env.device)) as prof:
+        with profile(activities=_activities(env.device), record_shapes=args.shapes) as prof:
             t0 = time.perf_counter()
             for i in range(args.warm, args.warm + args.steps):
                 trainer.step(trainer.to_device(loader.batch(i)))
@@ -87,10 +89,15 @@ def profile_train(args, train_argv: list[str]) -> dict:
               f"{trainer.compiled})")
         _print_top(rows, "self_device_ms", "self device time per step", args.rows)
         _print_top(rows, "cpu_ms", "host time per step (inclusive)", args.rows)
+        by_shape = _rows(prof, args.steps, shapes=True) if args.shapes else []
+        if by_shape:
+            _print_top(by_shape, "self_device_ms", "self device time per step, by input shapes",
+                       args.rows)
         return {"what": "train", "train_argv": train_argv, "compile": trainer.compiled,
                 "tokens_per_step": tokens, "wall_ms_per_step": wall, "device_ms_per_step": device_ms,
                 "top_device": sorted(rows, key=lambda r: -r["self_device_ms"])[:args.rows],
-                "top_cpu": sorted(rows, key=lambda r: -r["cpu_ms"])[:args.rows]}
+                "top_cpu": sorted(rows, key=lambda r: -r["cpu_ms"])[:args.rows],
+                "top_device_by_shape": sorted(by_shape, key=lambda r: -r["self_device_ms"])[:args.rows]}
     finally:
         teardown(env)
 
@@ -172,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warm", type=int, default=3, help="unprofiled steps first")
     t.add_argument("--steps", type=int, default=3, help="profiled steps")
     t.add_argument("--rows", type=int, default=30, help="rows per table")
+    t.add_argument("--shapes", action="store_true",
+                   help="also a table by operator and input shapes (record_shapes)")
     o = sub.add_parser("ops", help="one op's forward+backward, kernel by kernel")
     o.add_argument("--out", required=True, help="JSON file")
     o.add_argument("--ops", nargs="+", required=True,
