@@ -139,6 +139,39 @@ def test_one_document_is_the_dense_path(fake, monkeypatch):
     assert "varlen" not in fake.calls and "cudnn" in fake.calls
 
 
+@pytest.mark.parametrize("dlse", [False, True])
+def test_cudnn_block_plumbing(fake, monkeypatch, dlse):
+    """The SP building blocks on cuDNN, as a ring rank runs them: the later queries
+    against the earlier keys (a longer, unmasked key block) and against their own
+    positions (causal), merged; each block's backward from the merged (o, lse) alone."""
+    monkeypatch.setattr(attn_mod, "_block_kernel", lambda q, k, v, causal: "cudnn")
+    q, k, v = _inputs(9, 40, 2, 2, 16, 16, B=2)
+    m, gen = 25, torch.Generator().manual_seed(10)
+    blocks = [(slice(0, m), False), (slice(m, 40), True)]
+    qb = q[:, m:]
+    parts = [attn_mod.attn_block_forward(qb, k[:, s], v[:, s], causal=c) for s, c in blocks]
+    o, lse = attn_mod.merge_attn(*parts[0], *parts[1])
+    wo = torch.randn(o.shape, generator=gen, dtype=torch.float64)
+    wl = torch.randn(lse.shape, generator=gen, dtype=torch.float64) if dlse else None
+    dq = torch.zeros(qb.shape, dtype=torch.float64)
+    dk, dv = torch.zeros(k.shape, dtype=torch.float64), torch.zeros(v.shape, dtype=torch.float64)
+    for s, c in blocks:
+        a, b, g = attn_mod.attn_block_backward(
+            wo.float(), qb.detach(), k[:, s].detach(), v[:, s].detach(), o, lse, causal=c,
+            dlse=None if wl is None else wl.float(), cast=False)
+        dq += a.double()
+        dk[:, s] += b.double()
+        dv[:, s] += g.double()
+    xr = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ro, rl = ops.softmax_attn_reference(*xr, causal=True)
+    loss = (ro[:, m:] * wo).sum() + ((rl[:, :, m:] * wl).sum() if dlse else 0)
+    gr = torch.autograd.grad(loss, xr)
+    errs = {"o": rel_err(o, ro[:, m:]), "lse": rel_err(lse, rl[:, :, m:]),
+            "dq": rel_err(dq, gr[0][:, m:]), "dk": rel_err(dk, gr[1]), "dv": rel_err(dv, gr[2])}
+    assert all(e < 1e-4 for e in errs.values()), errs
+    assert fake.calls.count("cudnn") >= 2 and fake.calls.count("cudnn_bwd") == 2, fake.calls
+
+
 def test_cudnn_failure_falls_back_to_flash(monkeypatch):
     """A cuDNN that fails (old library, unsupported GPU) warns once and the flash kernel
     serves from then on."""
@@ -184,3 +217,25 @@ def test_cudnn_engine_on_gpu(monkeypatch, dtype, D, T, B):
     assert chosen and chosen[0] in ("cudnn", "flash"), chosen
     assert all(e < 2e-2 for e in errs.values()), (chosen, errs)
     print(f"engine {chosen[0]}: {errs}")
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_fused_merge_kernel(out_dtype):
+    """The fused merge (the Triton kernel, interpreted on CPU) equals merge_attn in
+    float64: a strided first input as a kernel writes it, a bfloat16 second one, head
+    count and dim that are not powers of two, a row whose first side sees no key."""
+    from seqpar.ops.triton_attn_merge import merge_into
+
+    gen = torch.Generator().manual_seed(12)
+    B, T, H, D = 2, 7, 5, 24
+    o1 = torch.randn(B, H, T, D, generator=gen).transpose(1, 2)
+    o2 = torch.randn(B, T, H, D, generator=gen).bfloat16()
+    l1, l2 = (torch.randn(B, H, T, generator=gen) * 3 for _ in range(2))
+    l1[:, :, 3] = float("-inf")
+    out, lse = torch.empty(B, T, H, D, dtype=out_dtype), torch.empty(B, H, T)
+    merge_into(out, lse, o1, l1, o2, l2)
+    ro, rl = attn_mod.merge_attn(o1.double(), l1.double(), o2.double(), l2.double())
+    tol = 1e-6 if out_dtype == torch.float32 else 4e-3
+    assert rel_err(out, ro) < tol and rel_err(lse, rl) < 1e-6, (rel_err(out, ro), rel_err(lse, rl))
+    # the side without keys has weight exactly zero: the row is the other side's output
+    assert torch.equal(out[:, 3], o2[:, 3].to(out_dtype))

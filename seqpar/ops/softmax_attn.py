@@ -5,7 +5,9 @@ Public entry point: :func:`softmax_attn`. Building blocks for sequence paralleli
 
 * :func:`attn_block` -- a query block against one key/value block, ``(o, lse)`` in
   float32, differentiable through both outputs;
+* :func:`attn_block_forward` -- the same without autograd and without a float32 copy;
 * :func:`merge_attn` -- exact float32 merge of two partial results over disjoint keys;
+  :func:`merge_attn_into` the same into given tensors, one fused pass on CUDA;
 * :func:`attn_block_backward` -- the gradient contribution of one key/value block given
   the *final* (merged) output and log-sum-exp, for a ring backward that does not keep
   every partial result alive.
@@ -25,14 +27,16 @@ whole batch or packed stream:
   bound memory, each tile reading only the keys it can see (its documents, the causal
   past); everything else (float32 on CUDA, packed input on CPU).
 
-The SP building blocks (:func:`attn_block`, :func:`attn_block_backward`) run on
-``flash`` or ``math``: the ring needs the backward from a given (merged) output and
-log-sum-exp. The entry points are the ones ``torch.distributed``'s context parallelism
-uses, because public SDPA does not return the log-sum-exp.
+The SP building blocks run on ``cudnn`` wherever it takes the block's shapes (a query
+block against a longer key block included), else on ``flash`` or ``math``: the ring needs
+the backward from a given (merged) output and log-sum-exp, which all three compute from
+those two alone. The entry points are the ones ``torch.distributed``'s context
+parallelism uses, because public SDPA does not return the log-sum-exp.
 """
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import warnings
 
@@ -239,23 +243,70 @@ def _math_bwd(do, q, k, v, o, lse, scale: float, causal: bool, dlse=None, offset
     return dq, _reduce_heads(dk, G), _reduce_heads(dv, G)
 
 
+def _block_kernel(q, k, v, causal: bool) -> str:
+    """The kernel that runs one (B, H, T, D) block: ``cudnn`` where cuDNN takes its shapes
+    (as SDPA would pick it), else ``flash``, or ``math`` where no fused kernel applies."""
+    if _fused_dim(q, v) is None:
+        return "math"
+    if q.is_cuda and _cudnn_fits(_bhtd(q), _bhtd(k), _bhtd(v), causal):
+        return "cudnn"
+    return "flash"
+
+
+def _bthd_rows(x: torch.Tensor) -> torch.Tensor:
+    """A (B, H, T, D) view of (B, T, H, D)-contiguous memory, the layout SDPA hands cuDNN
+    (copied only if ``x`` is not such a view already, e.g. a slice of a batch)."""
+    t = _bhtd(x)
+    return x if t.is_contiguous() else _bhtd(t.contiguous())
+
+
+def _cudnn_block_fwd(q, k, v, scale: float, causal: bool):
+    q, k, v = (_bthd_rows(x) for x in (q, k, v))
+    o, lse, *_ = _aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal,
+                                                           False, scale=scale)
+    return o, lse[..., 0]
+
+
+def _cudnn_block_bwd(do, q, k, v, o, lse, scale: float, causal: bool):
+    """cuDNN's backward from a given output and log-sum-exp (e.g. merged over blocks).
+
+    Dense and without dropout, cuDNN reads no sequence offsets and no RNG state, and its
+    maximal lengths are the block's; the output gradient is read with o's strides."""
+    q, k, v = (_bthd_rows(x) for x in (q, k, v))
+    o, do = _bthd_rows(o.to(q.dtype)), do.to(q.dtype)
+    if do.stride() != o.stride():
+        do = torch.empty_strided(o.shape, o.stride(), dtype=o.dtype, device=o.device).copy_(do)
+    no_rng = torch.empty(0, dtype=torch.int64, device=q.device)
+    return _aten._scaled_dot_product_cudnn_attention_backward(
+        do, q, k, v, o, lse[..., None].to(torch.float32).contiguous(), no_rng, no_rng, None,
+        None, None, q.shape[2], k.shape[2], 0.0, causal, scale=scale)
+
+
 def _block_fwd(q, k, v, scale, causal):
     """(B, H, T, D) engine dispatch: o in the engine's dtype, lse (B, H, T) float."""
-    P = _fused_dim(q, v)
-    if P is None:
+    kind = _block_kernel(q, k, v, causal)
+    if kind == "math":
         return _math_fwd(q, k, v, scale, causal)
-    return _fused_fwd(q, k, v, scale, causal, P)
+    if kind == "cudnn":
+        try:
+            return _cudnn_block_fwd(q, k, v, scale, causal)
+        except RuntimeError as e:
+            _cudnn_failed(e)
+    return _fused_fwd(q, k, v, scale, causal, _fused_dim(q, v))
 
 
 def _block_bwd(do, q, k, v, o, lse, scale, causal, dlse=None):
     """(B, H, T, D) engine dispatch of the backward; ``do`` may be None (only lse used)."""
-    P = _fused_dim(q, v)
-    if P is None:
+    kind = _block_kernel(q, k, v, causal)
+    if kind == "math":
         if do is None:
             do = torch.zeros_like(o, dtype=lse.dtype)
         return _math_bwd(do, q, k, v, o, lse, scale, causal, dlse)
+    P = _fused_dim(q, v)
     if do is None:
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    elif kind == "cudnn":
+        dq, dk, dv = _cudnn_block_bwd(do, q, k, v, o, lse, scale, causal)
     else:
         dq, dk, dv = _fused_bwd(do, q, k, v, o, lse, scale, causal, P)
     if dlse is not None:
@@ -338,8 +389,51 @@ def merge_attn(o1, lse1, o2, lse2):
     return w1 * o1.to(acc) + w2 * o2.to(acc), lse
 
 
+def attn_block_forward(q, k, v, *, causal: bool, scale: float | None = None):
+    """:func:`attn_block` without autograd and without a cast: for callers that merge in
+    float32 themselves and differentiate with :func:`attn_block_backward`.
+
+    Returns o (B, T, H, Dv) in the kernel's dtype (q's on the fused kernels, float32 or
+    float64 on the math engine) and lse (B, H, T) float32 (float64 for float64 input).
+    """
+    _check_qkv(q, k, v, causal)
+    o, lse = _block_fwd(_bhtd(q), _bhtd(k), _bhtd(v), check_scale(scale, q.shape[-1]), causal)
+    return _bhtd(o), lse.to(_acc_dtype(q))
+
+
+def merge_attn_into(out, lse, o1, lse1, o2, lse2) -> None:
+    """:func:`merge_attn` written into ``out`` (B, T, H, Dv), any float dtype, and ``lse``
+    (B, H, T) float32: computed in float32 (float64 if an input is float64) and rounded
+    once. On CUDA one fused Triton pass; elsewhere PyTorch. ``out`` and ``lse`` may be
+    the inputs' own rows (an in-place merge)."""
+    check_tensor("o1", o1, ndim=4)
+    B, T, H, Dv = o1.shape
+    for name, x in (("o2", o2), ("out", out)):
+        check_tensor(name, x, shape=(B, T, H, Dv), device=o1.device)
+    for name, x in (("lse1", lse1), ("lse2", lse2), ("lse", lse)):
+        check_tensor(name, x, shape=(B, H, T), device=o1.device)
+    fused = (o1.is_cuda and lse.dtype == torch.float32 and torch.float64 not in
+             (o1.dtype, o2.dtype, out.dtype, lse1.dtype, lse2.dtype))
+    if not fused:
+        o, m = merge_attn(o1, lse1, o2, lse2)
+        out.copy_(o)
+        lse.copy_(m)
+        return
+    from .triton_attn_merge import merge_into
+
+    rows = [x if x.stride(-1) == 1 else x.contiguous() for x in (o1, o2)]
+    lses = [x.float() if x.stride(-1) == 1 else x.float().contiguous() for x in (lse1, lse2)]
+    if out.stride(-1) == 1 and lse.stride(-1) == 1:
+        merge_into(out, lse, rows[0], lses[0], rows[1], lses[1])
+        return
+    o, m = torch.empty_like(out, memory_format=torch.contiguous_format), torch.empty_like(lse)
+    merge_into(o, m, rows[0], lses[0], rows[1], lses[1])
+    out.copy_(o)
+    lse.copy_(m)
+
+
 def attn_block_backward(do, q, k, v, o, lse, *, causal: bool, scale: float | None = None,
-                        dlse=None):
+                        dlse=None, cast: bool = True):
     """Gradient contribution of one key/value block, given the final merged result.
 
     With ``o`` and ``lse`` the output and log-sum-exp after merging every block, the
@@ -353,9 +447,12 @@ def attn_block_backward(do, q, k, v, o, lse, *, causal: bool, scale: float | Non
         do: (B, T, H, Dv) gradient of the final output; o: (B, T, H, Dv) final output;
         lse: (B, H, T) final log-sum-exp; dlse: (B, H, T) gradient of the final lse, or
         None. q, k, v, causal, scale as in :func:`attn_block`.
+        cast: False leaves each gradient in the dtype its kernel produced (q's on the
+            fused kernels; float32 where the math engine or a gradient of lse adds in),
+            for callers that accumulate in float32 themselves.
     Returns:
         dq (B, T, H, D), dk (B, S, Hkv, D), dv (B, S, Hkv, Dv), float32 (float64 for
-        float64 input).
+        float64 input) unless ``cast`` is False.
     """
     B, T, H, D, S, Hkv, Dv = _check_qkv(q, k, v, causal)
     check_tensor("do", do, shape=(B, T, H, Dv), device=q.device)
@@ -366,6 +463,8 @@ def attn_block_backward(do, q, k, v, o, lse, *, causal: bool, scale: float | Non
         dlse = check_tensor("dlse", dlse, shape=(B, H, T), device=q.device).to(acc)
     dq, dk, dv = _block_bwd(_bhtd(do), _bhtd(q), _bhtd(k), _bhtd(v), _bhtd(o), lse.to(acc),
                             check_scale(scale, D), causal, dlse)
+    if not cast:
+        return _bhtd(dq), _bhtd(dk), _bhtd(dv)
     return _bhtd(dq).to(acc), _bhtd(dk).to(acc), _bhtd(dv).to(acc)
 
 
@@ -377,19 +476,35 @@ _cudnn_usable = True
 
 
 def _cudnn_fits(q, k, v, causal: bool) -> bool:
-    """Whether cuDNN attention takes these (B, T, H, D) tensors, as SDPA would decide."""
+    """Whether cuDNN attention takes these (B, T, H, D) queries against (B, S, H, D) keys
+    and values, as SDPA would decide."""
     if not (_cudnn_usable and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
         return False
     D = q.shape[-1]
     if k.shape[2] != q.shape[2] or v.shape[-1] != D or D % 8 or D > 128:
         return False
+    return _cudnn_takes(*q.shape[:3], k.shape[1], D, q.dtype, causal, q.device)
+
+
+@functools.lru_cache(maxsize=256)
+def _cudnn_takes(B, T, H, S, D, dtype, causal, device) -> bool:
     try:
         # As the kernel will see them: (B, T, H, D)-contiguous, viewed as (B, H, T, D).
-        x = _bhtd(q if q.is_contiguous() else torch.empty_like(q, memory_format=torch.contiguous_format))
-        params = torch.backends.cuda.SDPAParams(x, x, x, None, 0.0, causal, False)
+        q = _bhtd(torch.empty(B, T, H, D, dtype=dtype, device=device))
+        kv = _bhtd(torch.empty(B, S, H, D, dtype=dtype, device=device))
+        params = torch.backends.cuda.SDPAParams(q, kv, kv, None, 0.0, causal, False)
         return bool(torch.backends.cuda.can_use_cudnn_attention(params, False))
     except (AttributeError, TypeError, RuntimeError):
         return False
+
+
+def _cudnn_failed(e: RuntimeError) -> None:
+    """Stop using cuDNN on this machine (an old library, an unsupported GPU), with one
+    warning: the flash kernel serves from now on."""
+    global _cudnn_usable
+    _cudnn_usable = False
+    warnings.warn(f"seqpar.ops.softmax_attn: cuDNN attention failed ({str(e)[:200]}); "
+                  "using the flash kernel from now on", stacklevel=4)
 
 
 def _engine(q, k, v, causal: bool, packed: bool) -> str:
@@ -523,7 +638,6 @@ class _Attention(torch.autograd.Function):
 
 
 def _run_attention(q, k, v, scale, causal, pack):
-    global _cudnn_usable
     engine = _engine(q, k, v, causal, pack is not None)
     if engine != "cudnn":
         return _Attention.apply(q, k, v, scale, causal, pack, engine)
@@ -533,9 +647,7 @@ def _run_attention(q, k, v, scale, causal, pack):
         # here, before the op, so that only the copies are kept for the backward.
         return _Attention.apply(*(x.contiguous() for x in (q, k, v)), scale, causal, pack, engine)
     except RuntimeError as e:
-        _cudnn_usable = False
-        warnings.warn(f"seqpar.ops.softmax_attn: cuDNN attention failed ({str(e)[:200]}); "
-                      "using the flash kernel from now on", stacklevel=3)
+        _cudnn_failed(e)
         return _Attention.apply(q, k, v, scale, causal, pack, "flash")
 
 
