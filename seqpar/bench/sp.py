@@ -615,18 +615,15 @@ def simulate(args, device: torch.device) -> dict:
         for T in args.t_local:
             base_cache = {}
             for P in args.simulate:
-                if mixer == "softmax_attn":
-                    if P * T not in base_cache:
-                        base_cache[P * T] = _median_ms(fwd_bwd(mixer, P * T, None), args.warmup,
-                                                       args.reps, cuda)
-                    base = base_cache[P * T] / P
-                else:
-                    if T not in base_cache:
-                        base_cache[T] = _median_ms(fwd_bwd(mixer, T, None), args.warmup,
+                # softmax attention: this rank's share of the causal op over the whole
+                # sequence; the linear family: the op at the rank's own length
+                whole, share = (P * T, P) if mixer == "softmax_attn" else (T, 1)
+                if whole not in base_cache:
+                    base_cache[whole] = _median_ms(fwd_bwd(mixer, whole, None), args.warmup,
                                                    args.reps, cuda)
-                        if cuda and args.graphs:
-                            base_cache["graph", T] = graph_ms(fwd_bwd(mixer, T, None), args.reps)
-                    base = base_cache[T]
+                    if cuda and args.graphs:
+                        base_cache["graph", whole] = graph_ms(fwd_bwd(mixer, whole, None), args.reps)
+                base = base_cache[whole] / share
                 for strategy, layout in _configs(mixer, args):
                     for rank in sorted({0, 1 % P, P - 1}):
                         row = {"op": mixer, "strategy": strategy, "layout": layout, "world": P,
@@ -640,8 +637,8 @@ def simulate(args, device: torch.device) -> dict:
                             row["sp_ms"] = _median_ms(step, args.warmup, args.reps, cuda)
                             row["ratio"] = row["sp_ms"] / base
                             row["host_syncs"] = count_host_syncs(step)
-                            if ("graph", T) in base_cache:
-                                row["graph_base_ms"] = base_cache["graph", T]
+                            if ("graph", whole) in base_cache:
+                                row["graph_base_ms"] = base_cache["graph", whole] / share
                                 row["graph_sp_ms"] = graph_ms(step, args.reps)
                                 row["graph_ratio"] = row["graph_sp_ms"] / row["graph_base_ms"]
                         except Exception as e:  # noqa: BLE001 -- recorded in the row; the run goes on

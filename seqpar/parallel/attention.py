@@ -23,9 +23,12 @@ when wholly in the future).
 """
 from __future__ import annotations
 
+import functools
+import itertools
+
 import torch
 
-from ..ops.softmax_attn import attn_block, attn_block_backward, merge_attn
+from ..ops.softmax_attn import attn_block_backward, attn_block_forward, merge_attn_into
 from ..ops.softmax_attn import softmax_attn as local_softmax_attn
 from ..ops.validate import check_cu_seqlens, fail
 from ._geometry import Geometry
@@ -34,8 +37,18 @@ from ._util import dtype_code, offsets_digest
 
 
 def _blocks(geo: Geometry, src: int, causal: bool, offsets) -> list:
-    """Sub-blocks ``(q slice, k slice, causal)`` of this rank's queries against rank
-    ``src``'s keys (slices index the two shards)."""
+    """Blocks ``(q slice, k slice, causal)`` of this rank's queries against rank ``src``'s
+    keys (slices index the two shards), as few and as large as the mask allows."""
+    return _schedule(geo, src, causal, None if offsets is None else tuple(offsets))
+
+
+@functools.lru_cache(maxsize=1024)
+def _schedule(geo: Geometry, src: int, causal: bool, offsets: tuple[int, ...] | None) -> list:
+    whole = slice(0, geo.local_len)
+    if src == geo.rank and offsets is None:
+        # A shard's chunks lie in increasing global order, so the causal mask inside the
+        # shard is the global one restricted to it: one block.
+        return [(whole, whole, causal)]
     out = []
     for i, cq in enumerate(geo.chunks):
         for j, ck in enumerate(geo.chunks_of(src)):
@@ -47,10 +60,35 @@ def _blocks(geo: Geometry, src: int, causal: bool, offsets) -> list:
             spans = [(qa, qb, ka, kb)]
             if offsets is not None:
                 spans = [(max(qa, s), min(qb, e), max(ka, s), min(kb, e))
-                         for s, e in zip(offsets, offsets[1:])]
-            out += [(slice(a + lq, b + lq), slice(c + lk, d + lk), diag)
+                         for s, e in itertools.pairwise(offsets)]
+            out += [(a + lq, b + lq, c + lk, d + lk, diag)
                     for a, b, c, d in spans if a < b and c < d]
-    return out
+    return [(slice(a, b), slice(c, d), diag) for a, b, c, d, diag in _coalesce(out)]
+
+
+def _coalesce(blocks: list) -> list:
+    """Join unmasked blocks ``(q0, q1, k0, k1, causal)`` that share their keys and have
+    adjacent queries, or share their queries and have adjacent keys, until none join:
+    fewer, larger kernel calls for the same sums."""
+    masked = [b for b in blocks if b[4]]
+    free = [b for b in blocks if not b[4]]
+    while True:
+        n = len(free)
+        for key, span in (((2, 3), (0, 1)), ((0, 1), (2, 3))):  # join along q, then along k
+            free.sort(key=lambda b: (b[key[0]], b[key[1]], b[span[0]]))  # noqa: B023
+            joined = []
+            for b in free:
+                last = joined[-1] if joined else None
+                if (last is not None and (last[key[0]], last[key[1]]) == (b[key[0]], b[key[1]])
+                        and last[span[1]] == b[span[0]]):
+                    grown = list(last)
+                    grown[span[1]] = b[span[1]]
+                    joined[-1] = tuple(grown)
+                else:
+                    joined.append(b)
+            free = joined
+        if len(free) == n:
+            return masked + free
 
 
 def _pack(k, v):
@@ -63,44 +101,159 @@ def _unpack(buf, k_shape, v_shape):
 
 
 class _Partial:
-    """Running (o, lse) of this rank's queries, float32, merged block by block."""
+    """This rank's (o, lse) from blocks' partial results, merged by log-sum-exp.
 
-    def __init__(self, q, v, scale):
-        B, T, H, _ = q.shape
-        acc = torch.promote_types(q.dtype, torch.float32)
+    Up to two partial results are kept as they come and merged at :meth:`result` in one
+    pass per stretch of rows (:func:`merge_attn_into`), straight into the output dtype;
+    a third switches to a running float32 (float64 for float64 input) merge in place.
+    """
+
+    def __init__(self, q, scale):
         self.q, self.scale = q, scale
-        self.o = q.new_zeros(B, T, H, v.shape[-1], dtype=acc)
-        self.lse = q.new_full((B, H, T), float("-inf"), dtype=acc)
+        self.acc = torch.promote_types(q.dtype, torch.float32)
+        # 16-bit inputs get their output in their dtype, the others in the accumulator's
+        self.out_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else self.acc
+        self.pieces, self.o, self.lse = [], None, None
 
     def add(self, k, v, blocks):
         for qs, ks, diag in blocks:
-            o_b, lse_b = attn_block(self.q[:, qs], k[:, ks], v[:, ks], causal=diag, scale=self.scale)
-            self.o[:, qs], self.lse[:, :, qs] = merge_attn(self.o[:, qs], self.lse[:, :, qs], o_b, lse_b)
+            o_b, lse_b = attn_block_forward(self.q[:, qs], k[:, ks], v[:, ks], causal=diag,
+                                            scale=self.scale)
+            if self.o is None and len(self.pieces) < 2:
+                self.pieces.append((qs, o_b, lse_b))
+                continue
+            if self.o is None:
+                B, T, H, _ = self.q.shape
+                self.o = o_b.new_zeros(B, T, H, o_b.shape[-1], dtype=self.acc)
+                self.lse = lse_b.new_full((B, H, T), float("-inf"), dtype=self.acc)
+                for p in self.pieces:
+                    self._merge(*p)
+                self.pieces = []
+            self._merge(qs, o_b, lse_b)
+
+    def _merge(self, qs, o_b, lse_b):
+        o, lse = self.o[:, qs], self.lse[:, :, qs]
+        new = torch.logaddexp(lse, lse_b)
+        o.mul_((lse - new).exp_().transpose(1, 2)[..., None])
+        o.add_(o_b * (lse_b - new).exp_().transpose(1, 2)[..., None])
+        lse.copy_(new)
+
+    def result(self):
+        """o (B, T, H, Dv) in the output dtype and lse (B, H, T) float32 (float64)."""
+        if self.o is not None:
+            return self.o.to(self.out_dtype), self.lse
+        B, T, H, _ = self.q.shape
+        if len(self.pieces) == 1 and self.pieces[0][0] == slice(0, T):
+            _, o, lse = self.pieces[0]
+            return o.to(self.out_dtype), lse.to(self.acc)
+        Dv = self.pieces[0][1].shape[-1]
+        o = self.q.new_empty(B, T, H, Dv, dtype=self.out_dtype)
+        lse = self.q.new_empty(B, H, T, dtype=self.acc)
+        cuts = {0, T, *(p[0].start for p in self.pieces), *(p[0].stop for p in self.pieces)}
+        for u, w in itertools.pairwise(sorted(cuts)):
+            cover = [(p_o[:, u - r.start:w - r.start], p_l[:, :, u - r.start:w - r.start])
+                     for r, p_o, p_l in self.pieces if r.start <= u and w <= r.stop]
+            if len(cover) == 2:
+                merge_attn_into(o[:, u:w], lse[:, :, u:w], *cover[0], *cover[1])
+            elif cover:
+                o[:, u:w].copy_(cover[0][0])
+                lse[:, :, u:w].copy_(cover[0][1])
+            else:  # no key visible: only where the mask leaves a row empty
+                o[:, u:w].zero_()
+                lse[:, :, u:w].fill_(float("-inf"))
+        return o, lse
 
 
-def _grads(q, k, v, o, lse, do, dlse, blocks, scale, dq, dk, dv):
+class _Accumulator:
+    """A float32 (float64 for float64 input) sum over a (B, S, ...) buffer, filled block
+    by block along dim 1: a block over rows nothing has written yet is copied in, later
+    ones are added, and :meth:`done` zeroes the rows no block wrote, so no pass
+    zero-fills the whole buffer first."""
+
+    def __init__(self, buf: torch.Tensor, filled: bool = False):
+        """``filled``: ``buf`` holds values already (a partial sum received from a peer)."""
+        self.buf, self.written = buf, ([(0, buf.shape[1])] if filled else [])
+
+    def add(self, rows: slice, x: torch.Tensor) -> None:
+        a, b = rows.start, rows.stop
+        if any(a < e and s < b for s, e in self.written):
+            self.buf[:, rows] += x
+        else:
+            self.buf[:, rows].copy_(x)
+        self.written.append((a, b))
+
+    def done(self) -> torch.Tensor:
+        end = 0
+        for s, e in sorted(self.written) + [(self.buf.shape[1],) * 2]:
+            if s > end:
+                self.buf[:, end:s].zero_()
+            end = max(end, e)
+        return self.buf
+
+
+class _Grad:
+    """The gradient of a (B, S, ...) tensor from blocks' contributions along dim 1,
+    landing in ``out`` (any dtype).
+
+    Up to two contributions are kept as they come and summed at :meth:`done` in one
+    pass per stretch of rows: a sum of two computed in float32 and rounded once into
+    ``out`` is what accumulating in float32 gives. A third switches to a float32
+    :class:`_Accumulator`. ``filled``: ``out`` already holds a partial sum (a ring's
+    accumulator received from a peer), the first of the contributions.
+    """
+
+    def __init__(self, out: torch.Tensor, filled: bool = False):
+        self.out = out
+        self.pieces = [(slice(0, out.shape[1]), out)] if filled else []
+        self.acc = None
+
+    def add(self, rows: slice, x: torch.Tensor) -> None:
+        if self.acc is None and len(self.pieces) < 2:
+            self.pieces.append((rows, x))
+            return
+        if self.acc is None:
+            wide = torch.promote_types(self.out.dtype, torch.float32)
+            own = self.out.dtype == wide  # the accumulator can be ``out`` itself
+            buf = self.out if own else torch.empty(self.out.shape, dtype=wide, device=x.device)
+            self.acc = _Accumulator(buf)
+            for r, p in self.pieces:
+                if not (own and p is self.out):
+                    self.acc.add(r, p)
+                else:
+                    self.acc.written.append((0, buf.shape[1]))
+            self.pieces = []
+        self.acc.add(rows, x)
+
+    def done(self) -> torch.Tensor:
+        if self.acc is not None:
+            buf = self.acc.done()
+            return buf if buf is self.out else self.out.copy_(buf)
+        S = self.out.shape[1]
+        bounds = sorted({0, S, *(r.start for r, _ in self.pieces), *(r.stop for r, _ in self.pieces)})
+        for u, w in itertools.pairwise(bounds):
+            cover = [p[:, u - r.start:w - r.start] for r, p in self.pieces
+                     if r.start <= u and w <= r.stop]
+            dst = self.out[:, u:w]
+            if not cover:
+                dst.zero_()
+            elif len(cover) == 1:
+                if cover[0].data_ptr() != dst.data_ptr():
+                    dst.copy_(cover[0])
+            else:
+                torch.add(*cover, out=dst)
+        return self.out
+
+
+def _grads(q, k, v, o, lse, do, dlse, blocks, scale, dq: _Grad, dk: _Grad, dv: _Grad):
     """Add one key/value shard's share of the gradients (given the final o, lse) into
-    ``dq``, ``dk``, ``dv``."""
+    the accumulators."""
     for qs, ks, diag in blocks:
-        qb, kb, vb = q[:, qs], k[:, ks], v[:, ks]
-        a, b, c = attn_block_backward(do[:, qs], qb, kb, vb, o[:, qs], lse[:, :, qs],
-                                      causal=diag, scale=scale)
-        dq[:, qs] += a
-        dk[:, ks] += b
-        dv[:, ks] += c
-        if dlse is None:
-            continue
-        # d lse_i / d s_ij = P_ij: dq_i += scale dlse_i sum_j P_ij k_j (attention with
-        # values k, renormalized to the final lse), dk_j += scale sum_i P_ij dlse_i q_i
-        # (that attention's value gradient for the output gradient dlse q).
-        dl = dlse[:, :, qs]
-        o_k, lse_k = attn_block(qb, kb, kb, causal=diag, scale=scale)
-        w = (dl * (lse_k - lse[:, :, qs]).exp()).transpose(1, 2)[..., None]
-        dq[:, qs] += scale * w * o_k
-        g = (dl.transpose(1, 2)[..., None] * qb.to(dl.dtype)).to(qb.dtype)
-        _, _, dk_l = attn_block_backward(g, qb, kb, kb, torch.zeros_like(g), lse[:, :, qs],
-                                         causal=diag, scale=scale)
-        dk[:, ks] += scale * dk_l
+        a, b, c = attn_block_backward(do[:, qs], q[:, qs], k[:, ks], v[:, ks], o[:, qs],
+                                      lse[:, :, qs], causal=diag, scale=scale,
+                                      dlse=None if dlse is None else dlse[:, :, qs], cast=False)
+        dq.add(qs, a)
+        dk.add(ks, b)
+        dv.add(ks, c)
 
 
 class _KVAttention(torch.autograd.Function):
@@ -109,29 +262,35 @@ class _KVAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, sp, geo, causal, scale, offsets, q, k, v):
         P, r = sp.world, sp.rank
-        part = _Partial(q, v, scale)
-        kv = _pack(k, v)
+        part = _Partial(q, scale)
         gathered = None
+        # Sources in ring order, this rank's own keys first: their block covers every
+        # query, so the merge starts from it.
         if sp.attn_strategy == "allgather":
-            gathered = sp.comm.all_gather(kv, "softmax_attn")
-            for src in range(P):
+            gathered = sp.comm.all_gather(_pack(k, v), "softmax_attn")
+            for i in range(P):
+                src = (r - i) % P
                 part.add(*_unpack(gathered[src], k.shape, v.shape), _blocks(geo, src, causal, offsets))
         else:
+            kv = (k.contiguous(), v.contiguous())
             for i in range(P):
                 src = (r - i) % P
                 if i < P - 1:
-                    nxt = torch.empty_like(kv)
-                    work = sp.comm.send_recv([(kv, (r + 1) % P)], [(nxt, (r - 1) % P)],
-                                             "softmax_attn")
-                part.add(*_unpack(kv, k.shape, v.shape), _blocks(geo, src, causal, offsets))
+                    nxt = tuple(torch.empty_like(x) for x in kv)
+                    work = sp.comm.send_recv([(x, (r + 1) % P) for x in kv],
+                                             [(x, (r - 1) % P) for x in nxt], "softmax_attn")
+                part.add(*kv, _blocks(geo, src, causal, offsets))
                 if i < P - 1:
                     work.wait()
                     kv = nxt
+        # The output in q's dtype is what the caller gets and what the kernels' backward
+        # reads; float32 and float64 inputs keep their accumulator's.
+        o, lse = part.result()
         ctx.sp, ctx.geo, ctx.causal, ctx.scale, ctx.offsets = sp, geo, causal, scale, offsets
         ctx.gathered = gathered
-        ctx.save_for_backward(q, k, v, part.o, part.lse)
+        ctx.save_for_backward(q, k, v, o, lse)
         ctx.set_materialize_grads(False)
-        return part.o, part.lse
+        return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
@@ -140,31 +299,34 @@ class _KVAttention(torch.autograd.Function):
         P, r = sp.world, sp.rank
         if do is None:
             do = torch.zeros_like(o)
-        acc = o.dtype
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        acc = lse.dtype
+        dq = _Grad(torch.empty_like(q, memory_format=torch.contiguous_format))
 
-        def share(src, kv, dkv):
-            ks, vs = _unpack(kv, k.shape, v.shape)
-            dks, dvs = _unpack(dkv, k.shape, v.shape)
+        def share(src, ks, vs, dkv, filled):
+            dk, dv = (_Grad(x, filled) for x in _unpack(dkv, k.shape, v.shape))
             _grads(q, ks, vs, o, lse, do, dlse, _blocks(geo, src, ctx.causal, ctx.offsets),
-                   ctx.scale, dq, dks, dvs)
+                   ctx.scale, dq, dk, dv)
+            dk.done()
+            dv.done()
 
         n = k.numel() + v.numel()
         if ctx.gathered is not None:
-            dkv_all = [torch.zeros(n, dtype=acc, device=q.device) for _ in range(P)]
+            dkv_all = [torch.empty(n, dtype=acc, device=q.device) for _ in range(P)]
             for src in range(P):
-                share(src, ctx.gathered[src], dkv_all[src])
+                share(src, *_unpack(ctx.gathered[src], k.shape, v.shape), dkv_all[src], False)
             dkv = sp.comm.reduce_scatter(dkv_all, "softmax_attn.backward")
         else:
-            kv, dkv = _pack(k, v), torch.zeros(n, dtype=acc, device=q.device)
+            kv, dkv = (k, v), torch.empty(n, dtype=acc, device=q.device)
             for i in range(P):
                 src = (r - i) % P
                 works = []
                 if i < P - 1:
-                    kv_next = torch.empty_like(kv)
-                    works.append(sp.comm.send_recv([(kv, (r + 1) % P)], [(kv_next, (r - 1) % P)],
+                    kv_next = tuple(torch.empty_like(x) for x in kv)
+                    works.append(sp.comm.send_recv([(x, (r + 1) % P) for x in kv],
+                                                   [(x, (r - 1) % P) for x in kv_next],
                                                    "softmax_attn.backward"))
-                share(src, kv, dkv)
+                # the accumulator starts empty here and arrives filled from the peer after
+                share(src, *kv, dkv, i > 0)
                 if P > 1:  # the accumulator travels on; after the last step it is home
                     dkv_next = torch.empty_like(dkv)
                     works.append(sp.comm.send_recv([(dkv, (r + 1) % P)], [(dkv_next, (r - 1) % P)],
@@ -176,7 +338,7 @@ class _KVAttention(torch.autograd.Function):
                 if i < P - 1:
                     kv = kv_next
         dk, dv = _unpack(dkv, k.shape, v.shape)
-        return (None, None, None, None, None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype))
+        return (None, None, None, None, None, dq.done(), dk.to(k.dtype), dv.to(v.dtype))
 
 
 def _ulysses(sp, geo, q, k, v, causal, scale, cu_seqlens):

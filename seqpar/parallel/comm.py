@@ -14,6 +14,7 @@ order they were posted.
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -100,10 +101,16 @@ class Communicator:
         """Send ``parts[j]`` to rank j; receive a tensor of ``shapes[j]`` from each rank j."""
         parts = [p.contiguous() for p in parts]
         self.count(op, *[p for j, p in enumerate(parts) if j != self.rank])
-        wires = [self._wire(p) for p in parts]
-        out = [wires[0].new_empty(s) for s in shapes]
-        dist.all_to_all(out, wires, group=self.group)
-        return [x.to(parts[0].device) for x in out]
+        if self._staged:
+            # gloo has the single-buffer form only (torch 2.11 refuses the list form)
+            sizes = [math.prod(s) for s in shapes]
+            flat = self._wire(torch.cat([p.reshape(-1) for p in parts]))
+            out = flat.new_empty(sum(sizes))
+            dist.all_to_all_single(out, flat, sizes, [p.numel() for p in parts], group=self.group)
+            return [x.view(s).to(parts[0].device) for x, s in zip(out.split(sizes), shapes)]
+        out = [p.new_empty(s) for p, s in zip(parts, shapes)]
+        dist.all_to_all(out, parts, group=self.group)
+        return out
 
     def reduce_scatter(self, parts: Sequence[torch.Tensor], op: str) -> torch.Tensor:
         """The sum over ranks of every rank's ``parts[self.rank]``."""
