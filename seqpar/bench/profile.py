@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="training steps (other options go to seqpar train; "
                        "--warm and --steps are the profiler's)")
     t.add_argument("--out", required=True, help="JSON file")
-    t.add_argument("--warm", type=int, default=3, help="unprofiled steps first")
+    t.add_argument("--warm", type=int, default=10,
+                   help="unprofiled steps first (kernel variants compile on first use)")
     t.add_argument("--steps", type=int, default=3, help="profiled steps")
     t.add_argument("--rows", type=int, default=30, help="rows per table")
     t.add_argument("--shapes", action="store_true",

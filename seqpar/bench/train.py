@@ -224,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"))
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--warmup", type=int, default=10,
+                   help="untimed steps first: packed batches differ in their number of "
+                        "documents, and kernel launch variants chosen by it compile on first use")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON file")
