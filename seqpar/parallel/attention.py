@@ -3,23 +3,27 @@
 Strategies (``sp.attn_strategy``):
 
 * ``'ring'``: the key/value shards circulate around the ring (rank r sends to r+1), each
-  rank attends its queries to every shard it sees and merges the partial outputs by
-  log-sum-exp in float32; sending the next shard overlaps computing with the current
-  one. Backward by ring as well: the key/value shards circulate again together with
-  their gradient accumulators, each rank adding its share computed by the flash
-  backward formula from the final (o, lse); after P hops every accumulator is home.
-  Per rank and call: forward ``(P-1) (|k| + |v|)`` bytes, backward ``(P-1) (|k| + |v|)``
-  plus ``P (|k| + |v|)`` float32 gradient bytes. Zigzag balances the causal mask.
+  rank attends its queries to every shard it sees and merges the partial results by
+  log-sum-exp; sending the next shard overlaps computing with the current one. Backward
+  by ring as well: the key/value shards circulate again together with their float32
+  gradient accumulators, each rank adding its share computed by the kernels' backward
+  from the final (o, lse); after P hops every accumulator is home. Per rank and call:
+  forward ``(P-1) (|k| + |v|)`` bytes, backward ``(P-1) (|k| + |v|)`` plus ``P (|k| +
+  |v|)`` float32 gradient bytes. Zigzag balances the causal mask.
 * ``'allgather'``: all-gather keys and values once, attend locally; backward
   reduce-scatters their gradients. ``(P-1) (|k| + |v|)`` forward and ``(P-1) (|k| +
   |v|)`` float32 backward; memory O(T) for K and V.
 * ``'alltoall'`` (Ulysses): all-to-all from sequence shards to head shards, full-length
   attention on H/P heads, all-to-all back; needs H and the key/value heads divisible by P.
 
-With packed documents (``cu_seqlens``), every block is cut at document boundaries so
-that no query sees another document; blocks are chunk-aligned, so a query block and a
-key block are either the same positions (causal mask) or disjoint (no mask, or skipped
-when wholly in the future).
+Blocks (ring and all-gather). A shard's chunks lie in increasing global order, so its
+queries against its own keys are one causal block. Against another shard, the blocks are
+chunk against chunk: the same positions (causal), wholly in the past (no mask) or wholly
+in the future (skipped); unmasked blocks that share keys or queries and touch are joined,
+so a zigzag ring step is one kernel call. With packed documents (``cu_seqlens``), every
+block is cut at document boundaries so that no query sees another document. A query row
+with two partial results is merged in one fused pass into the output dtype, with more in
+float32; gradients likewise (:class:`_Grad`).
 """
 from __future__ import annotations
 
