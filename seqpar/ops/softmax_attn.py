@@ -529,22 +529,12 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 # ``meta`` its other values.
 
 def _cudnn_fwd(q, k, v, scale, causal, pack):
-    q, k, v = (_bhtd(x) for x in (q, k, v))
-    o, lse, cq, ck, mq, mk, seed, offset, _ = _aten._scaled_dot_product_cudnn_attention(
-        q, k, v, None, True, 0.0, causal, False, scale=scale)
-    return _bhtd(o), lse[..., 0], (seed, offset), (cq, ck, mq, mk)
+    o, lse = _cudnn_block_fwd(_bhtd(q), _bhtd(k), _bhtd(v), scale, causal)
+    return _bhtd(o), lse, (), ()
 
 
 def _cudnn_bwd(do, q, k, v, o, lse, saved, meta, scale, causal, pack):
-    (seed, offset), (cq, ck, mq, mk) = saved, meta
-    o4 = _bhtd(o)  # the kernel's output as it wrote it
-    # cuDNN reads the output gradient with the output's strides.
-    do = _bhtd(do.to(o.dtype))
-    if do.stride() != o4.stride():
-        do = torch.empty_strided(o4.shape, o4.stride(), dtype=o4.dtype, device=o4.device).copy_(do)
-    dq, dk, dv = _aten._scaled_dot_product_cudnn_attention_backward(
-        do, *(_bhtd(x) for x in (q, k, v)), o4, lse[..., None].contiguous(), seed, offset, None,
-        cq, ck, mq, mk, 0.0, causal, scale=scale)
+    dq, dk, dv = _cudnn_block_bwd(*(_bhtd(x) for x in (do, q, k, v, o)), lse, scale, causal)
     return _bhtd(dq), _bhtd(dk), _bhtd(dv)
 
 
