@@ -104,6 +104,14 @@ def _unpack(buf, k_shape, v_shape):
     return buf[:n].view(k_shape), buf[n:].view(v_shape)
 
 
+def _stretches(spans: list[slice], n: int):
+    """Cut rows ``[0, n)`` at every start and stop of ``spans``; yield each stretch
+    ``(u, w)`` with the indices of the spans that cover it."""
+    cuts = sorted({0, n, *(r.start for r in spans), *(r.stop for r in spans)})
+    for u, w in itertools.pairwise(cuts):
+        yield u, w, [i for i, r in enumerate(spans) if r.start <= u and w <= r.stop]
+
+
 class _Partial:
     """This rank's (o, lse) from blocks' partial results, merged by log-sum-exp.
 
@@ -153,10 +161,9 @@ class _Partial:
         Dv = self.pieces[0][1].shape[-1]
         o = self.q.new_empty(B, T, H, Dv, dtype=self.out_dtype)
         lse = self.q.new_empty(B, H, T, dtype=self.acc)
-        cuts = {0, T, *(p[0].start for p in self.pieces), *(p[0].stop for p in self.pieces)}
-        for u, w in itertools.pairwise(sorted(cuts)):
+        for u, w, idx in _stretches([p[0] for p in self.pieces], T):
             cover = [(p_o[:, u - r.start:w - r.start], p_l[:, :, u - r.start:w - r.start])
-                     for r, p_o, p_l in self.pieces if r.start <= u and w <= r.stop]
+                     for r, p_o, p_l in (self.pieces[i] for i in idx)]
             if len(cover) == 2:
                 merge_attn_into(o[:, u:w], lse[:, :, u:w], *cover[0], *cover[1])
             elif cover:
@@ -232,11 +239,8 @@ class _Grad:
         if self.acc is not None:
             buf = self.acc.done()
             return buf if buf is self.out else self.out.copy_(buf)
-        S = self.out.shape[1]
-        bounds = sorted({0, S, *(r.start for r, _ in self.pieces), *(r.stop for r, _ in self.pieces)})
-        for u, w in itertools.pairwise(bounds):
-            cover = [p[:, u - r.start:w - r.start] for r, p in self.pieces
-                     if r.start <= u and w <= r.stop]
+        for u, w, idx in _stretches([r for r, _ in self.pieces], self.out.shape[1]):
+            cover = [p[:, u - r.start:w - r.start] for r, p in (self.pieces[i] for i in idx)]
             dst = self.out[:, u:w]
             if not cover:
                 dst.zero_()
@@ -268,8 +272,7 @@ class _KVAttention(torch.autograd.Function):
         P, r = sp.world, sp.rank
         part = _Partial(q, scale)
         gathered = None
-        # Sources in ring order, this rank's own keys first: their block covers every
-        # query, so the merge starts from it.
+        # Sources in ring order, this rank's own keys first, for both strategies.
         if sp.attn_strategy == "allgather":
             gathered = sp.comm.all_gather(_pack(k, v), "softmax_attn")
             for i in range(P):
@@ -320,7 +323,7 @@ class _KVAttention(torch.autograd.Function):
                 share(src, *_unpack(ctx.gathered[src], k.shape, v.shape), dkv_all[src], False)
             dkv = sp.comm.reduce_scatter(dkv_all, "softmax_attn.backward")
         else:
-            kv, dkv = (k, v), torch.empty(n, dtype=acc, device=q.device)
+            kv, dkv = (k.contiguous(), v.contiguous()), torch.empty(n, dtype=acc, device=q.device)
             for i in range(P):
                 src = (r - i) % P
                 works = []
