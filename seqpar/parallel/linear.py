@@ -236,42 +236,48 @@ def _stacked(parts: list) -> torch.Tensor:
 
 def _gather_chunks(sp, geo: Geometry, xs: list, op: str) -> list:
     """One all-gather of per-local-chunk stacks ``xs[j] (n_local, ...)`` (float32, flattened
-    into one buffer); returns, for each j, the global list by chunk (views of the buffer)."""
+    into one buffer); returns, for each j, every chunk's value stacked in global chunk
+    order, (n_chunks, ...) (views of the gathered buffer where the layout allows)."""
     flat = torch.cat([x.reshape(x.shape[0], -1) for x in xs], 1)
+    g = sp.comm.all_gather(flat, op)  # (world, n_local, F): rank r's chunks in shard order
+    if geo.layout == "zigzag":  # rank r holds chunks r and 2P-1-r
+        g = torch.cat([g[:, 0], g[:, 1].flip(0)])
+    else:
+        g = g.flatten(0, 1)
     sizes = [x[0].numel() for x in xs]
-    gathered = sp.comm.all_gather(flat, op)
-    out = [[None] * geo.n_chunks for _ in xs]
-    for r in range(sp.world):
-        for i, c in enumerate(geo.chunks_of(r)):
-            for j, part in enumerate(gathered[r, i].split(sizes)):
-                out[j][c] = part.view(xs[j].shape[1:])
-    return out
+    return [part.view(-1, *x.shape[1:]) for part, x in zip(g.split(sizes, 1), xs)]
 
 
-def _fold(Ms: list, Cs: list, upto: int, reverse: bool) -> list:
-    """Serial fold of the chain: entering values of chunks, forward from chunk 0 up to
-    ``upto`` (inclusive), or backward from the last chunk down to ``upto``."""
-    n = len(Ms)
-    x = None  # zeros enter the first chunk
-    out = [None] * n
-    idx = range(n - 1, upto - 1, -1) if reverse else range(upto + 1)
-    for c in idx:
-        out[c] = torch.zeros_like(Cs[c]) if x is None else x
-        x = Cs[c] if x is None else apply(Ms[c], x, transpose=reverse) + Cs[c]
-    return out
+def _fold(M: torch.Tensor, C: torch.Tensor, order, transpose: bool) -> torch.Tensor:
+    """The chain over stacked transitions M (n, ...) and values C (n, ...), visiting the
+    chunks in ``order``: ``X_0 = 0``, ``X_{j+1} = M_c X_j + C_c`` for the j-th chunk c
+    (``transpose``: ``M_c^T``). Returns X (len(order) + 1, ...): one fused multiply-add
+    per chunk, written in place."""
+    X = C.new_empty(len(order) + 1, *C.shape[1:])
+    X[0].zero_()
+    matrix = M.shape[-1] != 1
+    for j, c in enumerate(order):
+        if matrix:
+            Mc = M[c].transpose(-1, -2) if transpose else M[c]
+            torch.baddbmm(C[c].flatten(0, -3), Mc.flatten(0, -3), X[j].flatten(0, -3),
+                          out=X[j + 1].flatten(0, -3))
+        else:
+            torch.addcmul(C[c], M[c], X[j], out=X[j + 1])
+    return X
 
 
 def exchange(sp, geo: Geometry, M: torch.Tensor, C: torch.Tensor):
     """``S_in`` of each local chunk, (n_local, ...) like C, from every chunk's ``(M, C)``:
     ``S_in(c+1) = M_c S_in(c) + C_c``, ``S_in(0) = 0``. Also returns every chunk's M
-    (``'allgather'``; None for ``'scan'``) for :func:`exchange_backward`."""
+    stacked (``'allgather'``; None for ``'scan'``) for :func:`exchange_backward`."""
     if sp.linear_strategy == "scan":
         S_in = _chain(sp, geo, lambda i, x, s: C[i][..., s] if x is None else
                       apply(M[i], x) + C[i][..., s], C[0], reverse=False, op="linear")
         return _stacked(S_in), None
     M_all, C_all = _gather_chunks(sp, geo, [M, C], "linear")
-    S_all = _fold(M_all, C_all, max(geo.chunks), reverse=False)
-    return _stacked([S_all[c] for c in geo.chunks]), M_all
+    # S_in(c) = X[c]; chunks after this rank's last do not reach it
+    X = _fold(M_all, C_all, range(max(geo.chunks)), False)
+    return torch.stack([X[c] for c in geo.chunks]), M_all
 
 
 def exchange_backward(sp, geo: Geometry, M: torch.Tensor, M_all, d: torch.Tensor) -> torch.Tensor:
@@ -282,11 +288,13 @@ def exchange_backward(sp, geo: Geometry, M: torch.Tensor, M_all, d: torch.Tensor
         lam = _chain(sp, geo, lambda i, x, s: d[i][..., s] if x is None else
                      apply(M[i], x, transpose=True) + d[i][..., s], d[0], reverse=True,
                      op="linear.backward")
-    else:
-        d_all, = _gather_chunks(sp, geo, [d], "linear.backward")
-        lam_all = _fold(M_all, d_all, min(geo.chunks), reverse=True)
-        lam = [lam_all[c] for c in geo.chunks]
-    return _stacked(lam)
+        return _stacked(lam)
+    d_all, = _gather_chunks(sp, geo, [d], "linear.backward")
+    # from the last chunk down, lam_{c-1} = M_c^T lam_c + d_c: lam_c = X[n - 1 - c];
+    # chunks before this rank's first take nothing from it
+    n = geo.n_chunks
+    X = _fold(M_all, d_all, range(n - 1, min(geo.chunks), -1), True)
+    return torch.stack([X[n - 1 - c] for c in geo.chunks])
 
 
 # ---- the op ----
