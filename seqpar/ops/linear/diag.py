@@ -87,10 +87,14 @@ class DiagEngine(LinearEngine):
 
 class _TritonDiagPass(StatePass):
     """The Triton kernels on the packed stream of a shard's sequences; the state-only
-    passes run segment by segment (:class:`~.engine.Segments`)."""
+    passes run segment by segment (:class:`~.engine.Segments`). The gates' per-chunk
+    cumulative sums are computed once and serve every step: the segments start at
+    chunk boundaries of the sequences, so their chunks are the sequences' chunks."""
 
     def __init__(self, xs, seqs: Sequences, scale: float):
         from .triton_common import as_packed
+        from .triton_diag import diag_cumsum
+        from .triton_gla import gla_cumsum
 
         q, k, v, g = xs
         self.shape, self.seqs, self.scale = v.shape, seqs, scale
@@ -98,12 +102,15 @@ class _TritonDiagPass(StatePass):
         self.key_gate = g is not None and g.dim() == 4
         self.offsets = seqs.offsets
         self.seg = segments(tuple(self.offsets), q.device)
+        self.gc = None
+        if g is not None:
+            self.gc = (gla_cumsum if self.key_gate else diag_cumsum)(self.g, self.offsets)
         self._decays = None
         self._saved = None
 
     def decays(self):
-        if self._decays is None and self.g is not None:
-            self._decays = self.seg.decays(self.g)
+        if self._decays is None and self.gc is not None:
+            self._decays = self.seg.decays(self.gc)
         return self._decays
 
     def final(self, h0):
@@ -112,8 +119,8 @@ class _TritonDiagPass(StatePass):
 
         fn = gla_final_states if self.key_gate else diag_final_states
         if not self.seg.split:
-            return fn(self.k, self.v, self.g, h0, self.offsets)
-        parts = fn(self.k, self.v, self.g, None, self.seg.offsets)
+            return fn(self.k, self.v, self.gc, h0, self.offsets)
+        parts = fn(self.k, self.v, self.gc, None, self.seg.offsets)
         _, after, total = self.decays() or (None, None, None)
         out = self.seg.combine(parts, after)
         return out if h0 is None else out + scale_state(h0, total)
@@ -131,9 +138,10 @@ class _TritonDiagPass(StatePass):
 
         if self.key_gate:
             o, ht, *self._saved = gla_forward(self.q, self.k, self.v, self.g, h0, self.scale,
-                                             self.offsets)
+                                             self.offsets, gc=self.gc)
         else:
-            o, ht = diag_forward(self.q, self.k, self.v, self.g, h0, self.scale, self.offsets)
+            o, ht = diag_forward(self.q, self.k, self.v, self.g, h0, self.scale, self.offsets,
+                                 gc=self.gc)
         self.h0 = h0
         return o.reshape(self.shape), ht
 
@@ -145,8 +153,8 @@ class _TritonDiagPass(StatePass):
         fn = gla_initial_grads if self.key_gate else diag_initial_grads
         do = as_packed(do)
         if not self.seg.split:
-            return fn(self.q, do, self.g, dht, self.scale, self.offsets)
-        parts = fn(self.q, do, self.g, None, self.scale, self.seg.offsets)
+            return fn(self.q, do, self.gc, dht, self.scale, self.offsets)
+        parts = fn(self.q, do, self.gc, None, self.scale, self.seg.offsets)
         before, _, total = self.decays() or (None, None, None)
         out = self.seg.combine(parts, before)
         return out if dht is None else out + scale_state(dht, total)
@@ -163,7 +171,7 @@ class _TritonDiagPass(StatePass):
                                                dht, self.scale, self.offsets)
         else:
             dq, dk, dv, dg, dh0 = diag_backward(self.q, self.k, self.v, self.g, self.h0, do, dht,
-                                                self.scale, self.offsets)
+                                                self.scale, self.offsets, gc=self.gc)
         B, T = self.shape[:2]
         dxs = tuple(None if x is None else x.reshape(B, T, *x.shape[2:]) for x in (dq, dk, dv, dg))
         return dxs, dh0

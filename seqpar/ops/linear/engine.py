@@ -16,7 +16,9 @@ normalizer as one more column); a transition ``M`` is ``(N, H, 1, 1)`` (scalar),
 """
 from __future__ import annotations
 
+import bisect
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -225,8 +227,9 @@ class ChunkPass(TorchPass):
 #: tokens per segment of the state-only passes (a multiple of the kernels' 64-token chunk)
 SEGMENT = 2048
 
-#: tokens per block of the gate prefix sums (:meth:`Segments.decays`)
-BLOCK = 64
+#: tokens per chunk of the Triton kernels (their ``BT``): the gate cumulative sums
+#: :meth:`Segments.decays` reads restart at every chunk
+CHUNK = 64
 
 
 class Segments:
@@ -237,10 +240,11 @@ class Segments:
     (sequence, head, tile): at long lengths and small batches too few programs to fill
     the GPU, each waiting on its loads. Walking every segment from zero in parallel
     and combining the results by their decays gives the same final states and
-    entering-state gradients with many programs in flight. The decays come from float64
-    prefix sums of the gates at the segment boundaries (no cancellation worth the name:
-    a sum of 32K float32 gates keeps ~1e-11 of its size). Built once per offsets and
-    device (:func:`segments`).
+    entering-state gradients with many programs in flight. The decays come from the
+    kernels' own per-chunk gate sums, added up across chunks in float64 (a sum of 32K
+    float32 gates keeps ~1e-11 of its size) at the segment boundaries, which are chunk
+    boundaries: no pass over the gates of its own. Built once per offsets and device
+    (:func:`segments`).
     """
 
     def __init__(self, offsets: tuple[int, ...], device: torch.device):
@@ -261,18 +265,20 @@ class Segments:
         def dev(x):
             return to_device(x, torch.long, device)
 
-        # The gate prefix P(p) (sum of the gates before token p) at every boundary p is a
-        # whole-block prefix plus the first p % BLOCK gates of p's block.
-        self.block_of = dev([p // BLOCK for p in bounds])
-        self.window = dev([[min(p - p % BLOCK + j, max(self.tokens - 1, 0)) for j in range(BLOCK)]
-                           for p in bounds])
-        self.window_mask = to_device([[j < p % BLOCK for j in range(BLOCK)] for p in bounds],
-                                     torch.bool, device)
-        # before (n_seg) | after (n_seg) | total (N) = P(hi) - P(lo), boundary indices
+        # The gate sum before boundary p is the sum of the totals of the kernels' chunks
+        # (CHUNK tokens from each sequence start) that end at or before p.
+        chunk_ends = [min(a + CHUNK, e) for s, e in zip(offsets, offsets[1:])
+                      for a in range(s, e, CHUNK)]
+        self.chunk_last = dev([e - 1 for e in chunk_ends])
+        chunks_before = [bisect.bisect_right(chunk_ends, p) for p in bounds]
+        # before (n_seg) | after (n_seg) | total (N) = P(hi) - P(lo), as indices into the
+        # chunk sums' running total (entry j: the first j chunks)
         starts = [firsts[n] for n in seq_of]
         ends = [firsts[n + 1] for n in seq_of]
-        self.hi = dev(list(range(n_seg)) + ends + firsts[1:])
-        self.lo = dev(starts + [j + 1 for j in range(n_seg)] + firsts[:-1])
+        hi = list(range(n_seg)) + ends + firsts[1:]
+        lo = starts + [j + 1 for j in range(n_seg)] + firsts[:-1]
+        self.hi = dev([chunks_before[b] for b in hi])
+        self.lo = dev([chunks_before[b] for b in lo])
         self.n_seg = n_seg
         self.counts = tuple(counts)  # segments per sequence
         self.last = dev([f - 1 for f in firsts[1:]])  # each sequence's last segment
@@ -284,25 +290,16 @@ class Segments:
         self.width = width
         self.padded = n_seg != len(counts) * width  # some sequence has fewer segments
 
-    def prefix(self, g: torch.Tensor) -> torch.Tensor:
-        """Float64 sums of a packed gate stream g (1, TT, F...) before every boundary:
-        (n_boundaries, prod(F))."""
-        x = g[0].reshape(g.shape[1], -1)
-        nb = x.shape[0] // BLOCK
-        blocks = x[:nb * BLOCK].view(nb, BLOCK, x.shape[1]).sum(1, dtype=torch.float64)
-        # an inner-dim scan: one row per feature, not one sequential thread per feature
-        cum = blocks.t().contiguous().cumsum(-1)
-        cum = torch.cat([cum.new_zeros(cum.shape[0], 1), cum], 1)
-        inside = x[self.window].masked_fill(~self.window_mask[..., None], 0)
-        return cum.t().index_select(0, self.block_of) + inside.sum(1, dtype=torch.float64)
-
-    def decays(self, g: torch.Tensor | None):
-        """Log decays of a packed gate stream g (1, TT, H[, K]) (natural log, <= 0): per
-        segment the sums of the gates before it and after it inside its sequence
-        (n_seg, H[, K]), and per sequence the total (N, H[, K]); float32."""
-        P = self.prefix(g)
-        d = (P.index_select(0, self.hi) - P.index_select(0, self.lo)).float()
-        d = d.view(-1, *g.shape[2:])
+    def decays(self, gc: torch.Tensor):
+        """Log decays (natural log, <= 0) from the kernels' gate cumulative sums gc
+        (1, TT, H[, K]) float32 (log2 units, restarting at every chunk of CHUNK tokens
+        from each sequence start): per segment the sums of the gates before it and after
+        it inside its sequence (n_seg, H[, K]), and per sequence the total (N, H[, K]);
+        float32."""
+        totals = gc[0].index_select(0, self.chunk_last).flatten(1).double()
+        running = torch.cat([totals.new_zeros(1, totals.shape[1]), totals.cumsum(0)])
+        d = running.index_select(0, self.hi) - running.index_select(0, self.lo)
+        d = (d * math.log(2)).float().view(-1, *gc.shape[2:])
         return d[:self.n_seg], d[self.n_seg:2 * self.n_seg], d[2 * self.n_seg:]
 
     def by_sequence(self, x: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:

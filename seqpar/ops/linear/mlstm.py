@@ -158,12 +158,13 @@ class _TritonMlstmPass(StatePass):
         self.q, self.k, self.v, self.i, self.f = (as_packed(x) for x in xs)
         self.offsets = seqs.offsets
         self.seg = segments(tuple(self.offsets), self.q.device)
-        self.logf = F.logsigmoid(self.f)
         self._decays = None
 
     def decays(self):
         if self._decays is None:
-            self._decays = self.seg.decays(self.logf)
+            from .triton_diag import diag_cumsum
+
+            self._decays = self.seg.decays(diag_cumsum(F.logsigmoid(self.f), self.offsets))
         return self._decays
 
     def final(self, h0):

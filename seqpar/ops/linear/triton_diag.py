@@ -117,25 +117,27 @@ def _pair(a, b, y, h, gc, plan, scale, backward, K, V):
     return out
 
 
-def diag_forward(q, k, v, g, h0, scale: float, offsets: list[int]):
+def diag_forward(q, k, v, g, h0, scale: float, offsets: list[int], gc=None):
     """Packed inputs q, k (1, TT, H, K), v (1, TT, H, V), g None or (1, TT, H) float32,
-    h0 None or (N, H, K, V). Returns o (1, TT, H, V) in v's dtype and the final state
-    (N, H, K, V) float32."""
+    h0 None or (N, H, K, V); ``gc``: g's :func:`gate_cumsum` if already computed.
+    Returns o (1, TT, H, V) in v's dtype and the final state (N, H, K, V) float32."""
     K, V = q.shape[-1], v.shape[-1]
     plan = chunk_plan(offsets, q.device)
-    gc = None if g is None else gate_cumsum(g, plan, q.shape[2])
+    if gc is None and g is not None:
+        gc = gate_cumsum(g, plan, q.shape[2])
     h, ht = _state_pass(k, v, gc, h0, plan, scale, False, True, K, V)
     o = _pair(q, k, v, h, gc, plan, scale, False, K, V)
     return o, ht
 
 
-def diag_backward(q, k, v, g, h0, do, dht, scale: float, offsets: list[int]):
-    """Gradients of :func:`diag_forward`: dq, dk, dv like their inputs, dg (1, TT, H)
-    float32 or None, dh0 (N, H, K, V) float32 or None."""
+def diag_backward(q, k, v, g, h0, do, dht, scale: float, offsets: list[int], gc=None):
+    """Gradients of :func:`diag_forward` (``gc`` as there): dq, dk, dv like their inputs,
+    dg (1, TT, H) float32 or None, dh0 (N, H, K, V) float32 or None."""
     _, TT, H, K = q.shape
     V = v.shape[-1]
     plan = chunk_plan(offsets, q.device)
-    gc = None if g is None else gate_cumsum(g, plan, H)
+    if gc is None and g is not None:
+        gc = gate_cumsum(g, plan, H)
     h, _ = _state_pass(k, v, gc, h0, plan, scale, False, False, K, V)
     dh, dh0 = _state_pass(q, do, gc, dht, plan, scale, True, h0 is not None, K, V)
     dv = _pair(k, q, do, dh, gc, plan, scale, True, K, V)
@@ -157,23 +159,28 @@ def diag_backward(q, k, v, g, h0, do, dht, scale: float, offsets: list[int]):
     return dq, dk, dv, dg, dh0
 
 
-def diag_final_states(k, v, g, h0, offsets: list[int]):
+def diag_cumsum(g, offsets: list[int]):
+    """The kernels' G: head log gates g (1, TT, H) float32 summed cumulatively within each
+    chunk of the packed documents, in log2 units; same shape and dtype."""
+    return gate_cumsum(g, chunk_plan(offsets, g.device), g.shape[2])
+
+
+def diag_final_states(k, v, gc, h0, offsets: list[int]):
     """The state-only forward pass: final states (N, H, K, V) float32 of the packed
-    documents of k (1, TT, H, K), v (1, TT, H, V), g None or (1, TT, H) float32, from h0
+    documents of k (1, TT, H, K), v (1, TT, H, V), gc None or the gates'
+    :func:`gate_cumsum` over chunks of these documents (1, TT, H) float32, from h0
     (N, H, K, V) or zeros; no per-chunk states, no outputs."""
     K, V = k.shape[-1], v.shape[-1]
     plan = chunk_plan(offsets, k.device)
-    gc = None if g is None else gate_cumsum(g, plan, k.shape[2])
     return _state_pass(k, v, gc, h0, plan, 1.0, False, True, K, V, store_h=False)[1]
 
 
-def diag_initial_grads(q, do, g, dht, scale: float, offsets: list[int]):
+def diag_initial_grads(q, do, gc, dht, scale: float, offsets: list[int]):
     """The state-only backward pass: the gradient (N, H, K, V) float32 of each packed
     document's initial state from the output gradient do (1, TT, H, V) and the final
-    states' gradient dht (N, H, K, V) or None."""
+    states' gradient dht (N, H, K, V) or None; gc as in :func:`diag_final_states`."""
     K, V = q.shape[-1], do.shape[-1]
     plan = chunk_plan(offsets, q.device)
-    gc = None if g is None else gate_cumsum(g, plan, q.shape[2])
     return _state_pass(q, do, gc, dht, plan, scale, True, True, K, V, store_h=False)[1]
 
 

@@ -517,15 +517,16 @@ def _dqk(q, k, v, do, h, dh, gc, dA, dq_d, dk_d, plan, scale, bk=BK_DQK):
     return dq, dk, dg
 
 
-def gla_forward(q, k, v, g, h0, scale: float, offsets: list[int]):
+def gla_forward(q, k, v, g, h0, scale: float, offsets: list[int], gc=None):
     """Packed inputs q, k (1, TT, H, K), v (1, TT, H, V), g (1, TT, H, K) float32 log
     decay, h0 None or (N, H, K, V). Returns o (1, TT, H, V) in v's dtype, the final
     state (N, H, K, V) float32, and for the backward the cumulative log2 gates gc
     (1, TT, H, K) float32, ``scale * A`` (NT, H, BT, BT) (per chunk, row-major) and the
     entering states h (NT, H, K, V); A and h float32 for float32 inputs, else in the
-    inputs' dtype, which the products with them use anyway."""
+    inputs' dtype, which the products with them use anyway. ``gc``: :func:`gla_cumsum`
+    of g if already computed."""
     plan = chunk_plan(offsets, q.device)
-    gc = _cumsum(g, plan)
+    gc = _cumsum(g, plan) if gc is None else gc
     h, ht = _state_pass(k, v, gc, h0, plan)
     A = _intra(q, k, gc, plan, scale)
     return _out(q, v, h, gc, A, plan, scale, False), ht, gc, A, h
@@ -542,20 +543,26 @@ def gla_backward(q, k, v, gc, A, h, h0, do, dht, scale: float, offsets: list[int
     return dq, dk, dv, dg, dh0
 
 
-def gla_final_states(k, v, g, h0, offsets: list[int]):
+def gla_cumsum(g, offsets: list[int]):
+    """The kernels' G: per-key log gates g (1, TT, H, K) float32 summed cumulatively
+    within each chunk of the packed documents, in log2 units; same shape and dtype."""
+    return _cumsum(g, chunk_plan(offsets, g.device))
+
+
+def gla_final_states(k, v, gc, h0, offsets: list[int]):
     """The state-only forward pass: final states (N, H, K, V) float32 of the packed
-    documents of k (1, TT, H, K), v (1, TT, H, V), g (1, TT, H, K) float32, from h0
-    (N, H, K, V) or zeros; no per-chunk states, no outputs."""
+    documents of k (1, TT, H, K), v (1, TT, H, V), gc (:func:`gla_cumsum` over chunks of
+    these documents), from h0 (N, H, K, V) or zeros; no per-chunk states, no outputs."""
     plan = chunk_plan(offsets, k.device)
-    return _state_pass(k, v, _cumsum(g, plan), h0, plan, store_h=False)[1]
+    return _state_pass(k, v, gc, h0, plan, store_h=False)[1]
 
 
-def gla_initial_grads(q, do, g, dht, scale: float, offsets: list[int]):
+def gla_initial_grads(q, do, gc, dht, scale: float, offsets: list[int]):
     """The state-only backward pass: the gradient (N, H, K, V) float32 of each packed
-    document's initial state from do (1, TT, H, V) and dht (N, H, K, V) or None."""
+    document's initial state from do (1, TT, H, V) and dht (N, H, K, V) or None; gc as
+    in :func:`gla_final_states`."""
     plan = chunk_plan(offsets, q.device)
-    return _state_bwd(q, do, _cumsum(g, plan), None, dht, plan, scale, store_h=False,
-                      want_dh0=True)[1]
+    return _state_bwd(q, do, gc, None, dht, plan, scale, store_h=False, want_dh0=True)[1]
 
 
 # torch.library registration: compile traces these as single nodes (no graph break).
