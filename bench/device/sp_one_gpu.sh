@@ -8,7 +8,8 @@
 #
 #   bash bench/device/sp_one_gpu.sh     # on the device, repository root; results in $OUT
 #
-# Environment: SP_STAGES (default "test linear attn"), SP_WORLDS (test worlds, default "2 4").
+# Environment: SP_STAGES (default "test linear attn"), SP_WORLDS (test worlds, default "2 4"),
+# SP_MIXERS (the linear stage's ops, default all six; a call's 10 minutes hold about four).
 set -u
 set -o pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -28,7 +29,7 @@ for stage in $STAGES; do
             2>&1 | tail -n 40 | tee "$OUT/sp_gpu_test.txt" ;;
     linear)
         timeout ${SP_BENCH_TIMEOUT:-420} python3 -m seqpar.bench.sp --simulate 2,8 --t-local 8192,32768 \
-            --mixers linear_attn,simple_gla,gla,delta_rule,gated_delta_rule,mlstm \
+            --mixers ${SP_MIXERS:-linear_attn,simple_gla,gla,delta_rule,gated_delta_rule,mlstm} \
             --warmup 3 --reps 10 --out "$OUT/sp_local_linear.json" 2>&1 | tail -n 20 ;;
     attn)
         timeout 300 python3 -m seqpar.bench.sp --simulate 2 --t-local 8192,16384 \
