@@ -16,7 +16,8 @@
 #             B x T = 256 x 256): gdn against attention
 #   train     seqpar bench train, presets 125m and 1b at seq 4096 packed, 4 sequences per step,
 #             each with a plain transformer of the same size
-#   loss      seqpar train --preset 125m --stop-at 40, a loss per step (compare with main's)
+#   loss      seqpar train --preset 125m --stop-at 40, compiled and eager with the same seeds:
+#             the losses per step side by side (loss_125m_h200.json)
 #   train32k  seqpar bench train, the 1b preset at 32K context (activation checkpointing
 #             only if it does not fit without)
 #   longest   seqpar bench longest search, the 1b hybrid from 256K tokens doubling, then
@@ -51,11 +52,34 @@ for s in $SECTIONS; do
     timeout 300 python -m seqpar.cli bench train --preset 125m,1b --seq-len 4096 --batch-size 4 \
       --no-ac --warmup 3 --steps 10 --out "$OUT/train_h200.json" 2>&1 | grep -v Warning | tail -5 ;;
   loss)
+    # the same seeds twice, compiled (the default on CUDA) and eager: the losses must agree
+    # within bf16 noise
+    for mode in compile no-compile; do
+      rm -rf /tmp/seqpar_loss_125m
+      timeout 140 python -m seqpar.cli train --preset 125m --stop-at 40 --log-every 1 --save-every 100000 \
+        --eval-every 100000 --out /tmp/seqpar_loss_125m --no-progress --$mode 2>&1 | grep -v Warning | tail -2
+      cp /tmp/seqpar_loss_125m/metrics.jsonl "$OUT/loss_125m_$mode.jsonl" 2>/dev/null
+    done
     rm -rf /tmp/seqpar_loss_125m
-    timeout 150 python -m seqpar.cli train --preset 125m --stop-at 40 --log-every 1 --save-every 100000 \
-      --eval-every 100000 --out /tmp/seqpar_loss_125m --no-progress 2>&1 | grep -v Warning | tail -3
-    cp /tmp/seqpar_loss_125m/metrics.jsonl "$OUT/loss_125m_metrics.jsonl" 2>/dev/null
-    rm -rf /tmp/seqpar_loss_125m ;;
+    python - "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+def losses(mode):
+    p = out / f"loss_125m_{mode}.jsonl"
+    rows = [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
+    return {r["step"]: r["loss"] for r in rows if "loss" in r and "step" in r}
+a, b = losses("compile"), losses("no-compile")
+steps = sorted(set(a) & set(b))
+diff = [abs(a[s] - b[s]) for s in steps]
+res = {"steps": steps, "compile": [a[s] for s in steps], "no_compile": [b[s] for s in steps],
+       "max_abs_diff": max(diff, default=None),
+       "max_rel_diff": max((d / abs(b[s]) for d, s in zip(diff, steps)), default=None)}
+(out / "loss_125m_h200.json").write_text(json.dumps(res, indent=1))
+print(f"loss: {len(steps)} steps compared, max |compiled - eager| = {res['max_abs_diff']}, "
+      f"relative {res['max_rel_diff']}")
+PY
+    ;;
   train32k)
     timeout 180 python -m seqpar.cli bench train --preset 1b --seq-len 32768 --batch-size 1 --no-ac \
       --reference none --warmup 2 --steps 5 --out "$OUT/train32k_h200.json" 2>&1 | grep -v Warning | tail -2
