@@ -86,8 +86,8 @@ for T in lengths:
             print(f"{op:>16} {T:6d} {case:<28} eager {eager:7.3f} graph {graph:7.3f} issue "
                   f"{issue:7.3f} ms; kernels {r['device_us']:8.1f} us, {r['launches']:5.1f} "
                   "launches", flush=True)
-            if kw is not None and T == lengths[0] and case in ("scan/contiguous/P8/rank1",
-                                                                "allgather/zigzag/P8/rank1"):
+            if T == lengths[0] and case in ("base", "scan/contiguous/P8/rank1",
+                                            "allgather/zigzag/P8/rank1"):
                 pr = cProfile.Profile()
                 pr.enable()
                 for _ in range(20):
@@ -95,6 +95,7 @@ for T in lengths:
                 pr.disable()
                 torch.cuda.synchronize()
                 host.write(f"==== {op} {T} {case}: 20 calls\n")
-                pstats.Stats(pr, stream=host).sort_stats("tottime").print_stats(25)
+                for key in ("tottime", "cumulative"):
+                    pstats.Stats(pr, stream=host).sort_stats(key).print_stats(40)
             (out_dir / "sp_profile.json").write_text(json.dumps(result, indent=1))
 (out_dir / "sp_profile_host.txt").write_text(host.getvalue())
