@@ -224,7 +224,7 @@ class ChunkPass(TorchPass):
 
 
 
-#: tokens per segment of the state-only passes (a multiple of the kernels' 64-token chunk)
+#: tokens per segment of the state-only passes (a multiple of :data:`CHUNK`)
 SEGMENT = 2048
 
 #: tokens per chunk of the Triton kernels (their ``BT``): the gate cumulative sums
@@ -260,7 +260,6 @@ class Segments:
             firsts.append(firsts[-1] + c)
         seq_of = [n for n, c in enumerate(counts) for _ in range(c)]
         n_seg = len(seq_of)
-        self.tokens = offsets[-1]
 
         def dev(x):
             return to_device(x, torch.long, device)

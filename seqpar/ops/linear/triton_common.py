@@ -19,11 +19,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .engine import to_device
+from .engine import CHUNK, to_device
 
-# Chunk length of every kernel: 64 rows fill a tensor-core tile and keep the (BT, BT)
-# intra-chunk matrices in registers.
-BT = 64
+# Chunk length of every kernel, the engine's CHUNK (the segment decays read the kernels'
+# per-chunk gate sums): 64 rows fill a tensor-core tile and keep the (BT, BT) intra-chunk
+# matrices in registers.
+BT = CHUNK
 
 
 @dataclass(frozen=True)
